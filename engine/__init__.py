@@ -1,0 +1,14 @@
+"""The engine: one quantized base model, hot-swapped LoRA adapters, role templates.
+
+Importing `engine` does not import torch; `Engine` loads the heavy parts on `start()`.
+"""
+from engine.types import *  # noqa: F401,F403  (the data types front ends may use)
+from engine.errors import *  # noqa: F401,F403
+
+
+def __getattr__(name: str):  # lazy, so `import engine` stays light
+    if name == "Engine":
+        from engine.engine import Engine
+
+        return Engine
+    raise AttributeError(name)

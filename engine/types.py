@@ -1,0 +1,183 @@
+"""Data that crosses the engine's boundary.
+
+Front ends (bot, console, benchmarks) see only these plain dataclasses: never a tensor,
+never a Telegram object. Keep them free of torch so `bot/` imports without it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["system", "user", "assistant"]
+AdapterState = Literal["loading", "ready", "failed", "retired"]
+
+#: The adapter id that means "no adapter" (peft's own spelling), so one code path serves both.
+BASE_ADAPTER = "__base__"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a user talks to: an adapter (or the bare base model) plus a role template."""
+
+    adapter: str | None = None
+    role: str = "assistant"
+
+    @property
+    def key(self) -> str:
+        return f"{self.adapter or 'base'}:{self.role}"
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """Template variables that describe the person; nothing Telegram-specific."""
+
+    first_name: str | None = None
+    language: str = "en"
+    today: _dt.date | None = None  # None: the engine uses today's date
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Per-request overrides; None means the engine's configured default."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error", "context"]
+
+
+@dataclass
+class GenerationResult:
+    """Filled in when a generation stream ends; the bot stores it with the message."""
+
+    text: str = ""
+    adapter: str | None = None
+    adapter_version: str | None = None
+    role: str = "assistant"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    trimmed_turns: int = 0  # oldest history turns dropped to fit the context budget
+    finish_reason: FinishReason | None = None
+    queue_wait_s: float = 0.0
+    time_to_first_token_s: float | None = None
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdapterVersionInfo:
+    name: str
+    version: str  # "v3"
+    created: str | None = None
+    base_model: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    is_current: bool = False
+    state: AdapterState | None = None  # None: on disk, not resident
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One domain: its current version and every version on disk."""
+
+    name: str
+    current: str | None
+    versions: tuple[AdapterVersionInfo, ...] = ()
+    error: str | None = None  # why the current version is not serving, if it is not
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    id: str
+    title: str
+    description: str = ""
+    languages: tuple[str, ...] = ("en",)
+    suggested_adapter: str | None = None
+    error: str | None = None  # last reload failed; the last good version is still used
+
+
+@dataclass(frozen=True)
+class ModeCatalog:
+    adapters: tuple[AdapterInfo, ...]
+    roles: tuple[RoleInfo, ...]
+
+    def adapter(self, name: str) -> AdapterInfo | None:
+        return next((a for a in self.adapters if a.name == name), None)
+
+    def role(self, role_id: str) -> RoleInfo | None:
+        return next((r for r in self.roles if r.id == role_id), None)
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    name: str
+    version: str
+    state: AdapterState
+    bytes: int
+    file_bytes: int
+    in_flight: int  # requests currently generating with it
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    model: str
+    quantization: str
+    device: str
+    dtype: str
+    model_bytes: int
+    process_rss_bytes: int
+    gpu_allocated_bytes: int | None
+    adapters: tuple[ResidentAdapter, ...]
+    queue_depth: int
+    active_requests: int
+    tokens_generated: int
+    uptime_s: float
+    ready: bool
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """What `Engine.reload` did: per adapter, the version now serving or the error."""
+
+    loaded: dict[str, str] = field(default_factory=dict)  # name -> version
+    unchanged: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> reason
+    templates: dict[str, str] = field(default_factory=dict)  # template -> error (only failures)
+
+
+# ---- training (engine.training) -------------------------------------------------------
+
+TrainingEventKind = Literal[
+    "queued", "started", "progress", "evaluating", "finished", "failed", "cancelled"
+]
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    """One step of a training job's life, streamed from the training process."""
+
+    job_id: str
+    domain: str
+    kind: TrainingEventKind
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eta_s: float | None = None
+    message: str = ""  # human-readable detail; the reason on failure
+    metrics: dict[str, float] = field(default_factory=dict)  # eval loss/perplexity
+    version: str | None = None  # the version written, when there is one
+    promoted: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.kind in ("finished", "failed", "cancelled")
