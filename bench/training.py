@@ -1,0 +1,95 @@
+"""`python -m bench.training`: what each shipped adapter bought, measured on this machine.
+
+For every domain with a current version: how long its training took here, its eval loss
+against the base model's on the held-out split (from meta.json, where the training job
+recorded it), and one held-out question answered greedily by the base model and by the
+adapter, in the same role, through the live Engine. Prints tables; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import textwrap
+from typing import Any
+
+from engine.adapter_store import AdapterStore
+from engine.config import load_settings
+from engine.training.data import load_domain_data
+from engine.types import GenerationParams, Message, Mode
+
+GREEDY = GenerationParams(temperature=0.0, max_new_tokens=120, seed=0)
+
+
+def metrics_rows(store: AdapterStore) -> list[dict[str, Any]]:
+    rows = []
+    for domain in store.domains():
+        current = store.current(domain)
+        if current is None:
+            continue
+        meta = store.version(domain, current).meta
+        m, t = meta.get("metrics", {}), meta.get("training", {})
+        base, new = m.get("eval_loss_base"), m.get("eval_loss")
+        rows.append({
+            "domain": domain, "version": current, "rows": t.get("samples"), "steps": t.get("steps"),
+            "epochs": t.get("epochs"), "lr": t.get("learning_rate"), "train_s": m.get("train_seconds"),
+            "base": base, "new": new, "change": 100 * (new - base) / base if base and new is not None else None,
+            "ppl_base": m.get("eval_perplexity_base"), "ppl_new": m.get("eval_perplexity"),
+        })
+    return rows
+
+
+def print_metrics(rows: list[dict[str, Any]]) -> None:
+    print("## Shipped adapters: training on this machine and held-out eval loss\n")
+    print("| adapter | version | train rows | steps | epochs | lr | training time | eval loss base -> adapter "
+          "| change | perplexity base -> adapter |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        minutes = f"{r['train_s'] / 60:.1f} min" if r["train_s"] is not None else "-"
+        print(f"| {r['domain']} | {r['version']} | {r['rows']} | {r['steps']} | {r['epochs']} | {r['lr']} | {minutes} "
+              f"| {r['base']:.3f} -> {r['new']:.3f} | {r['change']:+.1f}% "
+              f"| {r['ppl_base']:.1f} -> {r['ppl_new']:.1f} |")
+    print()
+
+
+async def examples(settings: Any, store: AdapterStore, domains: list[str]) -> None:
+    from engine import Engine
+
+    engine = Engine(settings)
+    await engine.start()
+    try:
+        catalog = engine.modes()
+        print("## One held-out question, base model vs adapter (greedy, same role)\n")
+        for domain in domains:
+            data = load_domain_data(store.domain_dir(domain) / "data")
+            question = next(m["content"] for m in data.eval[0]["messages"] if m["role"] == "user")
+            role = next((r.id for r in catalog.roles if r.suggested_adapter == domain), "assistant")
+            print(f"### {domain} (role {role})\n\nQ: {question}\n")
+            for label, adapter in (("base", None), (f"{domain} adapter", domain)):
+                stream = engine.generate([Message("user", question)], Mode(adapter=adapter, role=role), GREEDY)
+                text = "".join([piece async for piece in stream]).strip()
+                print(f"{label}:\n{textwrap.indent(textwrap.fill(text, 100), '    ')}\n")
+    finally:
+        await engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-examples", action="store_true", help="only the metrics table (no model)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    settings = load_settings()
+    store = AdapterStore(settings.adapters_dir)
+    rows = metrics_rows(store)
+    if not rows:
+        print(f"no adapter in {settings.adapters_dir} has a current version; train one: python -m engine.train legal")
+        return 0
+    print_metrics(rows)
+    if not args.no_examples:
+        asyncio.run(examples(settings, store, [r["domain"] for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

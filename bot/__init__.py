@@ -1,0 +1,1 @@
+"""The Telegram bot and the console chat: front ends of the engine (see bot/app.py)."""

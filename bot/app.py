@@ -1,0 +1,238 @@
+"""Process entry: settings, logging, the engine, then the Telegram bot or the console chat.
+
+`python -m bot` with BOT_TOKEN runs the Telegram bot (long polling, or a webhook server
+when WEBHOOK_URL is set); without it, a terminal chat on the same engine and storage.
+
+Shutdown (SIGTERM/SIGINT) is ordered so nothing is half-written: stop taking updates,
+let running answers finish for SHUTDOWN_GRACE_S then cancel them (each saves what it has
+and shows it), stop background tasks and the ops port, close the Telegram session; the
+caller then closes the engine and the database.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.types import BotCommand
+from aiohttp import web
+
+from engine.config import EngineSettings, load_settings
+from engine.errors import ConfigError, EngineError
+
+from bot import handlers
+from bot.background import Background
+from bot.chat import ChatService
+from bot.config import BotSettings, load_bot_settings
+from bot.metrics import ApiCallCounter, BotMetrics
+from bot.storage import Store
+from bot.streaming import ChatPacer
+
+log = logging.getLogger(__name__)
+
+
+class BotApp:
+    """The Telegram front end: one Bot, one Dispatcher, its dependencies, its lifecycle."""
+
+    def __init__(self, settings: BotSettings, engine: Any, store: Store, *, concurrent_updates: bool = True) -> None:
+        """`concurrent_updates=False` handles one update at a time (only the benchmark's baseline wants it)."""
+        if not settings.token:
+            raise ConfigError("BOT_TOKEN is not set: the Telegram bot needs it (without it, run the console chat)")
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.metrics = BotMetrics()
+        self.api_counter = ApiCallCounter(self.metrics)
+        session = (
+            AiohttpSession(api=TelegramAPIServer.from_base(settings.bot_api_url))
+            if settings.bot_api_url else AiohttpSession()
+        )
+        session.middleware(self.api_counter)
+        self.bot = Bot(settings.token, session=session)
+        self.pacer = ChatPacer(settings.stream_edit_interval_s)
+        self.chat = ChatService(engine, store, settings, self.metrics)
+        self.background = Background()
+        self.started_at = time.monotonic()
+        self.dp = Dispatcher(
+            engine=engine, store=store, settings=settings, chat=self.chat, pacer=self.pacer, metrics=self.metrics,
+            background=self.background, started_at=self.started_at,
+        )
+        handlers.setup(self.dp, settings, store, self.metrics)
+        self.ops: Any = None
+        self.concurrent_updates = concurrent_updates
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """What SIGTERM/SIGINT do: begin the orderly shutdown."""
+        self._stop.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._start_ops()
+            await self._set_commands()
+            if self.settings.webhook_url:
+                await self._serve_webhook()
+            else:
+                await self._poll()
+        finally:
+            log.info("shutting down: finishing running answers")
+            await self.chat.shutdown(self.settings.shutdown_grace_s)
+            await self.background.cancel_all()
+            if self.ops is not None:
+                await self.ops.stop()
+            await self.bot.session.close()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            log.info("bot stopped")
+
+    async def _poll(self) -> None:
+        await self.bot.delete_webhook(drop_pending_updates=False)
+        polling = asyncio.create_task(self.dp.start_polling(
+            self.bot, handle_signals=False, close_bot_session=False, handle_as_tasks=self.concurrent_updates,
+            allowed_updates=self.dp.resolve_used_update_types(),
+        ))
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({polling, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not polling.done():
+                try:
+                    await self.dp.stop_polling()
+                except RuntimeError:  # polling had not started yet
+                    polling.cancel()
+            try:
+                await polling
+            except asyncio.CancelledError:
+                pass
+        log.info("polling stopped")
+
+    async def _serve_webhook(self) -> None:
+        from aiogram.webhook.aiohttp_server import SimpleRequestHandler
+
+        s = self.settings
+        secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
+        path = s.webhook_path or urlparse(s.webhook_url).path or "/telegram/webhook"
+        app = web.Application()
+        handler = SimpleRequestHandler(dispatcher=self.dp, bot=self.bot, secret_token=secret)
+        # added by hand, not handler.register(): that would close the bot session before answers finish
+        app.router.add_route("POST", path, handler.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, s.webhook_host, s.webhook_port)
+        await site.start()
+        try:
+            await self.bot.set_webhook(
+                url=s.webhook_url, secret_token=secret, allowed_updates=self.dp.resolve_used_update_types()
+            )
+            log.info("webhook server on %s:%s%s for %s", s.webhook_host, s.webhook_port, path, s.webhook_url)
+            self.metrics.last_api_ok = time.monotonic()
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()  # stop taking updates; answers already running go on
+            log.info("webhook server stopped")
+
+    async def _set_commands(self) -> None:
+        try:
+            await self.bot.set_my_commands([BotCommand(command=c, description=d)
+                                            for c, d in handlers.COMMANDS_EN.items()])
+            await self.bot.set_my_commands([BotCommand(command=c, description=d)
+                                            for c, d in handlers.COMMANDS_RU.items()], language_code="ru")
+        except Exception as exc:  # a menu is a nicety; polling will report a real outage
+            log.warning("setMyCommands failed: %s", exc)
+
+    async def _start_ops(self) -> None:
+        if self.settings.ops_port is None:
+            return
+        try:
+            from bot.ops import OpsServer
+        except ImportError:
+            log.warning("OPS_PORT is set but bot.ops is not available; no ops server")
+            return
+        registries = [self.metrics.registry]
+        engine_registry = getattr(getattr(self.engine, "metrics", None), "registry", None)
+        if engine_registry is not None:
+            registries.insert(0, engine_registry)
+        self.ops = OpsServer(self.settings.ops_host, self.settings.ops_port, checks={
+            "model": self._check_model, "bot": self._check_bot, "database": self._check_database,
+        }, registries=registries)
+        await self.ops.start()
+        log.info("ops server on %s:%s", self.settings.ops_host, getattr(self.ops, "port", self.settings.ops_port))
+
+    async def _check_model(self) -> bool:
+        return bool(self.engine.status().ready)
+
+    async def _check_bot(self) -> bool:
+        return self.api_counter.connected()
+
+    async def _check_database(self) -> bool:
+        return self.store.ping()
+
+
+def build_engine(factory: str, engine_settings: EngineSettings | None) -> Any:
+    """ENGINE_FACTORY 'module:callable' -> an engine (default: engine.Engine(EngineSettings))."""
+    module_name, _, attr = factory.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"ENGINE_FACTORY={factory!r}: cannot import it ({exc})") from exc
+    return target(engine_settings)
+
+
+def setup_logging(settings: BotSettings) -> None:
+    """One line per event (text or JSON); user text only with LOG_CONTENT=true (engine.logs)."""
+    from engine.logs import setup_logging_from
+
+    setup_logging_from(settings)
+    logging.getLogger("aiogram.event").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -> int:
+    engine = build_engine(settings.engine_factory, engine_settings)
+    store = Store(settings.database_path)
+    try:
+        try:
+            await engine.start()
+        except EngineError as exc:
+            log.error("the engine could not start: %s", exc)
+            return 1
+        if settings.token:
+            await BotApp(settings, engine, store).run()
+        else:
+            from bot.console import run_console
+
+            await run_console(settings, engine, store)
+        return 0
+    finally:
+        try:
+            await engine.close()
+        finally:
+            store.close()
+
+
+def main() -> int:
+    try:
+        settings = load_bot_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    try:
+        engine_settings = load_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(amain(settings, engine_settings))

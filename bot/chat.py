@@ -1,0 +1,242 @@
+"""One conversation turn, front-end agnostic: history in, streamed answer out, both stored.
+
+The Telegram handlers and the console chat both go through `ChatService`, so modes,
+history, storage, queuing and cancelling behave the same in both. A front end passes a
+*sink* (`ReplyStream` for Telegram, a terminal printer for the console) that shows pieces.
+
+Per user, one generation is in flight: a message that arrives meanwhile waits its turn
+(answered after, never interleaved), beyond `max_pending_per_user` the user is told to wait.
+Whatever was generated is saved before the sink shows the final text, so a stop, a crash of
+the Telegram side or a shutdown never loses the stored answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from engine.errors import EngineError
+from engine.types import GenerationResult, Mode, UserContext
+
+from bot.config import BotSettings
+from bot.metrics import BotMetrics
+from bot.storage import Store, UserRecord
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where a front end shows an answer: pieces as they come, then the stored result."""
+
+    async def start(self) -> None: ...
+    def feed(self, piece: str) -> None: ...
+    async def abort(self) -> None: ...  # nothing was generated (an error before the first piece)
+    async def complete(self, answer: "Answer") -> None: ...  # called after the answer is stored
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    STOPPED = "stopped"  # /stop
+    CANCELLED = "cancelled"  # shutdown
+    TOO_MANY = "too_many"  # the user's queue is full
+    CLOSED = "closed"  # shutting down; nothing generated
+    NOTHING = "nothing"  # /retry without an earlier question
+    FAILED = "failed"  # the engine failed after some text; the error is raised after showing it
+
+
+@dataclass
+class Answer:
+    outcome: Outcome
+    text: str = ""
+    message_id: int | None = None  # the stored assistant message
+    result: GenerationResult | None = None
+
+
+@dataclass
+class _Session:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: int = 0
+    task: asyncio.Task[Answer] | None = None
+    stop_requested: bool = False
+
+
+def mode_of(user: UserRecord) -> Mode:
+    return Mode(adapter=user.adapter, role=user.role or "assistant")
+
+
+class ChatService:
+    def __init__(
+        self, engine: Any, store: Store, settings: BotSettings, metrics: BotMetrics | None = None
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._sessions: dict[int, _Session] = {}
+        self._tasks: set[asyncio.Task[Answer]] = set()
+        self.closing = False
+
+    # ---- asking -----------------------------------------------------------------------
+
+    async def ask(
+        self, user_id: int, text: str | None, sink: Sink, *, chat_id: int | None = None,
+        user: UserContext | None = None, on_queued: Callable[[], Awaitable[None]] | None = None,
+        started_at: float | None = None,
+    ) -> Answer:
+        """Answer `text` (None = answer the last question again, /retry) for `user_id`."""
+        s = self._sessions.setdefault(user_id, _Session())
+        if self.closing:
+            return Answer(Outcome.CLOSED)
+        if s.lock.locked():
+            if s.pending >= self.settings.max_pending_per_user:
+                return Answer(Outcome.TOO_MANY)
+            if on_queued is not None:
+                await on_queued()
+        s.pending += 1
+        try:
+            await s.lock.acquire()
+        finally:
+            s.pending -= 1
+        try:
+            if self.closing:
+                return Answer(Outcome.CLOSED)
+            s.stop_requested = False
+            task = asyncio.create_task(
+                self._turn(s, user_id, text, sink, chat_id, user, started_at or time.monotonic()),
+                name=f"answer-{user_id}",
+            )
+            s.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return await task
+        finally:
+            s.task = None
+            s.lock.release()
+
+    def stop(self, user_id: int) -> bool:
+        """Cancel the user's running answer (/stop); the partial answer is kept."""
+        s = self._sessions.get(user_id)
+        if s is None or s.task is None or s.task.done():
+            return False
+        s.stop_requested = True
+        s.task.cancel()
+        return True
+
+    def generating(self) -> int:
+        """Users with an answer being generated now."""
+        return sum(1 for s in self._sessions.values() if s.task is not None and not s.task.done())
+
+    def waiting(self) -> int:
+        return sum(s.pending for s in self._sessions.values())
+
+    async def shutdown(self, grace_s: float, cleanup_s: float = 3.0) -> None:
+        """Take no new turns; let running answers finish for `grace_s`, then cancel and save them."""
+        self.closing = True
+        running = set(self._tasks)
+        if running and grace_s > 0:
+            log.info("waiting up to %.1f s for %d running answers", grace_s, len(running))
+            _, running = await asyncio.wait(running, timeout=grace_s)
+        for task in running:
+            task.cancel()
+        if running:
+            log.info("cancelled %d running answers (partial answers saved)", len(running))
+            await asyncio.wait(running, timeout=cleanup_s)
+
+    # ---- one turn -----------------------------------------------------------------------
+
+    async def _turn(
+        self, s: _Session, user_id: int, text: str | None, sink: Sink, chat_id: int | None,
+        user_ctx: UserContext | None, t0: float,
+    ) -> Answer:
+        record = self.store.get_user(user_id)
+        if record is None:
+            record = self.store.touch_user(user_id, language=(user_ctx.language if user_ctx else "en"))
+        if text is None:
+            if self.store.retry_point(user_id, chat_id) is None:
+                return Answer(Outcome.NOTHING)
+        else:
+            self.store.add_message(user_id, "user", text, conversation=record.conversation, chat_id=chat_id)
+        mode = mode_of(record)
+        history = self.store.history(user_id, self.settings.history_turns, chat_id)
+        parts: list[str] = []
+        stream: Any = None
+        outcome = Outcome.DONE
+        error: BaseException | None = None
+        if self.metrics:
+            self.metrics.active_generations.inc()
+        try:
+            await sink.start()
+            stream = self.engine.generate(history, mode, None, user=user_ctx)
+            if inspect.isawaitable(stream):
+                stream = await stream
+            async for piece in stream:
+                parts.append(piece)
+                sink.feed(piece)
+        except asyncio.CancelledError:
+            outcome = Outcome.STOPPED if s.stop_requested else Outcome.CANCELLED
+        except EngineError as exc:
+            error = exc
+        finally:
+            if self.metrics:
+                self.metrics.active_generations.dec()
+            if stream is not None and (outcome is not Outcome.DONE or error is not None):
+                await _close_quietly(stream)
+
+        result: GenerationResult | None = getattr(stream, "result", None)
+        answer_text = "".join(parts)
+        if error is not None and not answer_text:
+            await sink.abort()
+            self._count("error")
+            raise error
+        answer = Answer(Outcome.FAILED if error else outcome, answer_text, None, result)
+        if answer_text:
+            answer.message_id = self._save(user_id, chat_id, record, mode, answer_text, result, t0,
+                                           "error" if error else _finish_reason(outcome, result))
+        self._count("error" if error else outcome.value)
+        log.info(
+            "answer user=%s mode=%s outcome=%s chars=%d tokens=%s", user_id, mode.key,
+            "error" if error else outcome.value, len(answer_text), result.completion_tokens if result else None,
+        )
+        await sink.complete(answer)
+        if error is not None:
+            raise error
+        return answer
+
+    def _save(
+        self, user_id: int, chat_id: int | None, record: UserRecord, mode: Mode, text: str,
+        result: GenerationResult | None, t0: float, finish_reason: str,
+    ) -> int:
+        return self.store.add_message(
+            user_id, "assistant", text, conversation=record.conversation, chat_id=chat_id,
+            adapter=mode.adapter, adapter_version=result.adapter_version if result else None, template=mode.role,
+            prompt_tokens=result.prompt_tokens if result else None,
+            completion_tokens=result.completion_tokens if result else None,
+            latency_s=round(time.monotonic() - t0, 4),
+            ttft_s=result.time_to_first_token_s if result else None, finish_reason=finish_reason,
+        )
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.generations.labels(outcome).inc()
+
+
+def _finish_reason(outcome: Outcome, result: GenerationResult | None) -> str:
+    if outcome is not Outcome.DONE:
+        return "cancelled"
+    return (result.finish_reason if result and result.finish_reason else "stop")
+
+
+async def _close_quietly(stream: Any) -> None:
+    close = getattr(stream, "aclose", None) or getattr(stream, "cancel", None)
+    if close is None:
+        return
+    try:
+        res = close()
+        if inspect.isawaitable(res):
+            await res
+    except Exception:
+        log.warning("closing the engine stream failed", exc_info=True)

@@ -1,0 +1,152 @@
+"""Front-end settings (Telegram bot and console chat): read once at start, validated, frozen.
+
+Separate from `EngineSettings` because an operator tunes them separately and because this
+module must import without torch. Both read the same environment and `.env`.
+A bad value stops the start with a message naming the variable, like the engine's settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from engine.config import format_validation_error
+from engine.errors import ConfigError
+
+IdSet = Annotated[frozenset[int], NoDecode]
+
+
+class BotSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True,
+        env_ignore_empty=True,
+    )
+
+    bot_token: SecretStr | None = Field(
+        None, description="Telegram bot token; unset = console chat in the terminal."
+    )
+    admin_ids: IdSet = Field(
+        frozenset(), description="Comma-separated Telegram user ids allowed to use admin commands."
+    )
+    allowed_user_ids: IdSet = Field(
+        frozenset(), description="Comma-separated Telegram user ids allowed to chat; empty = everyone."
+    )
+    database_path: Path = Field(Path("data/bot.sqlite3"), description="SQLite file of users and history.")
+
+    bot_api_url: str | None = Field(
+        None, description="Another Bot API server (a local telegram-bot-api, or the tests' fake)."
+    )
+    webhook_url: str | None = Field(
+        None, description="Public HTTPS URL Telegram posts updates to; unset = long polling."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Secret Telegram sends in X-Telegram-Bot-Api-Secret-Token (1-256 of A-Za-z0-9_-)."
+    )
+    webhook_host: str = Field("0.0.0.0", description="Interface the webhook server listens on.")
+    webhook_port: int = Field(8080, ge=1, le=65535, description="Port the webhook server listens on.")
+    webhook_path: str | None = Field(
+        None, description="Path the webhook server answers on; unset = the path of WEBHOOK_URL."
+    )
+
+    rate_limit_messages: int = Field(
+        20, ge=0, description="Messages a user may send per RATE_LIMIT_WINDOW_S; 0 = no limit."
+    )
+    rate_limit_window_s: float = Field(60.0, gt=0, description="Window of the per-user rate limit, seconds.")
+    max_pending_per_user: int = Field(
+        3, ge=0, description="Messages queued behind a user's running answer before they are told to wait."
+    )
+    history_turns: int = Field(
+        24, ge=1, le=1000, description="Recent turns sent to the engine (it trims further to the context)."
+    )
+
+    stream_edit_interval_s: float = Field(
+        1.0, ge=0.0, le=60.0, description="Minimum time between edits of messages in one chat (Telegram: ~1/s)."
+    )
+    telegram_retry_attempts: int = Field(
+        6, ge=1, le=50, description="Attempts for a Telegram call that fails with 5xx or a network error."
+    )
+    shutdown_grace_s: float = Field(
+        4.0, ge=0.0, le=600.0, description="On SIGTERM, how long running answers may finish before they are cancelled."
+    )
+    engine_factory: str = Field(
+        "engine:Engine",
+        description="'module:callable' building the engine from EngineSettings (tests plug a scripted engine here).",
+    )
+
+    ops_host: str = Field("0.0.0.0", description="Interface of the ops side port (/healthz, /metrics).")
+    ops_port: int | None = Field(None, ge=0, le=65535, description="Ops side port; unset = no ops server.")
+
+    log_format: Literal["text", "json"] = Field("text", description="text or json (one object per line).")
+    log_content: bool = Field(False, description="Log user message text (off by default: privacy).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+
+    @field_validator("admin_ids", "allowed_user_ids", mode="before")
+    @classmethod
+    def _ids(cls, v: object) -> object:
+        if isinstance(v, str):
+            parts = [p.strip() for p in v.replace(";", ",").split(",") if p.strip()]
+            try:
+                return frozenset(int(p) for p in parts)
+            except ValueError:
+                raise ValueError(f"expected comma-separated integer Telegram ids like '123,456', got {v!r}")
+        if isinstance(v, int):
+            return frozenset({v})
+        return v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.strip().upper() if isinstance(v, str) else v
+
+    @field_validator("engine_factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        module, sep, attr = v.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"expected 'module:callable', got {v!r}")
+        return v
+
+    @field_validator("webhook_url", "bot_api_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s):// URL, got {v!r}")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _secret(self) -> "BotSettings":
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret else None
+        if secret is not None:
+            ok = 1 <= len(secret) <= 256 and all(c.isalnum() or c in "_-" for c in secret)
+            if not ok:
+                raise ValueError("WEBHOOK_SECRET must be 1-256 characters of A-Z, a-z, 0-9, _ and -")
+        return self
+
+    @property
+    def token(self) -> str | None:
+        return self.bot_token.get_secret_value() if self.bot_token else None
+
+    def is_admin(self, user_id: int | None) -> bool:
+        return user_id is not None and user_id in self.admin_ids
+
+    def may_chat(self, user_id: int | None) -> bool:
+        if user_id is None:
+            return False
+        return not self.allowed_user_ids or user_id in self.allowed_user_ids or self.is_admin(user_id)
+
+
+def load_bot_settings(**overrides: object) -> BotSettings:
+    """Read settings once; raise ConfigError naming each bad variable."""
+    try:
+        return BotSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(f"invalid bot settings: {format_validation_error(exc)}") from exc

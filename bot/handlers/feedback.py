@@ -1,0 +1,31 @@
+"""👍/👎 under an answer: stored with the message, its mode and adapter version."""
+from __future__ import annotations
+
+from aiogram import Router
+from aiogram.exceptions import TelegramBadRequest
+from aiogram.types import CallbackQuery
+
+from bot.i18n import t
+from bot.keyboards import FeedbackCB, feedback_keyboard
+from bot.storage import Store
+
+
+async def on_feedback(query: CallbackQuery, callback_data: FeedbackCB, store: Store, lang: str) -> None:
+    ok = store.add_feedback(callback_data.message_id, query.from_user.id, callback_data.rating)
+    if not ok:
+        await query.answer()
+        return
+    await query.answer(t(lang, "thanks_feedback"))
+    if query.message is not None:
+        try:
+            await query.message.edit_reply_markup(  # type: ignore[union-attr]
+                reply_markup=feedback_keyboard(callback_data.message_id, callback_data.rating)
+            )
+        except TelegramBadRequest:  # same rating pressed twice: nothing to change
+            pass
+
+
+def router() -> Router:
+    r = Router(name="feedback")
+    r.callback_query.register(on_feedback, FeedbackCB.filter())
+    return r

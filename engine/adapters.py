@@ -1,0 +1,468 @@
+"""The adapter registry: which LoRA versions are in memory and which one serves each domain.
+
+Lifecycle of a version in memory: `loading` -> `ready` -> (`retired` when a newer version
+took over or it was evicted) -> freed once no request uses it. Requests pick their adapter
+per row at admission (`acquire`), so two users of different modes never race over a global
+`set_adapter`, and a request keeps the version it started with until it finishes.
+
+Threads: validation and loading run on one loader thread, concurrently with the model
+thread's decode steps, so a hot-load does not pause anyone. That is safe because a load only
+adds new keys to peft's per-layer dicts and the forward pass only looks up the keys of its
+rows' adapters. Two cases do need the model to stand still (the first adapter ever, which
+wraps the base model's layers in LoRA layers, and an adapter that targets layers no resident
+adapter wraps yet); those run on the model thread through `run_exclusive`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir
+from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
+from engine.metrics import EngineMetrics
+from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, AdapterVersionInfo, ResidentAdapter
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "base_model.model."
+
+
+def peft_name(domain: str, version: str) -> str:
+    """The adapter's name inside peft: one per version, so old and new coexist."""
+    return f"{domain}__{version}"
+
+
+@dataclass
+class Resident:
+    domain: str
+    version: str
+    state: AdapterState
+    file_bytes: int = 0
+    bytes: int = 0
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return peft_name(self.domain, self.version)
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    """What validation learned, so loading need not re-read the config."""
+
+    version: VersionDir
+    modules: frozenset[str]  # module paths in the base model the adapter touches
+    file_bytes: int
+
+
+class LoraRuntime:
+    """Owns the peft wrapping of the base model and routes each row to its adapter.
+
+    The forward pass of every LoRA layer receives `adapter_names` (one per batch row) from a
+    persistent pre-hook reading `self.row_adapters`, set by the model thread before each step.
+    Persistent hooks avoid peft's per-call hook registration, which walks every module and
+    would collide with a concurrent load adding modules.
+    """
+
+    def __init__(self, base_model: Any) -> None:
+        self.base_model = base_model
+        self.peft_model: Any | None = None
+        self.row_adapters: list[str] | None = None
+        self._hooked: set[int] = set()
+        self._hooks: list[Any] = []
+        self.wrapped: frozenset[str] = frozenset()
+        self.linear_shapes = self._linear_shapes(base_model)
+
+    @staticmethod
+    def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+        shapes = {}
+        for name, module in model.named_modules():
+            inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
+            if isinstance(inf, int) and isinstance(outf, int):
+                shapes[name] = (inf, outf)
+        return shapes
+
+    @property
+    def forward_model(self) -> Any:
+        """The transformers model to call: LoRA layers inside when any adapter is loaded."""
+        return self.base_model
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        names = self.row_adapters
+        if names is not None:
+            kwargs["adapter_names"] = names
+        return args, kwargs
+
+    def attach_hooks(self) -> None:
+        """Hook LoRA layers that are not hooked yet (model thread, or before serving)."""
+        from peft.tuners.lora import LoraLayer
+
+        wrapped = set()
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, LoraLayer):
+                wrapped.add(name.removeprefix(_PREFIX))
+                if id(module) not in self._hooked:
+                    self._hooks.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+                    self._hooked.add(id(module))
+        self.wrapped = frozenset(wrapped)
+
+    def needs_exclusive(self, adapter: ValidatedAdapter) -> bool:
+        return self.peft_model is None or not adapter.modules <= self.wrapped
+
+    def load(self, adapter: ValidatedAdapter) -> int:
+        """Load weights under the version's peft name; returns the bytes it added."""
+        from peft import PeftModel
+
+        name = peft_name(adapter.version.domain, adapter.version.version)
+        path = str(adapter.version.path)
+        if self.peft_model is None:
+            self.peft_model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name, is_trainable=False)
+        else:
+            self.peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        self.peft_model.eval()
+        return self.adapter_bytes(name)
+
+    def adapter_bytes(self, name: str) -> int:
+        from peft.tuners.lora import LoraLayer
+
+        total = 0
+        for module in self.base_model.modules():
+            if isinstance(module, LoraLayer):
+                for table in (module.lora_A, module.lora_B, module.lora_embedding_A, module.lora_embedding_B):
+                    sub = table[name] if name in table else None
+                    if sub is not None:
+                        params = sub.parameters() if hasattr(sub, "parameters") else [sub]
+                        total += sum(p.numel() * p.element_size() for p in params)
+        return total
+
+    def delete(self, name: str) -> None:
+        if self.peft_model is not None and name in self.peft_model.peft_config:
+            self.peft_model.delete_adapter(name)
+
+
+def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[int, int]]) -> ValidatedAdapter:
+    """Check a version's files against the base model without touching the model.
+
+    Raises AdapterInvalid / AdapterIncompatible with the file and the mismatch, so an admin
+    knows what to fix; the serving version is unaffected.
+    """
+    path = version.path
+    where = f"adapter {version.domain}/{version.version} ({path})"
+    for required in (CONFIG_FILE, WEIGHTS_FILE, "meta.json"):
+        if not (path / required).is_file():
+            raise AdapterInvalid(f"{where}: {required} is missing")
+    if "_error" in version.meta:
+        raise AdapterInvalid(f"{where}: {version.meta['_error']}")
+    base = version.meta.get("base_model")
+    if base != model_id:
+        raise AdapterIncompatible(
+            f"{where} was trained for base model {base!r}, but this engine serves {model_id!r}; "
+            "adapters only work with the model they were trained on"
+        )
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterInvalid(f"{where}: {CONFIG_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterInvalid(f"{where}: {CONFIG_FILE} must describe a LoRA adapter (peft_type LORA)")
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1:
+        raise AdapterInvalid(f"{where}: {CONFIG_FILE} has no valid rank r (got {r!r})")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            keys = list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as exc:  # safetensors raises its own types for corrupt headers
+        raise AdapterInvalid(f"{where}: {WEIGHTS_FILE} cannot be read: {exc}") from exc
+    if not keys:
+        raise AdapterInvalid(f"{where}: {WEIGHTS_FILE} holds no tensors")
+    modules = set()
+    for key, t in tensors.items():
+        for part in (".lora_A.weight", ".lora_B.weight"):
+            if key.endswith(part):
+                module = key.removeprefix(_PREFIX)[: -len(part)]
+                break
+        else:
+            continue  # other trainable extras (e.g. modules_to_save) are peft's to check
+        shape = linear_shapes.get(module)
+        if shape is None:
+            raise AdapterIncompatible(f"{where}: targets {module!r}, which this base model does not have")
+        inf, outf = shape
+        expected = (r, inf) if part == ".lora_A.weight" else (outf, r)
+        if tuple(t.shape) != expected:
+            raise AdapterIncompatible(
+                f"{where}: {key} has shape {tuple(t.shape)}, expected {expected} (rank {r} on {module})"
+            )
+        if not bool(t.float().isfinite().all()):
+            raise AdapterInvalid(f"{where}: {key} contains NaN or infinite values")
+        modules.add(module)
+    if not modules:
+        raise AdapterInvalid(f"{where}: {WEIGHTS_FILE} has no lora_A/lora_B weights")
+    return ValidatedAdapter(version, frozenset(modules), (path / WEIGHTS_FILE).stat().st_size)
+
+
+class AdapterRegistry:
+    """Serving pointers per domain plus the versions resident in memory.
+
+    `run_exclusive(fn)` must run `fn` on the model thread between steps and return a Future.
+    """
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        runtime: LoraRuntime,
+        model_id: str,
+        max_resident: int,
+        run_exclusive: Callable[[Callable[[], Any]], Future],
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.model_id = model_id
+        self.max_resident = max_resident
+        self.run_exclusive = run_exclusive
+        self.metrics = metrics
+        self._lock = threading.RLock()
+        self._serving: dict[str, str] = {}  # domain -> version serving new requests
+        self._resident: dict[str, Resident] = {}  # peft name -> Resident
+        self._errors: dict[str, str] = {}  # domain -> last load error
+        self._pending: dict[str, Future] = {}  # peft name -> load in progress
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+
+    # ---- model-thread API ------------------------------------------------------------
+    def acquire(self, domain: str | None) -> tuple[str, str | None] | None:
+        """The peft name + version for a new row, counting it in flight; None while loading.
+
+        An evicted serving version is loaded again in the background on demand.
+        """
+        if domain is None:
+            return BASE_ADAPTER, None
+        with self._lock:
+            version = self._serving.get(domain)
+            if version is None:
+                raise AdapterNotFound(self._not_found(domain))
+            res = self._resident.get(peft_name(domain, version))
+            if res is not None and res.state == "ready":
+                res.in_flight += 1
+                res.last_used = time.monotonic()
+                return res.key, version
+            if domain in self._errors and res is None and peft_name(domain, version) not in self._pending:
+                raise AdapterInvalid(self._errors[domain])
+            self._load_async(self.store.version(domain, version), make_serving=False)
+            return None
+
+    def release(self, key: str) -> None:
+        if key == BASE_ADAPTER:
+            return
+        with self._lock:
+            res = self._resident.get(key)
+            if res is None:
+                return
+            res.in_flight -= 1
+            if res.state == "retired" and res.in_flight <= 0:
+                self._free_async(res)
+
+    # ---- loading -------------------------------------------------------------------
+    def load_all(self) -> dict[str, str]:
+        """At start: load every domain's current version (blocking). Returns failures."""
+        futures = {}
+        for domain in self.store.domains():
+            current = self.store.current(domain)
+            if current is not None:
+                futures[domain] = self._load_async(self.store.version(domain, current), make_serving=True)
+        failures = {}
+        for domain, fut in futures.items():
+            try:
+                fut.result()
+            except Exception as exc:
+                failures[domain] = str(exc)
+        return failures
+
+    def reload(self, domain: str) -> Future:
+        """Load the disk's `current` version of a domain and make it serve new requests.
+
+        The Future resolves to the version now serving, or raises; on failure the previous
+        version keeps serving.
+        """
+        self.store.domain_dir(domain)  # validates the name
+        current = self.store.current(domain)
+        if current is None:
+            fut: Future = Future()
+            fut.set_exception(AdapterNotFound(self._not_found(domain)))
+            return fut
+        with self._lock:
+            res = self._resident.get(peft_name(domain, current))
+            if self._serving.get(domain) == current and res is not None and res.state == "ready":
+                fut = Future()
+                fut.set_result(current)
+                return fut
+        try:
+            version = self.store.version(domain, current)
+        except AdapterNotFound as exc:
+            fut = Future()
+            fut.set_exception(exc)
+            return fut
+        return self._load_async(version, make_serving=True)
+
+    def _load_async(self, version: VersionDir, make_serving: bool) -> Future:
+        key = peft_name(version.domain, version.version)
+        with self._lock:
+            pending = self._pending.get(key)
+            if pending is not None and not make_serving:
+                return pending
+            res = self._resident.get(key)
+            if res is None or res.state in ("retired", "failed"):
+                if res is not None and res.state == "retired" and res.in_flight > 0:
+                    res.state = "ready"  # still in memory: revive instead of reloading
+                    fut: Future = Future()
+                    fut.set_result(version.version)
+                    if make_serving:
+                        self._set_serving(version.domain, version.version)
+                    return fut
+                self._resident[key] = Resident(version.domain, version.version, "loading")
+            fut = self._loader.submit(self._load, version, make_serving)
+            self._pending[key] = fut
+            fut.add_done_callback(lambda _f, k=key: self._pending.pop(k, None))
+            return fut
+
+    def _load(self, version: VersionDir, make_serving: bool) -> str:
+        key = peft_name(version.domain, version.version)
+        started = time.monotonic()
+        with self._lock:
+            res = self._resident[key]
+            already = res.state == "ready"
+        if not already:
+            try:
+                adapter = validate(version, self.model_id, self.runtime.linear_shapes)
+                if self.runtime.needs_exclusive(adapter):
+                    log.info("loading %s on the model thread (new LoRA layers)", key)
+                    added = self.run_exclusive(lambda: self._load_exclusive(adapter)).result()
+                else:
+                    added = self.runtime.load(adapter)
+            except Exception as exc:
+                with self._lock:
+                    self._resident.pop(key, None)
+                    self._errors[version.domain] = str(exc)
+                if self.metrics:
+                    self.metrics.adapter_loads.labels(version.domain, "failed").inc()
+                log.error("adapter %s refused: %s", key, exc)
+                if not isinstance(exc, (AdapterInvalid, AdapterNotFound)):
+                    raise AdapterInvalid(f"adapter {version.domain}/{version.version} failed to load: {exc}") from exc
+                raise
+            with self._lock:
+                res.state = "ready"
+                res.file_bytes = adapter.file_bytes
+                res.bytes = added
+                res.last_used = time.monotonic()
+            if self.metrics:
+                self.metrics.adapter_loads.labels(version.domain, "ok").inc()
+            log.info("adapter %s ready in %.0f ms (%.1f MB)", key, (time.monotonic() - started) * 1e3, added / 2**20)
+        with self._lock:
+            self._errors.pop(version.domain, None)
+            if make_serving or version.domain not in self._serving:
+                self._set_serving(version.domain, version.version)
+            self._evict_over_limit()
+            if self.metrics:
+                self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self._resident.values()))
+        return version.version
+
+    def _load_exclusive(self, adapter: ValidatedAdapter) -> int:
+        added = self.runtime.load(adapter)
+        self.runtime.attach_hooks()
+        return added
+
+    def _set_serving(self, domain: str, version: str) -> None:
+        old = self._serving.get(domain)
+        self._serving[domain] = version
+        if old and old != version:
+            prev = self._resident.get(peft_name(domain, old))
+            if prev is not None and prev.state == "ready":
+                prev.state = "retired"  # requests on it finish; freed when the last one does
+                if prev.in_flight <= 0:
+                    self._free_async(prev)
+            log.info("adapter %s now serves %s (was %s)", domain, version, old)
+
+    def _evict_over_limit(self) -> None:
+        ready = sorted((r for r in self._resident.values() if r.state == "ready"), key=lambda r: r.last_used)
+        excess = len(ready) - self.max_resident
+        for res in ready:
+            if excess <= 0:
+                break
+            if res.in_flight == 0:
+                res.state = "retired"
+                self._free_async(res)
+                excess -= 1
+                log.info("adapter %s evicted (least recently used)", res.key)
+
+    def _free_async(self, res: Resident) -> None:
+        def free() -> None:
+            with self._lock:
+                if res.state != "retired" or res.in_flight > 0 or self._resident.get(res.key) is not res:
+                    return
+                del self._resident[res.key]
+            self.runtime.delete(res.key)
+            log.info("adapter %s freed", res.key)
+            if self.metrics:
+                with self._lock:
+                    self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self._resident.values()))
+
+        self._loader.submit(free)
+
+    # ---- reporting -----------------------------------------------------------------
+    def _not_found(self, domain: str) -> str:
+        known = ", ".join(sorted(self._serving)) or "none"
+        return f"no adapter {domain!r} is serving (available: {known}; folder {self.store.root})"
+
+    def serving(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._serving)
+
+    def resident(self) -> list[ResidentAdapter]:
+        with self._lock:
+            return [
+                ResidentAdapter(r.domain, r.version, r.state, r.bytes, r.file_bytes, r.in_flight)
+                for r in sorted(self._resident.values(), key=lambda r: r.key)
+            ]
+
+    def catalog(self) -> list[AdapterInfo]:
+        with self._lock:
+            serving, errors = dict(self._serving), dict(self._errors)
+            states = {k: r.state for k, r in self._resident.items()}
+        out = []
+        for domain in sorted(set(self.store.domains()) | set(serving)):
+            versions = tuple(
+                AdapterVersionInfo(
+                    name=domain, version=v.version, created=v.meta.get("created"),
+                    base_model=v.meta.get("base_model"),
+                    metrics={k: float(x) for k, x in (v.meta.get("metrics") or {}).items()
+                             if isinstance(x, (int, float)) and math.isfinite(x)},
+                    is_current=v.version == serving.get(domain),
+                    state=states.get(peft_name(domain, v.version)),
+                )
+                for v in self.store.versions(domain)
+            )
+            if versions or domain in serving:
+                out.append(AdapterInfo(domain, serving.get(domain), versions, errors.get(domain)))
+        return out
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until queued loads and frees have run (tests and shutdown)."""
+        self._loader.submit(lambda: None).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+
+
+def adapter_dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())

@@ -1,0 +1,111 @@
+"""The SQLite store: migrations, users and modes, history, retry, feedback, health."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from bot.storage import Store, migrations
+from engine.types import Message
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "db" / "bot.sqlite3")
+    yield s
+    s.close()
+
+
+def test_a_new_database_is_migrated_and_recorded_in_wal_mode(store):
+    applied = [m.name for m in migrations.applied(store.db)]
+    assert applied == [m.name for m in migrations._migrations]
+    assert {"users", "messages", "feedback", "admin_actions"} <= set(store.db.table_names())
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reopening_keeps_users_modes_and_applies_nothing_twice(tmp_path):
+    path = tmp_path / "bot.sqlite3"
+    s = Store(path)
+    s.touch_user(5, name="Ann", language="ru")
+    s.set_mode(5, "legal", "lawyer")
+    s.close()
+    s = Store(path)
+    user = s.get_user(5)
+    assert (user.name, user.language, user.adapter, user.role) == ("Ann", "ru", "legal", "lawyer")
+    assert len(migrations.applied(s.db)) == len(migrations._migrations)
+    s.close()
+
+
+def test_history_is_the_recent_turns_of_the_current_conversation(store):
+    store.touch_user(5)
+    for i in range(6):
+        store.add_message(5, "user", f"q{i}", conversation=1)
+        store.add_message(5, "assistant", f"a{i}", conversation=1)
+    store.touch_user(6)
+    store.add_message(6, "user", "someone else", conversation=1)
+    assert store.history(5, 4) == [Message("user", "q4"), Message("assistant", "a4"),
+                                   Message("user", "q5"), Message("assistant", "a5")]
+    assert store.new_conversation(5) == 2
+    assert store.history(5, 10) == []
+    assert store.history(6, 10) == [Message("user", "someone else")]
+    assert store.db["messages"].count == 13  # old conversations are kept
+
+
+def test_retry_point_supersedes_the_answers_after_the_last_question(store):
+    store.touch_user(5)
+    store.add_message(5, "user", "q1", conversation=1)
+    store.add_message(5, "assistant", "a1", conversation=1)
+    store.add_message(5, "user", "q2", conversation=1)
+    store.add_message(5, "assistant", "a2", conversation=1)
+    _, text = store.retry_point(5)
+    assert text == "q2"
+    assert store.history(5, 10)[-1] == Message("user", "q2")
+    assert store.retry_point(5)[1] == "q2"  # again: still the same question
+
+
+def test_feedback_is_per_user_and_answer_and_can_change(store):
+    store.touch_user(5)
+    store.add_message(5, "user", "q", conversation=1)
+    a = store.add_message(5, "assistant", "a", conversation=1, adapter="legal", adapter_version="v3",
+                          template="lawyer", finish_reason="stop")
+    assert store.add_feedback(a, 5, 1)
+    assert store.add_feedback(a, 5, -1)
+    assert not store.add_feedback(a, 6, 1)  # not their answer
+    assert not store.add_feedback(9999, 5, 1)
+    rows = store.feedback(a)
+    assert [(r["rating"], r["adapter"], r["adapter_version"], r["template"]) for r in rows] == [
+        (-1, "legal", "v3", "lawyer")
+    ]
+
+
+def test_liked_pairs_are_question_and_answer_of_the_domain(store):
+    store.touch_user(5)
+    for domain, rating in (("legal", 1), ("legal", -1), ("medical", 1)):
+        store.add_message(5, "user", f"q-{domain}-{rating}", conversation=1)
+        a = store.add_message(5, "assistant", f"a-{domain}-{rating}", conversation=1, adapter=domain,
+                              finish_reason="stop")
+        store.add_feedback(a, 5, rating)
+    assert store.liked_pairs("legal") == [("q-legal-1", "a-legal-1")]
+
+
+def test_ping_writes_and_reports_a_broken_database(store):
+    assert store.ping()
+    store.db.conn.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.db.execute("select 1")
+    assert store.ping() is False
+    store._closed = True  # already closed above
+
+
+def test_an_unopenable_path_names_the_setting(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RuntimeError, match="DATABASE_PATH"):
+        Store(tmp_path / "file" / "bot.sqlite3")
+
+
+def test_history_is_per_chat(store):
+    store.touch_user(5)
+    store.add_message(5, "user", "private question", conversation=1, chat_id=5)
+    store.add_message(5, "user", "group question", conversation=1, chat_id=-100)
+    assert store.history(5, 10, chat_id=5) == [Message("user", "private question")]
+    assert store.history(5, 10, chat_id=-100) == [Message("user", "group question")]

@@ -1,0 +1,119 @@
+"""The bot on the real engine and the real default model (SmolLM2-135M, nf4), over the fake Bot API.
+
+The `legal` adapter is a small random LoRA written in the
+documented on-disk layout under tmp_path, so these tests need neither the shipped adapters nor
+training. Greedy decoding and a short answer cap keep them to seconds each on a CPU.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("engine.engine", reason="engine/engine.py is not there yet")
+
+from engine import Engine  # noqa: E402
+from engine.config import load_settings  # noqa: E402
+from tests.fakes.telegram import FakeTelegram  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
+
+
+def _write_random_adapter(root: Path, name: str) -> None:
+    """adapters/<name>/v1 with peft's files, our meta.json and `current` (docs/engine-api.md)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    version = root / name / "v1"
+    peft_model.save_pretrained(version)
+    (version / "meta.json").write_text(json.dumps({
+        "name": name, "version": "v1", "base_model": MODEL_ID, "status": "promoted", "parent": None,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(), "metrics": {}, "training": {"r": 4},
+    }))
+    (root / name / "current").write_text("v1\n")
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory) -> Path:
+    if not (MODEL_DIR / "config.json").is_file():
+        pytest.skip(f"the default model is not converted at {MODEL_DIR} (run `make model`)")
+    root = tmp_path_factory.mktemp("adapters")
+    _write_random_adapter(root, "legal")
+    return root
+
+
+@pytest.fixture
+async def real_engine(adapters_dir):
+    """Per test (a model load is a few seconds): an engine's threads and futures belong to one loop."""
+    engine = Engine(load_settings(
+        _env_file=None, model_cache_dir=REPO / "models", adapters_dir=adapters_dir,
+        templates_dir=REPO / "templates", max_new_tokens=24, temperature=0.0,
+    ))
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+def _rows(store, role: str = "assistant"):
+    return list(store.db["messages"].rows_where("role = ?", [role], order_by="id"))
+
+
+async def test_a_streamed_answer_from_the_real_model(tg: FakeTelegram, real_engine, start_bot):
+    bot = await start_bot(real_engine)
+    tg.send_text(7, "What is a contract? Answer in one sentence.")
+    await tg.wait_for(lambda: tg.calls_of("sendChatAction", 7), timeout=120)
+    final = await tg.wait_for(lambda: next((m for m in tg.bot_messages(7) if m.buttons), None), timeout=300)
+    stored = _rows(bot.store)
+    assert len(stored) == 1 and stored[0]["text"].strip()
+    assert stored[0]["finish_reason"] in ("stop", "length")
+    assert stored[0]["completion_tokens"] > 0 and stored[0]["prompt_tokens"] > 0
+    assert final.text  # what the user sees is the stored answer, rendered
+    assert " ".join(final.text.split())[:20] in " ".join(stored[0]["text"].replace("*", "").split())
+
+
+async def test_switching_mode_changes_the_adapter_that_answers(tg, real_engine, start_bot):
+    bot = await start_bot(real_engine)
+    tg.send_text(7, "/domain")
+    menu = await tg.wait_for_text(7, "Choose a domain adapter")
+    tg.press_button(7, menu, "Law")
+    await tg.wait_for(lambda: any(b["text"] == "✅ ⚖️ Law" for b in menu.buttons))
+    tg.send_text(7, "Can my landlord keep the deposit?")
+    await tg.wait_for(lambda: any(m.buttons for m in tg.bot_messages(7)), timeout=300)
+    tg.send_text(7, "/domain")
+    menus = await tg.wait_for(lambda: [m for m in tg.bot_messages(7) if "Choose a domain" in m.text][1:])
+    tg.press_button(7, menus[0], "no adapter")
+    await tg.wait_for(lambda: any(b["text"] == "✅ no adapter" for b in menus[0].buttons))
+    tg.send_text(7, "Can my landlord keep the deposit?")
+    await tg.wait_for(lambda: len([m for m in tg.bot_messages(7) if m.buttons]) == 2, timeout=300)
+    legal, base = _rows(bot.store)
+    assert (legal["adapter"], legal["adapter_version"]) == ("legal", "v1")
+    assert base["adapter"] is None
+    assert legal["text"] != base["text"]  # same question, greedy: the adapter made the difference
+
+
+async def test_restart_keeps_mode_and_history_with_the_real_model(tg, real_engine, start_bot):
+    first = await start_bot(real_engine)
+    first.store.touch_user(7)
+    first.store.set_mode(7, "legal", "lawyer")
+    tg.send_text(7, "My name is Ann. What is a will?")
+    await tg.wait_for(lambda: any(m.buttons for m in tg.bot_messages(7)), timeout=300)
+    await first.stop()
+
+    second = await start_bot(real_engine)
+    tg.send_text(7, "And who can witness it?")
+    await tg.wait_for(lambda: len([m for m in tg.bot_messages(7) if m.buttons]) == 2, timeout=300)
+    a1, a2 = _rows(second.store)
+    assert (a2["adapter"], a2["template"]) == ("legal", "lawyer")  # the mode survived the restart
+    # the follow-up was asked with the first turn in its prompt
+    assert a2["prompt_tokens"] > a1["prompt_tokens"] + a1["completion_tokens"]

