@@ -1,0 +1,1 @@
+"""Benchmarks: each `bench/<name>.py` prints its tables; `python -m bench` runs them all."""

@@ -1,0 +1,257 @@
+"""`Engine`: the one face the front ends see.
+
+It owns the loaded model, the template library, the adapter registry and the model thread,
+and turns a (history, mode) pair into a stream of text. Everything slow (loading, decoding,
+adapter loads) happens off the caller's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+from engine.adapter_store import AdapterStore
+from engine.config import EngineSettings, load_settings
+from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
+from engine.metrics import EngineMetrics
+from engine.types import (
+    EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, UserContext,
+)
+
+log = logging.getLogger(__name__)
+
+
+class GenerationStream:
+    """Async iterator of text pieces; `result` is complete once iteration ends.
+
+    Submission happens on the first `__anext__`, so errors (busy, unknown adapter, bad
+    template, too long) surface there. Leaving early (`aclose`, `cancel`, `async with`) frees
+    the batch row at the next step.
+    """
+
+    def __init__(self, engine: "Engine", messages: Sequence[Message], mode: Mode,
+                 params: GenerationParams, user: UserContext | None) -> None:
+        self._engine, self._messages, self._mode, self._params, self._user = engine, messages, mode, params, user
+        self._queue: asyncio.Queue[object] | None = None
+        self._request: Any = None
+        self._done = False
+        self.result = GenerationResult(adapter=mode.adapter, role=mode.role)
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __aenter__(self) -> "GenerationStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> str:
+        from engine.scheduler import StreamEnd
+
+        if self._done:
+            raise StopAsyncIteration
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            try:
+                self._request = self._engine._submit(self, self._queue)
+            except BaseException:
+                self._done = True
+                self.result.finish_reason = "error"
+                raise
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if isinstance(item, str):
+            return item
+        self._done = True
+        if isinstance(item, BaseException):
+            self.result.finish_reason = self.result.finish_reason or "error"
+            raise item
+        assert isinstance(item, StreamEnd)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        if self._request is not None:
+            self._request.cancelled.set()
+        self._done = True
+        if self.result.finish_reason is None:
+            self.result.finish_reason = "cancelled"
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self.cancel()
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.metrics = EngineMetrics()
+        self.store = AdapterStore(self.settings.adapters_dir)
+        self.training: Any = None
+        self._started_at = time.monotonic()
+        self._ready = False
+        self._closed = False
+        self.loaded: Any = None
+
+    # ---- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        """Load model, templates and adapters, and start the model thread."""
+        await asyncio.to_thread(self._start_sync)
+        failures = await asyncio.to_thread(self.registry.load_all)
+        for domain, reason in failures.items():
+            log.error("adapter %s is not serving: %s", domain, reason)
+        self._start_training()
+        self._ready = True
+        log.info("engine ready: %d adapters serving, %d roles", len(self.registry.serving()), len(self.templates.roles()))
+
+    def _start_sync(self) -> None:
+        from engine import model as model_loader
+        from engine.adapters import AdapterRegistry, LoraRuntime
+        from engine.prompts import PromptBuilder, TemplateLibrary
+        from engine.scheduler import Scheduler
+
+        self.loaded = model_loader.load(self.settings)
+        tok = self.loaded.tokenizer
+        self.templates = TemplateLibrary(self.settings.templates_dir, self.settings.template_poll_s)
+        self.prompts = PromptBuilder(tok, self.settings.context_tokens)
+        self.runtime = LoraRuntime(self.loaded.model)
+        self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
+        self.registry = AdapterRegistry(
+            self.store, self.runtime, self.loaded.source.model_id, self.settings.max_resident_adapters,
+            self.scheduler.run_exclusive, self.metrics,
+        )
+        self.scheduler.registry = self.registry
+        self.scheduler.start()
+
+    def _eos_ids(self) -> set[int]:
+        tok, cfg = self.loaded.tokenizer, self.loaded.model.generation_config
+        ids = {tok.eos_token_id}
+        eos = getattr(cfg, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = tok.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != tok.unk_token_id:
+                ids.add(tid)
+        return {i for i in ids if isinstance(i, int)}
+
+    def _start_training(self) -> None:
+        try:
+            from engine.training.service import TrainingService
+        except ImportError as exc:
+            log.warning("training is not available: %s", exc)
+            return
+        self.training = TrainingService(
+            self.settings, model_id=self.loaded.source.model_id, reload=self.reload, metrics=self.metrics
+        )
+
+    async def close(self) -> None:
+        """Stop taking requests, end running streams as cancelled, stop the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        close_training = getattr(self.training, "close", None)
+        if close_training is not None:
+            try:
+                await close_training()
+            except Exception:
+                log.exception("closing the training service failed")
+        if self.loaded is not None:
+            await asyncio.to_thread(self.scheduler.stop)
+            await asyncio.to_thread(self.registry.close)
+
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- serving -------------------------------------------------------------------
+    def generate(self, messages: Sequence[Message], mode: Mode, params: GenerationParams | None = None,
+                 *, user: UserContext | None = None) -> GenerationStream:
+        return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
+
+    def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
+        from engine.scheduler import Request, SamplingSettings
+
+        if self._closed or not self._ready:
+            raise EngineClosed("the engine is not running" if not self._closed else "the engine is shutting down")
+        mode, p, s = stream._mode, stream._params, self.settings
+        if mode.adapter is not None and mode.adapter not in self.registry.serving():
+            raise AdapterNotFound(self.registry._not_found(mode.adapter))
+        system = self.templates.render_system(mode.role, stream._user)
+        max_new = p.max_new_tokens or s.max_new_tokens
+        if not 0 < max_new < s.context_tokens:
+            raise EngineError(f"max_new_tokens={max_new} must be between 1 and CONTEXT_TOKENS-1")
+        try:
+            ids, trimmed = self.prompts.build(system, stream._messages, max_new)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+        result = stream.result
+        result.prompt_tokens, result.trimmed_turns = len(ids), trimmed
+        sampling = SamplingSettings(
+            max_new_tokens=max_new,
+            temperature=s.temperature if p.temperature is None else p.temperature,
+            top_p=p.top_p or s.top_p,
+            top_k=s.top_k if p.top_k is None else p.top_k,
+            repetition_penalty=p.repetition_penalty or s.repetition_penalty,
+            seed=p.seed,
+        )
+        loop = asyncio.get_running_loop()
+        req = Request(ids, mode.adapter, sampling, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), result)
+        self.scheduler.submit(req)
+        return req
+
+    def modes(self) -> ModeCatalog:
+        return ModeCatalog(tuple(self.registry.catalog()), tuple(self.templates.roles()))
+
+    async def reload(self, name: str | None = None) -> ReloadReport:
+        """Hot-load the disk's current version of one adapter (or all, plus templates)."""
+        report = ReloadReport()
+        if name is None:
+            report.templates.update(await asyncio.to_thread(self.templates.refresh, True))
+        domains = [name] if name else self.store.domains()
+        before = self.registry.serving()
+        for domain in domains:
+            try:
+                version = await asyncio.wrap_future(self.registry.reload(domain))
+            except (AdapterNotFound, AdapterInvalid) as exc:
+                report.failed[domain] = str(exc)
+                continue
+            (report.unchanged if before.get(domain) == version else report.loaded)[domain] = version
+        return report
+
+    def status(self) -> EngineStatus:
+        rss = 0
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        gpu = None
+        loaded = self.loaded
+        if loaded is not None and loaded.device.startswith("cuda"):
+            import torch
+
+            gpu = int(torch.cuda.memory_allocated())
+        return EngineStatus(
+            model=loaded.source.model_id if loaded else self.settings.model,
+            quantization=self.settings.quantization,
+            device=loaded.device if loaded else self.settings.device,
+            dtype=loaded.dtype if loaded else self.settings.compute_dtype,
+            model_bytes=int(loaded.model.get_memory_footprint()) if loaded else 0,
+            process_rss_bytes=rss,
+            gpu_allocated_bytes=gpu,
+            adapters=tuple(self.registry.resident()) if loaded else (),
+            queue_depth=self.scheduler.queue_depth() if loaded else 0,
+            active_requests=len(self.scheduler.rows) if loaded else 0,
+            tokens_generated=self.scheduler.tokens_generated if loaded else 0,
+            uptime_s=time.monotonic() - self._started_at,
+            ready=self._ready,
+        )
