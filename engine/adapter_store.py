@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 from engine.errors import AdapterInvalid, AdapterNotFound
 
-VERSION_RE = re.compile(r"^v(\d+)$")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^v(\d+)\Z")  # \Z, not $: "$" also matches before a trailing newline
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 META_FILE = "meta.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -123,13 +123,44 @@ class LoraRuntime:
         from peft import PeftModel
 
         name = peft_name(adapter.version.domain, adapter.version.version)
-        path = str(adapter.version.path)
         if self.peft_model is None:
+            path = str(adapter.version.path)
             self.peft_model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name, is_trainable=False)
+            self.peft_model.eval()
         else:
-            self.peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
-        self.peft_model.eval()
+            self._inject(adapter, name)
         return self.adapter_bytes(name)
+
+    def _inject(self, adapter: ValidatedAdapter, name: str) -> None:
+        """Add one more adapter to layers that are already LoRA layers.
+
+        peft's own `load_adapter` re-runs its whole injection and state-dict load over the
+        model, which here re-packed the bitsandbytes quantization state of every base layer
+        and changed the answers of adapters already serving. Adding the two small matrices
+        per layer directly touches nothing else. lora_A is inserted last: the forward pass
+        looks an adapter up by it, so a layer never sees half an adapter.
+        """
+        from safetensors.torch import load_file
+        from torch import nn
+
+        config = json.loads((adapter.version.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        tensors = load_file(str(adapter.version.weights))
+        modules = dict(self.base_model.named_modules())
+        for path in sorted(adapter.modules):
+            layer = modules[path]
+            a = tensors[f"{_PREFIX}{path}.lora_A.weight"]
+            b = tensors[f"{_PREFIX}{path}.lora_B.weight"]
+            ref = next(iter(layer.lora_A.values())).weight
+            lin_a, lin_b = nn.Linear(a.shape[1], r, bias=False), nn.Linear(r, b.shape[0], bias=False)
+            lin_a.weight = nn.Parameter(a.to(ref.device, ref.dtype), requires_grad=False)
+            lin_b.weight = nn.Parameter(b.to(ref.device, ref.dtype), requires_grad=False)
+            layer.r[name], layer.lora_alpha[name], layer.scaling[name] = r, alpha, scaling
+            layer.lora_dropout[name] = nn.Identity()
+            layer.use_dora[name] = False
+            layer.lora_B[name] = lin_b.eval()
+            layer.lora_A[name] = lin_a.eval()
 
     def adapter_bytes(self, name: str) -> int:
         from peft.tuners.lora import LoraLayer
@@ -145,8 +176,18 @@ class LoraRuntime:
         return total
 
     def delete(self, name: str) -> None:
-        if self.peft_model is not None and name in self.peft_model.peft_config:
-            self.peft_model.delete_adapter(name)
+        """Free one adapter's matrices (lora_A first, so lookups stop before anything goes)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.base_model.modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                del module.lora_A[name]
+                for table in (module.lora_B, module.lora_dropout, module.scaling, module.r, module.lora_alpha,
+                              module.use_dora):
+                    if name in table:
+                        del table[name]
+        if self.peft_model is not None:
+            self.peft_model.peft_config.pop(name, None)
 
 
 def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[int, int]]) -> ValidatedAdapter:

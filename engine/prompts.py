@@ -127,6 +127,9 @@ class TemplateLibrary:
             for key in set(self._templates) - seen:
                 log.info("template %s.%s.j2 removed", *key)
                 del self._templates[key]
+            present = {p.name for p in files}
+            for name in [n for n in self._errors if n.partition("#")[0] not in present]:
+                del self._errors[name]  # a deleted broken file is no longer an error
             return self.errors()
 
     def errors(self) -> dict[str, str]:

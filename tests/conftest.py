@@ -92,3 +92,19 @@ async def start_bot(tg: FakeTelegram, tmp_path: Path) -> AsyncIterator[StartBot]
             await bot.stop()
         elif not bot.task.cancelled() and bot.task.exception() is not None:
             raise bot.task.exception()  # type: ignore[misc]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA; on a CPU machine they skip (each has a CPU twin)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; the CPU twin runs instead")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

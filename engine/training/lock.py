@@ -38,8 +38,10 @@ def describe(holder: dict[str, Any] | None) -> str:
 
 
 def holder(adapters_dir: Path | str) -> dict[str, Any] | None:
-    """Who holds the lock, or None when no trainer is running."""
-    path = _lock_path(adapters_dir)
+    """Who holds the lock, or None when no trainer is running (creates nothing)."""
+    path = runs_dir(adapters_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
     with path.open("a+", encoding="utf-8") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
