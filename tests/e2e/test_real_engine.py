@@ -65,6 +65,11 @@ async def real_engine(adapters_dir):
     await engine.close()
 
 
+def _answers(tg: FakeTelegram, chat_id: int = 7) -> list:
+    """Final answers: the messages that carry the 👍/👎 feedback buttons (menus have buttons too)."""
+    return [m for m in tg.bot_messages(chat_id) if any("👍" in b["text"] for b in m.buttons)]
+
+
 def _rows(store, role: str = "assistant"):
     return list(store.db["messages"].rows_where("role = ?", [role], order_by="id"))
 
@@ -73,7 +78,8 @@ async def test_a_streamed_answer_from_the_real_model(tg: FakeTelegram, real_engi
     bot = await start_bot(real_engine)
     tg.send_text(7, "What is a contract? Answer in one sentence.")
     await tg.wait_for(lambda: tg.calls_of("sendChatAction", 7), timeout=120)
-    final = await tg.wait_for(lambda: next((m for m in tg.bot_messages(7) if m.buttons), None), timeout=300)
+    final = await tg.wait_for(lambda: next(iter(_answers(tg)), None), timeout=300)
+    await tg.wait_for(lambda: len(_rows(bot.store)) == 1)
     stored = _rows(bot.store)
     assert len(stored) == 1 and stored[0]["text"].strip()
     assert stored[0]["finish_reason"] in ("stop", "length")
@@ -89,13 +95,14 @@ async def test_switching_mode_changes_the_adapter_that_answers(tg, real_engine, 
     tg.press_button(7, menu, "Law")
     await tg.wait_for(lambda: any(b["text"] == "✅ ⚖️ Law" for b in menu.buttons))
     tg.send_text(7, "Can my landlord keep the deposit?")
-    await tg.wait_for(lambda: any(m.buttons for m in tg.bot_messages(7)), timeout=300)
+    await tg.wait_for(lambda: len(_answers(tg)) >= 1, timeout=300)
     tg.send_text(7, "/domain")
     menus = await tg.wait_for(lambda: [m for m in tg.bot_messages(7) if "Choose a domain" in m.text][1:])
     tg.press_button(7, menus[0], "no adapter")
     await tg.wait_for(lambda: any(b["text"] == "✅ no adapter" for b in menus[0].buttons))
     tg.send_text(7, "Can my landlord keep the deposit?")
-    await tg.wait_for(lambda: len([m for m in tg.bot_messages(7) if m.buttons]) == 2, timeout=300)
+    await tg.wait_for(lambda: len(_answers(tg)) == 2, timeout=300)
+    await tg.wait_for(lambda: len(_rows(bot.store)) == 2)
     legal, base = _rows(bot.store)
     assert (legal["adapter"], legal["adapter_version"]) == ("legal", "v1")
     assert base["adapter"] is None
@@ -107,12 +114,12 @@ async def test_restart_keeps_mode_and_history_with_the_real_model(tg, real_engin
     first.store.touch_user(7)
     first.store.set_mode(7, "legal", "lawyer")
     tg.send_text(7, "My name is Ann. What is a will?")
-    await tg.wait_for(lambda: any(m.buttons for m in tg.bot_messages(7)), timeout=300)
+    await tg.wait_for(lambda: len(_answers(tg)) >= 1, timeout=300)
     await first.stop()
 
     second = await start_bot(real_engine)
     tg.send_text(7, "And who can witness it?")
-    await tg.wait_for(lambda: len([m for m in tg.bot_messages(7) if m.buttons]) == 2, timeout=300)
+    await tg.wait_for(lambda: len(_answers(tg)) == 2, timeout=300)
     a1, a2 = _rows(second.store)
     assert (a2["adapter"], a2["template"]) == ("legal", "lawyer")  # the mode survived the restart
     # the follow-up was asked with the first turn in its prompt
