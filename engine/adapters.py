@@ -153,7 +153,9 @@ class LoraRuntime:
             a = tensors[f"{_PREFIX}{path}.lora_A.weight"]
             b = tensors[f"{_PREFIX}{path}.lora_B.weight"]
             ref = next(iter(layer.lora_A.values())).weight
-            lin_a, lin_b = nn.Linear(a.shape[1], r, bias=False), nn.Linear(r, b.shape[0], bias=False)
+            # built on the meta device: no random init to throw away, less GIL held
+            lin_a = nn.Linear(a.shape[1], r, bias=False, device="meta")
+            lin_b = nn.Linear(r, b.shape[0], bias=False, device="meta")
             lin_a.weight = nn.Parameter(a.to(ref.device, ref.dtype), requires_grad=False)
             lin_b.weight = nn.Parameter(b.to(ref.device, ref.dtype), requires_grad=False)
             layer.r[name], layer.lora_alpha[name], layer.scaling[name] = r, alpha, scaling
@@ -161,6 +163,7 @@ class LoraRuntime:
             layer.use_dora[name] = False
             layer.lora_B[name] = lin_b.eval()
             layer.lora_A[name] = lin_a.eval()
+            time.sleep(0)  # let the model thread take the GIL between layers
 
     def adapter_bytes(self, name: str) -> int:
         from peft.tuners.lora import LoraLayer
