@@ -47,7 +47,7 @@ def _write_random_adapter(root: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory) -> Path:
     if not (MODEL_DIR / "config.json").is_file():
-        pytest.skip(f"the default model is not converted at {MODEL_DIR} (run `make model`)")
+        pytest.fail(f"the default model is not converted at {MODEL_DIR} (run `make model`)")
     root = tmp_path_factory.mktemp("adapters")
     _write_random_adapter(root, "legal")
     return root

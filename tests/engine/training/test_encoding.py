@@ -13,7 +13,7 @@ MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 @pytest.fixture(scope="module")
 def tokenizer():
     if not (MODEL_DIR / "tokenizer.json").is_file():
-        pytest.skip("the default model is not converted yet (make model)")
+        pytest.fail("the default model is not converted yet (make model)")
     from engine.model import ModelSource, load_tokenizer
 
     return load_tokenizer(ModelSource("test", str(MODEL_DIR)))
