@@ -21,7 +21,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir
@@ -62,6 +61,8 @@ class ValidatedAdapter:
     version: VersionDir
     modules: frozenset[str]  # module paths in the base model the adapter touches
     file_bytes: int
+    config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json
+    tensors: dict[str, Any] = field(default_factory=dict, repr=False)  # the weights, read once
 
 
 class LoraRuntime:
@@ -140,13 +141,11 @@ class LoraRuntime:
         per layer directly touches nothing else. lora_A is inserted last: the forward pass
         looks an adapter up by it, so a layer never sees half an adapter.
         """
-        from safetensors.torch import load_file
         from torch import nn
 
-        config = json.loads((adapter.version.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config, tensors = adapter.config, adapter.tensors
         r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
         scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        tensors = load_file(str(adapter.version.weights))
         modules = dict(self.base_model.named_modules())
         for path in sorted(adapter.modules):
             layer = modules[path]
@@ -253,7 +252,7 @@ def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[
         modules.add(module)
     if not modules:
         raise AdapterInvalid(f"{where}: {WEIGHTS_FILE} has no lora_A/lora_B weights")
-    return ValidatedAdapter(version, frozenset(modules), (path / WEIGHTS_FILE).stat().st_size)
+    return ValidatedAdapter(version, frozenset(modules), (path / WEIGHTS_FILE).stat().st_size, config, tensors)
 
 
 class AdapterRegistry:
@@ -506,7 +505,3 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
-
-
-def adapter_dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())

@@ -287,15 +287,6 @@ def test_poll_interval_limits_disk_checks(folder: Path) -> None:
 
 # ---- PromptBuilder on the real tokenizer -----------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from engine.config import load_settings
-    from engine.model import load_tokenizer, resolve_source
-
-    source = resolve_source(load_settings(model="smollm2", model_cache_dir=REPO / "models"))
-    if not (Path(source.load_path) / "tokenizer.json").is_file():
-        pytest.fail(f"{source.load_path} has no tokenizer; run `make setup` first")
-    return load_tokenizer(source)
 
 
 SYSTEM = "You are a careful lawyer. Today is 2025-03-04."

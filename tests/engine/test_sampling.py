@@ -149,15 +149,6 @@ def test_repetition_penalty_applies_before_sampling() -> None:
 
 # ---- IncrementalDecoder on the real tokenizer --------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from engine.config import load_settings
-    from engine.model import load_tokenizer, resolve_source
-
-    source = resolve_source(load_settings(model="smollm2", model_cache_dir=REPO / "models"))
-    if not (Path(source.load_path) / "tokenizer.json").is_file():
-        pytest.fail(f"{source.load_path} has no tokenizer; run `make setup` first")
-    return load_tokenizer(source)
 
 
 TEXTS = [
