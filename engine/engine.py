@@ -242,7 +242,7 @@ class Engine:
             gpu = int(torch.cuda.memory_allocated())
         return EngineStatus(
             model=loaded.source.model_id if loaded else self.settings.model,
-            quantization=self.settings.quantization,
+            quantization=loaded.quantization if loaded else self.settings.quantization,
             device=loaded.device if loaded else self.settings.device,
             dtype=loaded.dtype if loaded else self.settings.compute_dtype,
             model_bytes=int(loaded.model.get_memory_footprint()) if loaded else 0,

@@ -131,13 +131,13 @@ def torch_dtype(settings: EngineSettings, device: str) -> Any:
     return getattr(torch, settings.compute_dtype)
 
 
-def quantization_config(settings: EngineSettings, dtype: Any) -> Any:
-    """The bitsandbytes config for the QUANTIZATION setting, or None for `none`."""
-    if settings.quantization == "none":
+def quantization_config(quantization: str, dtype: Any) -> Any:
+    """The bitsandbytes config for a resolved quantization, or None for `none`."""
+    if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    if settings.quantization == "nf4":
+    if quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -164,11 +164,12 @@ def load(settings: EngineSettings) -> LoadedModel:
     source = prepare(settings)
     device = settings.resolved_device()
     dtype = torch_dtype(settings, device)
+    quantization = settings.resolved_quantization(device)
     started = time.monotonic()
     try:
         tokenizer = load_tokenizer(source)
         kwargs: dict[str, Any] = {"dtype": dtype}
-        qconfig = quantization_config(settings, dtype)
+        qconfig = quantization_config(quantization, dtype)
         if qconfig is not None:
             kwargs["quantization_config"] = qconfig
         if device != "cpu":
@@ -179,10 +180,10 @@ def load(settings: EngineSettings) -> LoadedModel:
     model.eval()
     log.info(
         "loaded %s (%s, %s, %s) in %.1f s, %.0f MB",
-        source.model_id, settings.quantization, device, str(dtype).removeprefix("torch."),
+        source.model_id, quantization, device, str(dtype).removeprefix("torch."),
         time.monotonic() - started, model.get_memory_footprint() / 2**20,
     )
-    return LoadedModel(model, tokenizer, source, settings.quantization, device, str(dtype).removeprefix("torch."))
+    return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."))
 
 
 def main(argv: list[str] | None = None) -> int:

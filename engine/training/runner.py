@@ -118,7 +118,7 @@ def run_job(
     current = store.current(domain)
     current_dir = _compatible(store, domain, current, model_id)
 
-    if settings.quantization != "none":
+    if loaded.quantization != "none":
         # casts norms/head to fp32 and enables input grads so LoRA on a 4-bit model trains
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = get_peft_model(model, lora_config(settings))
@@ -198,7 +198,7 @@ def run_job(
                      "reference_loss": round(decision.reference_loss, 6), "reason": decision.reason},
             "training": {
                 "r": settings.lora_r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
-                "target_modules": settings.lora_target_modules, "quantization": settings.quantization,
+                "target_modules": settings.lora_target_modules, "quantization": loaded.quantization,
                 "steps": int(output.global_step), "epochs": round(float(trainer.state.epoch or 0), 3),
                 "samples": len(train_enc), "eval_samples": len(eval_enc), "eval_tokens": new.tokens,
                 "learning_rate": options.learning_rate, "batch_size": options.batch_size,
