@@ -65,6 +65,10 @@ class EngineSettings(BaseSettings):
     max_lora_rank: int = Field(
         16, ge=1, le=256, description="Largest LoRA rank the fast path serves; a version above it is refused."
     )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, le=65536,
+        description="Prompt tokens prefilled per turn of the fast path; running streams wait at most one chunk.",
+    )
     max_batch_size: int = Field(16, ge=1, le=512, description="Rows decoded together per step.")
     max_queue: int = Field(64, ge=1, le=100000, description="Waiting requests before new ones are refused.")
     template_poll_s: float = Field(1.0, ge=0.0, description="How often template files are checked for changes.")

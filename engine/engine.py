@@ -119,14 +119,40 @@ class Engine:
         tok = self.loaded.tokenizer
         self.templates = TemplateLibrary(self.settings.templates_dir, self.settings.template_poll_s)
         self.prompts = PromptBuilder(tok, self.settings.context_tokens)
-        self.runtime = LoraRuntime(self.loaded.model)
-        self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
+        self.runtime_kind = self._choose_runtime()
+        if self.runtime_kind == "fast":
+            from engine.runtime import FastRuntime
+            from engine.slot_scheduler import SlotScheduler
+
+            self.runtime = FastRuntime(self.loaded.model, self.settings)
+            self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
+        else:
+            self.runtime = LoraRuntime(self.loaded.model)
+            self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         self.registry = AdapterRegistry(
             self.store, self.runtime, self.loaded.source.model_id, self.settings.max_resident_adapters,
             self.scheduler.run_exclusive, self.metrics,
         )
         self.scheduler.registry = self.registry
         self.scheduler.start()
+
+    def _choose_runtime(self) -> str:
+        """`fast` (engine.runtime) where it serves the model, else the transformers + peft path."""
+        from engine.errors import ConfigError
+        from engine.runtime.llama import unsupported_reason
+
+        wanted = self.settings.serving_runtime
+        if wanted == "reference":
+            return "reference"
+        reason = unsupported_reason(self.loaded.model, self.settings.context_tokens)
+        if reason is None and not self.loaded.device.startswith(("cpu", "cuda")):
+            reason = f"device {self.loaded.device!r} is neither cpu nor cuda"
+        if reason is None:
+            return "fast"
+        if wanted == "fast":
+            raise ConfigError(f"SERVING_RUNTIME=fast cannot serve this model: {reason}; use auto or reference")
+        log.info("serving with the reference path: %s", reason)
+        return "reference"
 
     def _eos_ids(self) -> set[int]:
         tok, cfg = self.loaded.tokenizer, self.loaded.model.generation_config
@@ -202,6 +228,7 @@ class Engine:
             top_k=s.top_k if p.top_k is None else p.top_k,
             repetition_penalty=p.repetition_penalty or s.repetition_penalty,
             seed=p.seed,
+            ignore_eos=p.ignore_eos,
         )
         loop = asyncio.get_running_loop()
         req = Request(ids, mode.adapter, sampling, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), result)

@@ -39,6 +39,7 @@ class SamplingSettings:
     top_k: int
     repetition_penalty: float
     seed: int | None
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
 
 @dataclass(eq=False)
@@ -168,8 +169,11 @@ class Scheduler(threading.Thread):
                 log.exception("decode step failed; failing the %d active requests", len(self.rows))
                 for row in list(self.rows):
                     self._finish(row, "error", EngineError(f"generation failed: {exc}"))
-                self.rows, self._cache, self._mask, self._batch_rows = [], None, None, []
+                self._reset_batch()
         self._shutdown()
+
+    def _reset_batch(self) -> None:
+        self.rows, self._cache, self._mask, self._batch_rows = [], None, None, []
 
     def _admissible(self) -> bool:
         return bool(self._waiting) or bool(self._commands)
@@ -324,7 +328,7 @@ class Scheduler(threading.Thread):
             logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
             repetition_penalty=s.repetition_penalty, seen=seen, generator=row.generator,
         )
-        if tok in self.eos_ids:
+        if tok in self.eos_ids and not s.ignore_eos:
             self._finish(row, "stop")
             return True
         row.generated += 1

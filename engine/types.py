@@ -53,6 +53,7 @@ class GenerationParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks: a fixed token count)
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "context"]

@@ -1,0 +1,53 @@
+"""The KV cache, preallocated by slot: one slot per batch row, for the whole context.
+
+Per layer, keys and values are [slots, kv_heads, context + 1, head_dim]. A row is prefilled
+into a free slot and decodes at its own position, so a row joining or leaving never copies
+another row's cache (the old path re-padded the whole batch's cache on every admission and
+compacted it on every finish). The extra last position is a scratch column: rows that are
+only padding in a step write there, and no real query ever reads it.
+
+Slots are handed out lowest first, so a decode step covers the contiguous range
+[0, high) with at most a few idle slots in it (they compute, and are ignored).
+"""
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, context: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (slots, kv_heads, context + 1, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots, self.context = slots, context
+        self.scratch = context  # index of the scratch column
+        self._free = list(range(slots))
+        heapq.heapify(self._free)
+        self._used: set[int] = set()
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def allocate(self) -> int | None:
+        """The lowest free slot, or None when every slot holds a row."""
+        if not self._free:
+            return None
+        slot = heapq.heappop(self._free)
+        self._used.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._used:
+            self._used.discard(slot)
+            heapq.heappush(self._free, slot)
+
+    def high(self) -> int:
+        """One past the highest slot in use (0 when empty)."""
+        return max(self._used) + 1 if self._used else 0
+
+    def in_use(self) -> int:
+        return len(self._used)

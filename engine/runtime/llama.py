@@ -1,0 +1,160 @@
+"""Our forward pass for the Llama family, over the loaded model's own modules.
+
+`transformers` stays the loader and the reference: the embedding, the norms, the rotary
+embedding, the output head and every linear layer (bitsandbytes `Linear4bit`/`Linear8bitLt`
+or plain `nn.Linear`) are the loaded model's modules, called as they are, so quantization and
+memory do not change. What is ours is the glue that serving needs and `generate` does not
+have: a slot KV cache written in place, per-row positions and valid lengths, batched
+multi-LoRA on every target linear, and static shapes for CUDA graphs.
+
+Covered: `LlamaForCausalLM` (SmolLM2, Llama 2/3), `MistralForCausalLM` and
+`Qwen2ForCausalLM` (its q/k/v biases live in the modules). Other architectures keep the
+reference path (`SERVING_RUNTIME=reference`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.runtime.kv_cache import SlotKVCache
+from engine.runtime.lora import LoraBatch, LoraSlots
+
+log = logging.getLogger(__name__)
+
+#: config.model_type -> the runner that serves it (a registry, not an if chain).
+ARCHITECTURES: dict[str, type["LlamaRunner"]] = {}
+
+
+def register(*model_types: str):
+    def deco(cls: type["LlamaRunner"]) -> type["LlamaRunner"]:
+        for name in model_types:
+            ARCHITECTURES[name] = cls
+        return cls
+    return deco
+
+
+def unsupported_reason(model: Any, context: int) -> str | None:
+    """Why the fast path cannot serve this model (None when it can)."""
+    cfg = model.config
+    if cfg.model_type not in ARCHITECTURES:
+        return f"architecture {cfg.model_type!r} is not one of {sorted(ARCHITECTURES)}"
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and window < context:
+        return f"sliding-window attention ({window} tokens) is shorter than CONTEXT_TOKENS={context}"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rope type {rope.get('rope_type')!r} changes with the sequence length"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _Layer:
+    attn_norm: Any
+    mlp_norm: Any
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    gate: Any
+    up: Any
+    down: Any
+    act: Any
+    names: dict[str, str]  # projection -> module path (the LoRA key)
+
+
+@register("llama", "mistral", "qwen2")
+class LlamaRunner:
+    def __init__(self, model: Any, cache: SlotKVCache, lora: LoraSlots | None) -> None:
+        cfg = model.config
+        self.model, self.cache, self.lora = model, cache, lora
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.groups = self.heads // self.kv_heads
+        self.scale = self.head_dim ** -0.5
+        inner = model.model
+        self.embed, self.norm, self.head, self.rotary = inner.embed_tokens, inner.norm, model.lm_head, inner.rotary_emb
+        self.layers = []
+        for i, layer in enumerate(inner.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            paths = {
+                "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+            }
+            self.layers.append(_Layer(
+                layer.input_layernorm, layer.post_attention_layernorm,
+                att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                mlp.act_fn, {k: f"model.layers.{i}.{p}" for k, p in paths.items()},
+            ))
+        self.device = self.embed.weight.device
+        self.dtype = cache.k[0].dtype
+
+    @staticmethod
+    def cache_shape(model: Any) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) for sizing the KV cache."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        return cfg.num_hidden_layers, kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    def _linear(self, module: Any, name: str, x2: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        out = module(x2)
+        if lora is not None:
+            out = self.lora.apply(name, x2, out, lora)
+        return out
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [N, T]
+        positions: torch.Tensor,  # [N, T]: the position of each token (padding: any valid one)
+        write_rows: torch.Tensor,  # [N*T]: the cache slot each token's K/V goes to
+        write_pos: torch.Tensor,  # [N*T]: the position it goes to (padding: the scratch column)
+        read_rows: slice | torch.Tensor,  # the cache slots of the N rows, in order
+        key_len: int,  # keys [0, key_len) are read
+        mask: torch.Tensor,  # [N, 1, T, key_len] bool: True = attend
+        lora: LoraBatch | None,  # per-token LoRA routing (rows already expanded to tokens)
+        last: torch.Tensor | None = None,  # [N]: which token's logits to return (None: T == 1)
+    ) -> torch.Tensor:
+        """Logits [N, vocab] of one token per row; writes every token's K/V into the cache."""
+        n, t = tokens.shape
+        h = self.embed(tokens)  # [N, T, hidden]
+        cos, sin = self.rotary(h, positions)  # [N, T, head_dim]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # GQA without copying keys: the query heads that share a KV head become its query
+        # length, so any SDPA backend can run it and the cache is read once.
+        gmask = mask if self.groups == 1 else mask.unsqueeze(2).expand(n, 1, self.groups, t, key_len).reshape(
+            n, 1, self.groups * t, key_len)
+        for li, L in enumerate(self.layers):
+            x2 = L.attn_norm(h).reshape(n * t, -1)
+            q = self._linear(L.q, L.names["q"], x2, lora).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+            k = self._linear(L.k, L.names["k"], x2, lora).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = self._linear(L.v, L.names["v"], x2, lora).view(n, t, self.kv_heads, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.cache.k[li], self.cache.v[li]
+            kc[write_rows, :, write_pos] = k.transpose(1, 2).reshape(n * t, self.kv_heads, self.head_dim)
+            vc[write_rows, :, write_pos] = v.reshape(n * t, self.kv_heads, self.head_dim)
+            keys, values = kc[read_rows, :, :key_len], vc[read_rows, :, :key_len]
+            qg = q.reshape(n, self.kv_heads, self.groups * t, self.head_dim)
+            att = F.scaled_dot_product_attention(qg, keys, values, attn_mask=gmask, scale=self.scale)
+            att = att.reshape(n, self.heads, t, self.head_dim).transpose(1, 2).reshape(n * t, -1)
+            h = h + self._linear(L.o, L.names["o"], att, lora).view(n, t, -1)
+            x2 = L.mlp_norm(h).reshape(n * t, -1)
+            gate = self._linear(L.gate, L.names["gate"], x2, lora)
+            up = self._linear(L.up, L.names["up"], x2, lora)
+            h = h + self._linear(L.down, L.names["down"], L.act(gate) * up, lora).view(n, t, -1)
+        if last is None:
+            h = h[:, -1]
+        else:
+            h = h[torch.arange(n, device=h.device), last]
+        return self.head(self.norm(h)).float()

@@ -1,0 +1,228 @@
+"""Stacked LoRA slots: every resident adapter version's A/B matrices live in fixed tensors.
+
+Per target module there is one `A` of shape [slots * r_max, in] and one `B` of shape
+[slots * r_max, out] (B is stored transposed, so the delta is two plain matmuls). Slot `s`
+owns rank rows [s * r_max, (s + 1) * r_max); a version of smaller rank is zero-padded. Slot 0
+is all zeros and means "no adapter" (the base model as an adapter id, like peft's
+`__base__`). A row of the batch picks its slot by index; the delta for the whole batch is
+
+    delta = ((x @ A[lo:hi].T) * mask) @ B[lo:hi]        mask[row] = scaling of the row's slot
+                                                        on that slot's rank rows, 0 elsewhere
+
+which is the same number of kernels whatever the mix of adapters (Punica/S-LoRA's idea, done
+with dense matmuls over the slot range in use). There is no loop over adapters or rows and
+no host sync. `lo:hi` is the smallest slot range that covers the batch's adapters (on CUDA
+the whole stack, so the shapes are static for CUDA graphs); slots are handed out lowest
+first, so the adapters in use sit next to each other.
+
+Shapes are fixed at start (`MAX_RESIDENT_ADAPTERS`, `MAX_LORA_RANK`, `LORA_TARGET_MODULES`);
+loading a version only writes numbers into a free slot, so nothing has to be re-captured.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.adapter_store import CONFIG_FILE
+from engine.errors import AdapterIncompatible, AdapterInvalid
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "base_model.model."
+
+#: Config keys whose non-default values the batched path cannot serve, with the reason.
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "modules_to_save": "extra trained modules (modules_to_save)",
+    "rank_pattern": "per-module ranks (rank_pattern)",
+    "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+
+
+def unsupported_features(config: dict[str, Any]) -> list[str]:
+    """The features of a peft LoRA config that the batched path does not serve."""
+    found = [label for key, label in _UNSUPPORTED.items() if config.get(key) not in (None, False, {}, [], "")]
+    if str(config.get("bias", "none")) != "none":
+        found.append(f"bias={config.get('bias')!r}")
+    for flag in ("use_qalora", "use_bdlora"):
+        if config.get(flag):
+            found.append(flag)
+    return found
+
+
+def lora_scaling(config: dict[str, Any]) -> float:
+    r = int(config["r"])
+    alpha = float(config.get("lora_alpha", r))
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def serving_targets(model: Any, setting: str) -> dict[str, tuple[int, int]]:
+    """Module path -> (in, out) of the linear layers the batched path can carry LoRA on.
+
+    `all-linear` means every linear layer inside the decoder blocks (peft's meaning, without
+    the output head); otherwise a comma-separated list of module names such as `q_proj,v_proj`.
+    """
+    names = None if setting.strip() == "all-linear" else {n.strip() for n in setting.split(",") if n.strip()}
+    out: dict[str, tuple[int, int]] = {}
+    for path, module in model.named_modules():
+        inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if not (isinstance(inf, int) and isinstance(outf, int)) or ".layers." not in f".{path}":
+            continue
+        if names is None or path.rsplit(".", 1)[-1] in names:
+            out[path] = (inf, outf)
+    return out
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-forward LoRA routing: the slot range in use and each row's scaled one-hot mask."""
+
+    lo: int  # first rank row of the range
+    hi: int  # one past the last rank row
+    mask: torch.Tensor  # [rows or tokens, hi - lo]
+
+
+class LoraSlots:
+    """The stacked tensors plus the slot bookkeeping (which version owns which slot)."""
+
+    def __init__(self, targets: dict[str, tuple[int, int]], num_slots: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if num_slots < 2:
+            raise ValueError("need at least one adapter slot besides slot 0")
+        self.targets = dict(targets)
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        rows = num_slots * max_rank
+        self.a = {p: torch.zeros(rows, i, dtype=dtype, device=device) for p, (i, _o) in targets.items()}
+        self.b = {p: torch.zeros(rows, o, dtype=dtype, device=device) for p, (_i, o) in targets.items()}
+        # row s: the scaling of slot s on its rank rows, 0 elsewhere; row 0 (no adapter) is all 0
+        self.table = torch.zeros(num_slots, rows, dtype=dtype, device=device)
+        self._owner: dict[int, str] = {}  # slot -> adapter key
+        self._slot_of: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def slot_bytes(self) -> int:
+        per_rank_row = sum(i + o for i, o in self.targets.values())
+        return per_rank_row * self.max_rank * torch.finfo(self.dtype).bits // 8
+
+    def slot_of(self, key: str) -> int:
+        return self._slot_of[key]
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.num_slots - 1 - len(self._owner)
+
+    # ---- loading (loader thread) -------------------------------------------------------
+    def check(self, config: dict[str, Any], modules: frozenset[str], where: str) -> None:
+        """Refuse, with the setting to change, what the preallocated stacks cannot hold."""
+        features = unsupported_features(config)
+        if features:
+            raise AdapterIncompatible(
+                f"{where} uses {', '.join(features)}, which the batched serving path does not support; "
+                "retrain it without them (plain LoRA on linear layers)"
+            )
+        r = int(config["r"])
+        if r > self.max_rank:
+            raise AdapterIncompatible(f"{where} has rank {r}, above MAX_LORA_RANK={self.max_rank}; raise MAX_LORA_RANK")
+        outside = sorted(m for m in modules if m not in self.targets)
+        if outside:
+            raise AdapterIncompatible(
+                f"{where} targets {outside[0]!r}"
+                + (f" and {len(outside) - 1} more modules" if len(outside) > 1 else "")
+                + " outside the served LoRA modules; set LORA_TARGET_MODULES to include them"
+            )
+
+    def load(self, key: str, path: Any, weights: Any, modules: frozenset[str], where: str) -> int:
+        """Copy one version into a free slot and publish its scaling; returns the slot."""
+        from safetensors import safe_open
+
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        self.check(config, modules, where)
+        r, scaling = int(config["r"]), lora_scaling(config)
+        with self._lock:
+            if key in self._slot_of:
+                return self._slot_of[key]
+            free = [s for s in range(1, self.num_slots) if s not in self._owner]
+            if not free:
+                raise AdapterInvalid(
+                    f"{where}: all {self.num_slots - 1} LoRA slots are in use by adapters still answering; "
+                    "try again when they finish, or raise MAX_RESIDENT_ADAPTERS"
+                )
+            slot = free[0]
+            self._owner[slot] = key  # reserved: nobody else writes it
+        try:
+            lo, R = slot * self.max_rank, self.max_rank
+            with safe_open(str(weights), framework="pt") as f:
+                for module in sorted(modules):
+                    a = f.get_tensor(f"{_PREFIX}{module}.lora_A.weight")  # [r, in]
+                    b = f.get_tensor(f"{_PREFIX}{module}.lora_B.weight")  # [out, r]
+                    self.a[module][lo:lo + r].copy_(a)
+                    self.b[module][lo:lo + r].copy_(b.T)
+                    if r < R:
+                        self.a[module][lo + r:lo + R].zero_()
+                        self.b[module][lo + r:lo + R].zero_()
+            for module in self.targets:
+                if module not in modules:  # a version may target fewer modules than served
+                    self.a[module][lo:lo + R].zero_()
+                    self.b[module][lo:lo + R].zero_()
+            row = torch.zeros(self.table.shape[1], dtype=self.dtype)
+            row[lo:lo + r] = scaling
+            # the table row is the switch: until it is written the slot contributes nothing
+            self.table[slot].copy_(row)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # on the device before publishing
+        except Exception:
+            with self._lock:
+                self._owner.pop(slot, None)
+            raise
+        with self._lock:
+            self._slot_of[key] = slot
+        return slot
+
+    def free(self, key: str) -> bool:
+        """Release a version's slot (its last row has finished); True if it had one."""
+        with self._lock:
+            slot = self._slot_of.pop(key, None)
+            if slot is None:
+                return False
+            self.table[slot].zero_()
+            self._owner.pop(slot, None)
+            return True
+
+    # ---- per forward (model thread) ---------------------------------------------------
+    def batch(self, slots: torch.Tensor, used: set[int] | None) -> LoraBatch | None:
+        """Routing for rows with adapter slots `slots` (device tensor).
+
+        `used` is the set of adapter slots the rows use, when the host knows it (eager
+        decoding): None means "any" (CUDA graphs: the whole stack, static shapes). Returns None
+        when no row uses an adapter, so a base-only batch costs nothing extra.
+        """
+        if used is None:
+            lo_slot, hi_slot = 1, self.num_slots
+        else:
+            used = {s for s in used if s}
+            if not used:
+                return None
+            lo_slot, hi_slot = min(used), max(used) + 1
+        lo, hi = lo_slot * self.max_rank, hi_slot * self.max_rank
+        return LoraBatch(lo, hi, self.table[:, lo:hi].index_select(0, slots))
+
+    def apply(self, module: str, x: torch.Tensor, out: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """out + LoRA delta of every row at once; x [rows, in], out [rows, out] (2-D)."""
+        a = self.a.get(module)
+        if a is None:
+            return out
+        h = torch.mm(x.to(a.dtype), a[batch.lo:batch.hi].T) * batch.mask
+        return torch.addmm(out, h.to(out.dtype), self.b[module][batch.lo:batch.hi].to(out.dtype))

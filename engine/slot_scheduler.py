@@ -1,0 +1,277 @@
+"""The model thread's policy on the fast path: slots, chunked prefill, one sync per step.
+
+Each loop turn: drop cancelled rows; admit waiting requests into free cache slots (each
+with its adapter's LoRA slot and its sampling settings on the device); prefill at most
+`PREFILL_CHUNK_TOKENS` prompt tokens, taken from several waiting prompts at once; then one
+decode step for every decoding row. A step's only device-to-host copy is the new token ids;
+text is made from them by the stream writer thread, off the forward's critical path.
+
+A long prompt is prefilled over several turns, each followed by a decode step, so running
+streams never wait longer than one chunk. A row joining or leaving touches only its own slot.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.config import EngineSettings
+from engine.errors import EngineError
+from engine.metrics import EngineMetrics
+from engine.sampling import IncrementalDecoder
+from engine.scheduler import Request, Scheduler, StreamEnd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class SlotRow:
+    req: Request
+    key: str  # adapter key (peft name or BASE_ADAPTER)
+    lora_slot: int
+    kv_slot: int
+    prompt: list[int]
+    done: int = 0  # prompt tokens prefilled so far
+    pos: int = 0  # position of the token the next decode step feeds
+    generated: int = 0
+    decoding: bool = False
+    finished: bool = False
+    decoder: Any = None
+    text: list[str] = field(default_factory=list)
+
+
+class StreamWriter(threading.Thread):
+    """Turns each step's token ids into text and hands it to the streams (off the model thread)."""
+
+    def __init__(self, tokenizer: Any, metrics: EngineMetrics) -> None:
+        super().__init__(name="stream-writer", daemon=True)
+        self.tokenizer, self.metrics = tokenizer, metrics
+        self._q: queue.SimpleQueue[list[tuple[SlotRow, int | None, str | None, Exception | None]] | None] = (
+            queue.SimpleQueue())
+
+    def put(self, batch: list[tuple[SlotRow, int | None, str | None, Exception | None]]) -> None:
+        if batch:
+            self._q.put(batch)
+
+    def close(self) -> None:
+        self._q.put(None)
+        if self.is_alive():
+            self.join(timeout=10)
+
+    def run(self) -> None:
+        while True:
+            batch = self._q.get()
+            if batch is None:
+                return
+            for row, token, reason, error in batch:
+                try:
+                    if token is not None:
+                        self._push(row, token)
+                    if reason is not None:
+                        self._end(row, reason, error)
+                except Exception:  # one stream's failure must not stop the others
+                    log.exception("stream writer failed for a row")
+
+    def _push(self, row: SlotRow, token: int) -> None:
+        if row.decoder is None:
+            row.decoder = IncrementalDecoder(self.tokenizer)
+        piece = row.decoder.push(token)
+        if piece:
+            res = row.req.result
+            if res.time_to_first_token_s is None:
+                res.time_to_first_token_s = time.monotonic() - row.req.submitted
+                self.metrics.ttft.observe(res.time_to_first_token_s)
+            row.text.append(piece)
+            row.req.emit(piece)
+
+    def _end(self, row: SlotRow, reason: str, error: Exception | None) -> None:
+        res = row.req.result
+        res.text = "".join(row.text)
+        res.completion_tokens = row.generated
+        res.finish_reason = reason  # type: ignore[assignment]
+        res.duration_s = time.monotonic() - row.req.submitted
+        decode_s = res.duration_s - res.queue_wait_s
+        if row.generated > 1 and decode_s > 0:
+            self.metrics.tokens_per_second.observe(row.generated / decode_s)
+        row.req.emit(error if error is not None else StreamEnd())
+
+
+class SlotScheduler(Scheduler):
+    def __init__(self, runtime: Any, tokenizer: Any, settings: EngineSettings, metrics: EngineMetrics,
+                 eos_ids: set[int]) -> None:
+        super().__init__(runtime, tokenizer, settings, metrics, eos_ids)
+        self.rt = runtime  # engine.runtime.FastRuntime
+        self.chunk_tokens = settings.prefill_chunk_tokens
+        self.writer = StreamWriter(tokenizer, metrics)
+        self.rows: list[SlotRow] = []  # type: ignore[assignment]
+        self.steps = 0
+        self._out: list[tuple[SlotRow, int | None, str | None, Exception | None]] = []
+
+    def start(self) -> None:
+        self.writer.start()
+        super().start()
+
+    def _reset_batch(self) -> None:
+        for row in list(self.rows):
+            self._release(row)
+        self.rows = []
+
+    def _shutdown(self) -> None:
+        super()._shutdown()
+        self._flush()
+        self.writer.close()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        self.writer.put(out)
+
+    # ---- finishing ----------------------------------------------------------------------
+    def _release(self, row: SlotRow) -> None:
+        if row.finished:
+            return
+        row.finished = True
+        if row in self.rows:
+            self.rows.remove(row)
+        self.rt.active[row.kv_slot] = False
+        self.rt.sampler.clear_row(row.kv_slot)
+        self.rt.cache.release(row.kv_slot)
+        self.registry.release(row.key)
+
+    def _finish(self, row: SlotRow, reason: str, error: Exception | None = None) -> None:  # type: ignore[override]
+        self._release(row)
+        label = row.req.domain or "base"
+        self.metrics.requests.labels(label, reason).inc()
+        self.metrics.tokens.labels(label).inc(row.generated)
+        self.metrics.active.set(len(self.rows))
+        self._out.append((row, None, reason, error))
+        if error is not None or reason == "cancelled":
+            self._flush()
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self.rows if r.req.cancelled.is_set()]:
+            self._finish(row, "cancelled")
+
+    # ---- admission and prefill ------------------------------------------------------------
+    def _admit(self) -> None:
+        for req in list(self._waiting):
+            if req.cancelled.is_set():
+                self._remove_waiting(req)
+                req.result.finish_reason = "cancelled"
+                req.emit(StreamEnd())
+                continue
+            if self.rt.cache.in_use() >= self.rt.cache.slots or len(self.rows) >= self.settings.max_batch_size:
+                break
+            try:
+                got = self.registry.acquire(req.domain)
+            except EngineError as exc:
+                self._remove_waiting(req)
+                req.result.finish_reason = "error"
+                self.metrics.requests.labels(req.domain or "base", "error").inc()
+                req.emit(exc)
+                continue
+            if got is None:
+                continue  # its adapter is loading; others go ahead
+            self._remove_waiting(req)
+            key, version = got
+            req.result.adapter_version = version
+            self._place(req, key)
+        self._prefill_turn()
+        self._flush()
+
+    def _place(self, req: Request, key: str) -> None:
+        from engine.types import BASE_ADAPTER
+
+        slot = self.rt.cache.allocate()
+        assert slot is not None
+        lora_slot = 0 if key == BASE_ADAPTER else self.rt.slot_of(key)
+        s = req.sampling
+        seed = s.seed if s.seed is not None else random.getrandbits(62)
+        self.rt.sampler.set_row(slot, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                penalty=s.repetition_penalty, seed=seed, prompt=req.prompt_ids)
+        self.rt.lora_idx[slot] = lora_slot
+        self.rt.active[slot] = False
+        now = time.monotonic()
+        req.result.queue_wait_s = now - req.submitted
+        self.metrics.queue_wait.observe(req.result.queue_wait_s)
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        self.rows.append(SlotRow(req, key, lora_slot, slot, list(req.prompt_ids)))
+        self.metrics.active.set(len(self.rows))
+
+    def _prefill_turn(self) -> None:
+        """Prefill up to `chunk_tokens` prompt tokens of the rows still prefilling."""
+        budget = self.chunk_tokens
+        chunks, rows = [], []
+        for row in self.rows:
+            if row.decoding or budget <= 0:
+                continue
+            take = min(len(row.prompt) - row.done, budget)
+            chunks.append((row.kv_slot, row.lora_slot, row.prompt[row.done:row.done + take], row.done))
+            rows.append(row)
+            budget -= take
+        if not chunks:
+            return
+        logits = self.rt.prefill(chunks)
+        ready = []
+        for i, (row, chunk) in enumerate(zip(rows, chunks)):
+            row.done += len(chunk[2])
+            if row.done == len(row.prompt):
+                ready.append(i)
+        if not ready:
+            return
+        sel = torch.tensor(ready, device=self.rt.device)
+        slots = [rows[i].kv_slot for i in ready]
+        slot_t = torch.tensor(slots, device=self.rt.device)
+        plan = self.rt.sampler.plan(slots)
+        tokens = self.rt.sampler.sample(logits.index_select(0, sel), slot_t, plan)
+        self.rt.tok[slot_t] = tokens
+        self.rt.pos[slot_t] = torch.tensor([len(rows[i].prompt) for i in ready], device=self.rt.device)
+        self.rt.active[slot_t] = True
+        for i, tok in zip(ready, tokens.tolist()):
+            row = rows[i]
+            row.decoding, row.pos = True, len(row.prompt)
+            self._accept(row, tok)
+
+    # ---- decoding ---------------------------------------------------------------------
+    def _step(self) -> None:
+        decoding = [r for r in self.rows if r.decoding]
+        if not decoding:
+            return
+        started = time.monotonic()
+        rt = self.rt
+        n = rt.cache.high()
+        key_len = max(r.pos for r in decoding) + 1
+        used = {r.lora_slot for r in decoding}
+        logits, covered = rt.decode(n, key_len, used)
+        rows_slice = slice(0, covered)
+        plan = rt.sampler.plan([r.kv_slot for r in decoding])
+        active = rt.active[rows_slice]
+        tokens = rt.sampler.sample(logits, rows_slice, plan, active)
+        rt.tok[rows_slice] = torch.where(active, tokens, rt.tok[rows_slice])
+        rt.pos[rows_slice] += active.long()
+        ids = tokens.tolist()  # the step's one device-to-host copy
+        self.steps += 1
+        for row in decoding:
+            row.pos += 1
+            self._accept(row, ids[row.kv_slot])
+        self.metrics.batch_size.set(len(decoding))
+        self.metrics.step_seconds.observe(time.monotonic() - started)
+        self._flush()
+
+    def _accept(self, row: SlotRow, tok: int) -> None:  # type: ignore[override]
+        s = row.req.sampling
+        if tok in self.eos_ids and not s.ignore_eos:
+            self._finish(row, "stop")
+            return
+        row.generated += 1
+        self.tokens_generated += 1
+        self._out.append((row, tok, None, None))
+        if row.req.cancelled.is_set():
+            self._finish(row, "cancelled")
+        elif row.generated >= s.max_new_tokens:
+            self._finish(row, "length")
