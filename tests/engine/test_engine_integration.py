@@ -1,5 +1,6 @@
-"""The real Engine on the real default model (SmolLM2-135M, nf4): adapters per request,
-hot reload under load, refusal of broken adapters and templates."""
+"""The real Engine on the real default model (SmolLM2-135M, nf4, the default fast serving
+path): adapters per request, hot reload under load, refusal of broken adapters and templates.
+The fast path's token-for-token equality with the reference path is in test_fast_path.py."""
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def engine(workdir: Path):
     settings = load_settings(
         adapters_dir=workdir / "adapters", templates_dir=workdir / "templates",
-        model_cache_dir=ROOT / "models", template_poll_s=0,
+        model_cache_dir=ROOT / "models", template_poll_s=0, quantization="nf4", context_tokens=1024,
     )
     eng = Engine(settings)
     await eng.start()
@@ -93,7 +94,7 @@ async def test_concurrent_mixed_adapters_match_solo_runs_exactly_in_fp32(workdir
     """No cross-talk between rows: batched with other adapters == alone, to the character."""
     settings = load_settings(
         adapters_dir=workdir / "adapters", templates_dir=workdir / "templates",
-        model_cache_dir=ROOT / "models", quantization="none",
+        model_cache_dir=ROOT / "models", quantization="none", compute_dtype="float32", context_tokens=1024,
     )
     async with Engine(settings) as fp32:
         solo, together = await solo_and_together(fp32)

@@ -1,0 +1,71 @@
+"""Tiny random models of the supported architectures, with random peft LoRA adapters on disk.
+
+The reference is transformers + peft themselves: a full forward of the peft model with one
+adapter active, no cache. The fast path must give the same logits, row by row, whatever the
+other rows of its batch use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ARCHS = {
+    # name: (config class path, extra config)
+    "llama": ("transformers.LlamaConfig", {}),
+    "llama-gqa": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
+    "qwen2-bias": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
+    "mistral": ("transformers.MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
+}
+
+
+@dataclass
+class TinyModel:
+    name: str
+    model: Any  # the base transformers model (unwrapped)
+    adapters: dict[str, Path]  # adapter name -> peft folder
+    vocab: int
+
+
+def _config(name: str) -> Any:
+    import importlib
+
+    path, extra = ARCHS[name]
+    module, cls = path.rsplit(".", 1)
+    config_cls = getattr(importlib.import_module(module), cls)
+    return config_cls(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, tie_word_embeddings=False, **({"num_key_value_heads": 4} | extra),
+    )
+
+
+def _save_adapter(model: Any, folder: Path, seed: int, r: int, targets: Any) -> Path:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, lora_dropout=0.0))
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny(name: str, tmp: Path) -> TinyModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(name), dtype=torch.float32).eval()
+    adapters = {
+        "a": _save_adapter(model, tmp / f"{name}-a", 1, 4, "all-linear"),
+        "b": _save_adapter(model, tmp / f"{name}-b", 2, 8, ["q_proj", "v_proj", "down_proj"]),
+    }
+    return TinyModel(name, model, adapters, model.config.vocab_size)
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return build_tiny(request.param, tmp_path_factory.mktemp("tiny"))

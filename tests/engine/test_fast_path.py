@@ -1,0 +1,147 @@
+"""The fast serving path equals the reference path token for token (greedy, fp32, the real
+default model): a batch mixing the base model and three adapters, prompts of different
+lengths prefilled in chunks, rows joining and leaving mid-stream, and a version hot-loaded
+mid-stream. The reference is transformers + peft (`SERVING_RUNTIME=reference`), one request at
+a time."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from engine import Engine, GenerationParams, Message, Mode
+from engine.adapter_store import AdapterStore
+from engine.config import load_settings
+from tests.engine.test_engine_integration import scaled_copy
+
+pytestmark = [pytest.mark.model, pytest.mark.asyncio(loop_scope="module")]
+
+ROOT = Path(__file__).resolve().parents[2]
+GREEDY = GenerationParams(max_new_tokens=20, temperature=0)
+LONG_QUESTION = (
+    "I rent a flat in a big city. The landlord wants to raise the rent by a third, says the heating "
+    "costs went up, and asks me to sign a new contract within a week or move out at the end of the "
+    "month. The old contract runs for another eight months and says nothing about heating. What can I do, "
+    "and which papers should I keep?"
+)
+CASES = [  # mode, question, max_new_tokens
+    (Mode(None, "assistant"), "What is a contract?", 20),
+    (Mode("legal", "lawyer"), LONG_QUESTION, 20),
+    (Mode("medical", "doctor"), "How much water should I drink a day?", 8),  # leaves early
+    (Mode("finance", "financial_analyst"), "Should I pay off my credit card or save first?", 20),
+    (Mode("legal", "assistant"), "Can my landlord keep my deposit?", 20),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fast")
+    for domain in ("legal", "medical", "finance"):
+        (root / "adapters" / domain).mkdir(parents=True)
+        shutil.copytree(ROOT / "adapters" / domain / "v1", root / "adapters" / domain / "v1")
+        (root / "adapters" / domain / "current").write_text("v1\n")
+    shutil.copytree(ROOT / "templates", root / "templates")
+    return root
+
+
+def settings(workdir: Path, runtime: str, **extra):
+    return load_settings(
+        adapters_dir=workdir / "adapters", templates_dir=workdir / "templates", model_cache_dir=ROOT / "models",
+        quantization="none", compute_dtype="float32", serving_runtime=runtime, context_tokens=512,
+        max_batch_size=8, template_poll_s=0, **extra,
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engines(workdir: Path):
+    fast = Engine(settings(workdir, "fast", prefill_chunk_tokens=24))
+    ref = Engine(settings(workdir, "reference"))
+    await fast.start()
+    await ref.start()
+    assert (fast.runtime_kind, ref.runtime_kind) == ("fast", "reference")
+    yield fast, ref
+    await fast.close()
+    await ref.close()
+
+
+async def answer(engine: Engine, mode: Mode, question: str, max_new: int = 20) -> tuple[str, object]:
+    stream = engine.generate([Message("user", question)], mode, GenerationParams(max_new_tokens=max_new, temperature=0))
+    text = "".join([p async for p in stream])
+    return text, stream.result
+
+
+async def test_mixed_batch_with_joins_and_leaves_equals_the_reference(engines) -> None:
+    fast, ref = engines
+    expected = [(await answer(ref, m, q, n))[0] for m, q, n in CASES]
+    assert len(set(expected)) == len(expected)
+
+    async def run(i: int, started: asyncio.Event | None = None) -> str:
+        m, q, n = CASES[i]
+        stream = fast.generate([Message("user", q)], m, GenerationParams(max_new_tokens=n, temperature=0))
+        pieces = []
+        async for p in stream:
+            pieces.append(p)
+            if started is not None and len(pieces) == 3:
+                started.set()
+        assert stream.result.finish_reason == "length" or len(pieces) < n
+        return "".join(pieces)
+
+    first = asyncio.Event()
+    early = [asyncio.create_task(run(0, first)), asyncio.create_task(run(2))]
+    await first.wait()  # rows 0 and 2 are decoding; the rest join mid-stream
+    late = [asyncio.create_task(run(i)) for i in (1, 3, 4)]
+    got = await asyncio.gather(*early, *late)
+    assert [got[0], got[2], got[3], got[4], got[1]] == [expected[i] for i in (0, 1, 3, 4, 2)]
+    assert fast.status().active_requests == 0
+
+
+async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(engines) -> None:
+    """A running stream keeps getting tokens while a long prompt is prefilled chunk by chunk."""
+    fast, _ = engines
+    running = fast.generate([Message("user", "Tell me a long story about a cat.")], Mode(None, "assistant"),
+                            GenerationParams(max_new_tokens=60, temperature=0, ignore_eos=True))
+    await running.__anext__()
+    before = fast.scheduler.steps
+    long_text, long_res = await answer(fast, Mode("legal", "lawyer"), LONG_QUESTION, 1)
+    chunks = -(-long_res.prompt_tokens // fast.settings.prefill_chunk_tokens)
+    assert chunks >= 4
+    assert fast.scheduler.steps - before >= chunks - 1  # a decode step after every chunk
+    await running.aclose()
+
+
+async def test_hot_load_mid_stream_keeps_the_stream_and_serves_the_new_version(engines, workdir: Path) -> None:
+    fast, ref = engines
+    store = AdapterStore(workdir / "adapters")
+    mode, question = Mode("legal", "assistant"), "What should I check before signing a rental contract?"
+    v1_text, _ = await answer(ref, mode, question, 24)
+    stream = fast.generate([Message("user", question)], mode, GenerationParams(max_new_tokens=24, temperature=0))
+    pieces = [await stream.__anext__()]
+    version = scaled_copy(store, "legal", workdir / "adapters/legal/v1", 3.0)
+    store.set_current("legal", version)
+    assert (await fast.reload("legal")).loaded == {"legal": version}
+    assert (await ref.reload("legal")).loaded == {"legal": version}
+    pieces += [p async for p in stream]
+    assert "".join(pieces) == v1_text and stream.result.adapter_version == "v1"
+    v2_fast, res = await answer(fast, mode, question, 24)
+    v2_ref, _ = await answer(ref, mode, question, 24)
+    assert res.adapter_version == version and v2_fast == v2_ref != v1_text
+    fast.registry.wait_idle()
+    resident = {(a.name, a.version) for a in fast.status().adapters}
+    assert ("legal", "v1") not in resident and ("legal", version) in resident
+    assert fast.runtime.lora.free_slots() == fast.runtime.lora.num_slots - 1 - 3  # v1's slot came back
+
+
+async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engines) -> None:
+    fast, _ = engines
+    params = GenerationParams(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=40, seed=1234)
+
+    async def seeded() -> str:
+        s = fast.generate([Message("user", "Give me a name for a dog.")], Mode("medical", "assistant"), params)
+        return "".join([p async for p in s])
+
+    alone = await seeded()
+    crowd = await asyncio.gather(seeded(), *(answer(fast, m, q, 12) for m, q, _n in CASES[:3]))
+    assert crowd[0] == alone
