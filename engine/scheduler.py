@@ -165,6 +165,9 @@ class Scheduler(threading.Thread):
                         last_step = time.monotonic()
                     else:
                         last_step = None
+                        with self._wake:  # requests wait for an adapter load: don't spin on it
+                            if not self._commands and not self._stopping:
+                                self._wake.wait(timeout=0.01)
             except Exception as exc:  # a failed step must not kill the thread serving everyone
                 log.exception("decode step failed; failing the %d active requests", len(self.rows))
                 for row in list(self.rows):
