@@ -110,7 +110,7 @@ class FastRuntime:
         mask |= (~valid).unsqueeze(2) & (keys.view(1, 1, key_len) == 0)  # padding looks at key 0: no NaN
         slots = torch.tensor([c[0] for c in chunks], dtype=torch.int64)
         lslots = torch.tensor([c[1] for c in chunks], dtype=torch.int64)
-        lora = self.lora.batch(lslots.repeat_interleave(t).to(dev), {c[1] for c in chunks})
+        lora = self.lora.batch(lslots.to(dev), {c[1] for c in chunks})
         return self.runner.forward(
             tokens.to(dev), positions.to(dev), slots.repeat_interleave(t).to(dev), write_pos.view(-1).to(dev),
             slots.to(dev), key_len, mask.unsqueeze(1).to(dev), lora, last=(lengths - 1).to(dev),

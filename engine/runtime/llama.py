@@ -51,6 +51,17 @@ def unsupported_reason(model: Any, context: int) -> str | None:
     return None
 
 
+def _fast_norm(module: Any) -> Any:
+    """An RMSNorm module as one fused `F.rms_norm` call over its own weight (8 ops -> 1)."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(eps, float) or "RMSNorm" not in type(module).__name__:
+        return module
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return norm
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -82,7 +93,8 @@ class LlamaRunner:
         self.groups = self.heads // self.kv_heads
         self.scale = self.head_dim ** -0.5
         inner = model.model
-        self.embed, self.norm, self.head, self.rotary = inner.embed_tokens, inner.norm, model.lm_head, inner.rotary_emb
+        self.embed, self.head, self.rotary = inner.embed_tokens, model.lm_head, inner.rotary_emb
+        self.norm = _fast_norm(inner.norm)
         self.layers = []
         for i, layer in enumerate(inner.layers):
             att, mlp = layer.self_attn, layer.mlp
@@ -91,7 +103,7 @@ class LlamaRunner:
                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
             }
             self.layers.append(_Layer(
-                layer.input_layernorm, layer.post_attention_layernorm,
+                _fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm),
                 att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
                 mlp.act_fn, {k: f"model.layers.{i}.{p}" for k, p in paths.items()},
             ))
@@ -127,6 +139,8 @@ class LlamaRunner:
     ) -> torch.Tensor:
         """Logits [N, vocab] of one token per row; writes every token's K/V into the cache."""
         n, t = tokens.shape
+        if lora is not None:
+            lora = lora.per_token(t)
         h = self.embed(tokens)  # [N, T, hidden]
         cos, sin = self.rotary(h, positions)  # [N, T, head_dim]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

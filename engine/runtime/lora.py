@@ -86,11 +86,18 @@ def serving_targets(model: Any, setting: str) -> dict[str, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """Per-forward LoRA routing: the slot range in use and each row's scaled one-hot mask."""
+    """Per-forward LoRA routing: per module the (A.T, B) views of the slot range in use, and
+    each row's scaled one-hot mask over that range (None: every row uses the one slot of the
+    range, scaled by `alpha`)."""
 
-    lo: int  # first rank row of the range
-    hi: int  # one past the last rank row
-    mask: torch.Tensor  # [rows or tokens, hi - lo]
+    views: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor | None  # [rows or tokens, range]
+    alpha: float = 1.0
+
+    def per_token(self, tokens_per_row: int) -> "LoraBatch":
+        if self.mask is None or tokens_per_row == 1:
+            return self
+        return LoraBatch(self.views, self.mask.repeat_interleave(tokens_per_row, 0), self.alpha)
 
 
 class LoraSlots:
@@ -109,6 +116,9 @@ class LoraSlots:
         # row s: the scaling of slot s on its rank rows, 0 elsewhere; row 0 (no adapter) is all 0
         self.table = torch.zeros(num_slots, rows, dtype=dtype, device=device)
         self._owner: dict[int, str] = {}  # slot -> adapter key
+        self._rank: dict[int, int] = {}  # slot -> the version's rank (host copy)
+        self._scale: dict[int, float] = {}  # slot -> its scaling (host copy)
+        self._views: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._slot_of: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -188,6 +198,7 @@ class LoraSlots:
                 self._owner.pop(slot, None)
             raise
         with self._lock:
+            self._rank[slot], self._scale[slot] = r, scaling
             self._slot_of[key] = slot
         return slot
 
@@ -202,27 +213,47 @@ class LoraSlots:
             return True
 
     # ---- per forward (model thread) ---------------------------------------------------
+    def views(self, lo: int, hi: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A.T, B) of rank rows [lo, hi) per module; views into the stacks, made once per range."""
+        got = self._views.get((lo, hi))
+        if got is None:
+            got = {m: (self.a[m][lo:hi].T, self.b[m][lo:hi]) for m in self.targets}
+            self._views[(lo, hi)] = got
+        return got
+
     def batch(self, slots: torch.Tensor, used: set[int] | None) -> LoraBatch | None:
         """Routing for rows with adapter slots `slots` (device tensor).
 
         `used` is the set of adapter slots the rows use, when the host knows it (eager
-        decoding): None means "any" (CUDA graphs: the whole stack, static shapes). Returns None
-        when no row uses an adapter, so a base-only batch costs nothing extra.
+        steps): the range then covers only those slots, and a batch on one adapter needs no
+        mask at all. None means "any" (CUDA graphs: the whole stack, static shapes). Returns
+        None when no row uses an adapter, so a base-only batch costs nothing extra.
         """
+        R = self.max_rank
         if used is None:
-            lo_slot, hi_slot = 1, self.num_slots
+            lo, hi = R, self.num_slots * R
         else:
-            used = {s for s in used if s}
-            if not used:
+            adapters = {s for s in used if s}
+            if not adapters:
                 return None
-            lo_slot, hi_slot = min(used), max(used) + 1
-        lo, hi = lo_slot * self.max_rank, hi_slot * self.max_rank
-        return LoraBatch(lo, hi, self.table[:, lo:hi].index_select(0, slots))
+            if len(adapters) == 1 and 0 not in used:  # one adapter: its real rank, a scalar scale
+                (s,) = adapters
+                return LoraBatch(self.views(s * R, s * R + self._rank.get(s, R)), None, self._scale.get(s, 0.0))
+            lo, hi = min(adapters) * R, (max(adapters) + 1) * R
+        return LoraBatch(self.views(lo, hi), self.table[:, lo:hi].index_select(0, slots))
 
     def apply(self, module: str, x: torch.Tensor, out: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         """out + LoRA delta of every row at once; x [rows, in], out [rows, out] (2-D)."""
-        a = self.a.get(module)
-        if a is None:
+        view = batch.views.get(module)
+        if view is None:
             return out
-        h = torch.mm(x.to(a.dtype), a[batch.lo:batch.hi].T) * batch.mask
-        return torch.addmm(out, h.to(out.dtype), self.b[module][batch.lo:batch.hi].to(out.dtype))
+        a_t, b = view
+        if x.dtype != a_t.dtype or out.dtype != a_t.dtype:  # a module computing in another dtype
+            h = torch.mm(x.to(a_t.dtype), a_t)
+            if batch.mask is not None:
+                h.mul_(batch.mask)
+            return out + torch.mm(h, b).mul_(batch.alpha).to(out.dtype)
+        h = torch.mm(x, a_t)
+        if batch.mask is not None:
+            h.mul_(batch.mask)
+        return out.addmm_(h, b, alpha=batch.alpha)

@@ -1,0 +1,81 @@
+"""Which QUANTIZATION is fastest here: nf4, int8 and none, on the fast serving path.
+
+    python -m bench.quantization [--tokens 32] [--batch 8] [--device cpu|cuda]
+
+`QUANTIZATION=auto` picks nf4 on CUDA (one quantized model in GPU memory is the product's
+promise) and, on CPU, the fastest of the three for the default model as measured by this
+benchmark (README, "Serving engine"). Single stream with an adapter, and a batch of rows over
+the three adapters and the base model; greedy, a fixed number of tokens (EOS ignored). All
+three run in one process, one after another, so their ratios are comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import time
+
+from bench.engine import ROOT, table, workdir
+
+MODES = [(None, "assistant"), ("legal", "lawyer"), ("medical", "doctor"), ("finance", "financial_analyst")]
+
+
+async def measure(quantization: str, device: str, tokens: int, batch: int, root) -> list[object]:
+    import torch
+
+    from engine import Engine, GenerationParams, Message, Mode
+    from engine.config import load_settings
+
+    settings = load_settings(
+        model_cache_dir=ROOT / "models", adapters_dir=root / "adapters", templates_dir=root / "templates",
+        quantization=quantization, device=device, max_batch_size=max(batch, 1), context_tokens=512,
+    )
+    params = GenerationParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+
+    async def one(engine, adapter, role) -> int:
+        s = engine.generate([Message("user", "Tell me about contracts.")], Mode(adapter, role), params)
+        async for _ in s:
+            pass
+        return s.result.completion_tokens
+
+    async with Engine(settings) as engine:
+        await one(engine, "legal", "lawyer")  # warm-up
+        started = time.perf_counter()
+        single = await one(engine, "legal", "lawyer") / (time.perf_counter() - started)
+        started = time.perf_counter()
+        done = await asyncio.gather(*(one(engine, *MODES[i % len(MODES)]) for i in range(batch)))
+        batched = sum(done) / (time.perf_counter() - started)
+        size = engine.status().model_bytes
+        kind = engine.runtime_kind
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return [quantization, kind, round(single, 1), round(batched, 1), round(size / 2**20)]
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    import torch
+
+    root = workdir()
+    print(f"# bench.quantization: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, device {args.device}, {args.tokens} tokens, batch {args.batch}")
+    rows = [await measure(q, args.device, args.tokens, args.batch, root) for q in ("none", "nf4", "int8")]
+    base = rows[0][2]
+    for r in rows:
+        r.append(f"{r[2] / base:.2f}x")
+    table("tokens/s by quantization (fast path, greedy, EOS ignored)",
+          ["quantization", "path", "1 stream + adapter", f"{args.batch} streams, 4 modes", "model MiB", "vs none"],
+          rows)
+    fastest = max(rows, key=lambda r: r[2])[0]
+    print(f"\nfastest single stream here: {fastest}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
