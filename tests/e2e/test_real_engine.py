@@ -1,4 +1,4 @@
-"""The bot on the real engine and the real default model (SmolLM2-135M, nf4), over the fake Bot API.
+"""The bot on the real engine and the real default model (SmolLM2-135M; QUANTIZATION=auto, so fp32 on CPU), over the fake Bot API.
 
 The `legal` adapter is a small random LoRA written in the
 documented on-disk layout under tmp_path, so these tests need neither the shipped adapters nor

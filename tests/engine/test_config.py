@@ -127,7 +127,10 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert s.model == "smollm2"
     assert s.device == "auto" and s.compute_dtype == "auto"
-    assert s.quantization in ("nf4", "int8", "none")
+    assert s.quantization == "auto"
+    assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == ("none", "nf4")
+    assert load_settings(quantization="int8").resolved_quantization("cuda") == "int8"  # explicit wins
+    assert s.serving_runtime == "auto"
     assert s.max_new_tokens < s.context_tokens
     assert (s.adapters_dir, s.templates_dir) == (Path("adapters"), Path("templates"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
