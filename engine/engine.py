@@ -125,6 +125,7 @@ class Engine:
             from engine.slot_scheduler import SlotScheduler
 
             self.runtime = FastRuntime(self.loaded.model, self.settings)
+            self.runtime.warm_up()
             self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         else:
             self.runtime = LoraRuntime(self.loaded.model)

@@ -67,6 +67,18 @@ class FastRuntime:
             self.lora.slot_bytes * self.lora.num_slots / 2**20, ", CUDA graphs" if self.graphs else "",
         )
 
+    def warm_up(self) -> None:
+        """Capture the decode graphs of every batch bucket for short answers before serving,
+        so the first users do not wait for captures (longer key buckets come on first use)."""
+        if self.graphs is None:
+            return
+        key = self.graphs.key_buckets[0]
+        for rows in self.graphs.batch_buckets:
+            self.graphs.run(rows, key)
+        torch.cuda.synchronize()
+        log.info("decode graphs captured for batch %s at %d keys%s", self.graphs.batch_buckets, key,
+                 f"; capture failed, decoding eagerly: {self.graphs.failed}" if self.graphs.failed else "")
+
     # ---- the decode step ----------------------------------------------------------------
     def _decode_logits(self, rows: int, key_len: int, used: set[int] | None = None) -> torch.Tensor:
         """One token for cache slots [0, rows), from the decode state only (graph-safe)."""

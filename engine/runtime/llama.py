@@ -109,6 +109,15 @@ class LlamaRunner:
             ))
         self.device = self.embed.weight.device
         self.dtype = cache.k[0].dtype
+        from torch.nn.attention import SDPBackend
+
+        # chosen, not left to heuristics that change with the cache length: a masked decode
+        # query is memory-efficient attention's case on CUDA (flash takes no mask), and the
+        # CPU's flash kernel takes masks; math is the fallback for shapes neither takes
+        self.sdpa_backends = (
+            [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if self.device.type == "cuda"
+            else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+        )
 
     @staticmethod
     def cache_shape(model: Any) -> tuple[int, int, int]:
@@ -124,8 +133,14 @@ class LlamaRunner:
             out = self.lora.apply(name, x2, out, lora)
         return out
 
-    @torch.inference_mode()
-    def forward(
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Logits [N, vocab] of one token per row; writes every token's K/V into the cache."""
+        from torch.nn.attention import sdpa_kernel
+
+        with torch.inference_mode(), sdpa_kernel(self.sdpa_backends):
+            return self._forward(*args, **kwargs)
+
+    def _forward(
         self,
         tokens: torch.Tensor,  # [N, T]
         positions: torch.Tensor,  # [N, T]: the position of each token (padding: any valid one)
@@ -137,7 +152,6 @@ class LlamaRunner:
         lora: LoraBatch | None,  # per-token LoRA routing (rows already expanded to tokens)
         last: torch.Tensor | None = None,  # [N]: which token's logits to return (None: T == 1)
     ) -> torch.Tensor:
-        """Logits [N, vocab] of one token per row; writes every token's K/V into the cache."""
         n, t = tokens.shape
         if lora is not None:
             lora = lora.per_token(t)
