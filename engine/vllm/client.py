@@ -53,6 +53,11 @@ class ModelMissing(ReplicaRejected):
     """The replica does not know the model name asked for: it restarted and forgot an adapter."""
 
 
+class StreamFailed(ReplicaUnavailable):
+    """The replica reported an error inside a stream (`data: {"error": ...}`): it is answering,
+    so after the first token this fails the answer, not the replica."""
+
+
 @dataclass(frozen=True)
 class Timeouts:
     connect_s: float
@@ -107,7 +112,7 @@ class CompletionStream:
                     raise ReplicaUnavailable(f"{self.url} sent a chunk that is not JSON: {data[:200]!r}") from exc
                 if isinstance(payload, dict) and "error" in payload:
                     etype, message, _ = parse_error(500, data)
-                    raise ReplicaUnavailable(f"{self.url} failed while streaming: {etype}: {message}")
+                    raise StreamFailed(f"{self.url} failed while streaming: {etype}: {message}")
                 return payload
             try:
                 chunk = await asyncio.wait_for(self._response.content.readany(), timeout_s)

@@ -81,9 +81,9 @@ class Fleet:
     def _set(self, r: Replica, state: ReplicaState, error: str | None = None) -> None:
         if state in ("down", "incompatible"):
             r.out_until = time.monotonic() + self.retry_after_s
-            if r.state not in ("down", "incompatible") or r.error != error:
-                log.warning("replica %s is %s: %s", r.url, state, error)
             if r.state != state or r.error != error:
+                log.warning("replica %s is %s: %s", r.url, state, error)
+            if r.state != state:  # taken out (again): not every failed re-check of one outage
                 r.failures += 1
                 self.metrics.failures.labels(r.url).inc()
         elif state == "ready" and r.state != "ready":
@@ -157,9 +157,10 @@ class Fleet:
     async def bring_in(self, r: Replica) -> None:
         """Probe `r`, give it the serving adapters, drop ours it should not hold; then ready.
 
-        Hold `self.lock` (or be sure nothing else registers, as at start).
+        Hold `self.lock`.
         """
-        self._set(r, "registering", None)
+        if r.state == "ready":
+            self._set(r, "registering", None)  # no requests while its adapters are put back
         try:
             held = await self.probe(r)
             r.registered = set(held)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
 from engine.types import FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext
-from engine.vllm.client import CompletionStream, ModelMissing, ReplicaRejected, ReplicaUnavailable
+from engine.vllm.client import CompletionStream, ModelMissing, ReplicaRejected, ReplicaUnavailable, StreamFailed
 
 if TYPE_CHECKING:
     from engine.vllm.engine import VllmEngine
@@ -105,7 +105,7 @@ class VllmStream:
             self.cancel()
             raise
         except ReplicaUnavailable as exc:
-            if self._replica is not None:
+            if self._replica is not None and not isinstance(exc, StreamFailed):
                 self._engine.fleet.take_out(self._replica, str(exc))
             self._end("error")
             raise EngineError(f"the answer broke off: {exc}") from exc
@@ -148,6 +148,7 @@ class VllmStream:
         recovered: set[str] = set()
         last: Exception | None = None
         while True:
+            self._check_open()
             r = fleet.pick(key, tried)
             if r is None:
                 why = fleet.why_none(key)
@@ -161,6 +162,7 @@ class VllmStream:
             try:
                 self._events = await r.client.complete(body, timeout)
                 while True:  # the first event with a choice (or the end) commits the request here
+                    self._check_open()
                     left = max(0.001, timeout - (time.monotonic() - started))
                     event = await self._events.next_event(left)
                     if event is None:
@@ -197,6 +199,11 @@ class VllmStream:
             except BaseException:
                 self._drop_replica("cancelled")
                 raise
+
+    def _check_open(self) -> None:
+        """Cancelled from elsewhere (the engine closing) while waiting: stop sending."""
+        if self._done:
+            raise EngineClosed("the request was cancelled")
 
     def _drop_replica(self, outcome: str) -> None:
         if self._events is not None:

@@ -100,6 +100,7 @@ async def test_an_error_chunk_mid_stream_ends_the_answer_with_the_pieces_kept(fa
             got.append(piece)
     assert got == ["one", " two"] and stream.result.text == "one two"
     assert stream.result.finish_reason == "error"
+    assert engine.status().replicas[0].state == "ready"  # it answered with an error: not taken out
 
 
 # ---- start: checking the replicas --------------------------------------------------------------
