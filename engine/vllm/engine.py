@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import aiohttp
@@ -101,6 +102,8 @@ class VllmEngine:
         self._streams: set[VllmStream] = set()
         self._unloads: set[asyncio.Task[None]] = set()
         self._started_at = time.monotonic()
+        # one thread tokenizes: off the event loop, and never two calls into the tokenizer at once
+        self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-prompts")
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +198,7 @@ class VllmEngine:
         if self._unloads:
             await asyncio.gather(*self._unloads, return_exceptions=True)
         await self._close_http()
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _close_http(self) -> None:
         if self._session is not None:
@@ -212,6 +216,11 @@ class VllmEngine:
     def generate(self, messages: Sequence[Message], mode: Mode, params: GenerationParams | None = None,
                  *, user: UserContext | None = None) -> VllmStream:
         return VllmStream(self, list(messages), mode, params or GenerationParams(), user)
+
+    async def build_prompt(self, system: str, messages: Sequence[Message], max_new: int) -> tuple[list[int], int]:
+        """Token ids of the prompt and the turns trimmed, exactly as the local engine builds them."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prompt_pool, self.prompts.build, system, messages, max_new)
 
     def register_stream(self, stream: VllmStream) -> None:
         self._streams.add(stream)

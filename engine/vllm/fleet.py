@@ -63,6 +63,15 @@ def _is_replica_fault(message: str) -> bool:
     return "not enabled" in message.lower()
 
 
+def _hint(message: str, v: LoraVersion) -> str:
+    """What to change, for the refusals an operator can fix on the replicas."""
+    if "max_lora_rank" in message:
+        return f" (start the replicas with --max-lora-rank {v.rank} or more)"
+    if "No adapter found" in message:
+        return " (do the replicas see the adapters folder at VLLM_ADAPTERS_DIR?)"
+    return ""
+
+
 class Fleet:
     def __init__(self, replicas: list[Replica], book: LoraBook, *, model: str, context_tokens: int,
                  retry_after_s: float, max_in_flight: int, metrics: ReplicaMetrics) -> None:
@@ -193,7 +202,7 @@ class Fleet:
             if any(o is not r and o.state == "ready" and v.key in o.registered for o in self.replicas):
                 raise Incompatible(f"{r.url} refused adapter {v.key}, which other replicas serve: {exc.detail}") \
                     from exc
-            reason = f"adapter {v.domain}/{v.version} was refused by {r.url}: {exc.detail}"
+            reason = f"adapter {v.domain}/{v.version} was refused by {r.url}: {exc.detail}{_hint(exc.detail, v)}"
             log.error("%s", reason)
             self.book.refuse(v, reason)
             return
@@ -256,7 +265,7 @@ class Fleet:
                 if isinstance(res, ReplicaUnavailable):
                     self.take_out(r, str(res))  # it gets the serving set when it comes back
                 elif isinstance(res, ReplicaRejected):
-                    refusals.append(f"{r.url}: {res.detail}")
+                    refusals.append(f"{r.url}: {res.detail}{_hint(res.detail, v)}")
                 elif isinstance(res, BaseException):
                     raise res
             if refusals:

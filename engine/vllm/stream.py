@@ -131,7 +131,7 @@ class VllmStream:
             self.result.adapter_version = self._lease.version
         system = engine.templates.render_system(mode.role, self._user)
         try:
-            ids, trimmed = await asyncio.to_thread(engine.prompts.build, system, self._messages, max_new)
+            ids, trimmed = await engine.build_prompt(system, self._messages, max_new)
         except ValueError as exc:
             if isinstance(exc, EngineError):
                 raise

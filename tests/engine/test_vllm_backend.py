@@ -167,6 +167,7 @@ async def test_an_adapter_above_the_replicas_max_lora_rank_is_refused_and_the_ot
     assert set(replica.adapters) == {"legal__v1", "medical__v1"}
     finance = engine.modes().adapter("finance")
     assert finance.current is None and "LoRA rank 32 is greater than max_lora_rank 16" in finance.error
+    assert "--max-lora-rank 32 or more" in finance.error
     with pytest.raises(AdapterInvalid, match="max_lora_rank"):
         await collect(engine.generate([Message("user", "q")], Mode("finance")))
     assert engine.status().replicas[0].state == "ready"
