@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import AdapterInvalid, EngineError
 from engine.types import ReplicaState, ReplicaStatus
-from engine.vllm.client import ModelMissing, ReplicaClient, ReplicaRejected, ReplicaUnavailable
+from engine.vllm.client import ReplicaClient, ReplicaRejected, ReplicaUnavailable
 from engine.vllm.lora import LORA_NAME_RE, LoraBook, LoraVersion
 from engine.vllm.metrics import ReplicaMetrics
 
