@@ -257,10 +257,12 @@ class Fleet:
         The version it replaces is retired and unloaded once its last request ends.
         """
         async with self.lock:
+            known = self.book.versions.get(v.key)
+            was = known.state if known is not None else None  # "retired": a rollback to one still in use
             v = self.book.track(v)
             targets = [r for r in self.ready() if v.key not in r.registered]
             results = await asyncio.gather(*(self._load(r, v) for r in targets), return_exceptions=True)
-            refusals = []
+            refusals, loaded = [], []
             for r, res in zip(targets, results):
                 if isinstance(res, ReplicaUnavailable):
                     self.take_out(r, str(res))  # it gets the serving set when it comes back
@@ -268,11 +270,14 @@ class Fleet:
                     refusals.append(f"{r.url}: {res.detail}{_hint(res.detail, v)}")
                 elif isinstance(res, BaseException):
                     raise res
+                else:
+                    loaded.append(r)
             if refusals:
-                for r in self.replicas:
-                    if v.key in r.registered:
-                        await self._unload(r, v.key)
-                if self.book.serving.get(v.domain) is not v:
+                for r in loaded:  # take back what this switch put on; nothing else changes
+                    await self._unload(r, v.key)
+                if was == "retired":
+                    v.state = "retired"
+                elif self.book.serving.get(v.domain) is not v:
                     self.book.forget(v)
                 raise AdapterInvalid(f"adapter {v.domain}/{v.version} was refused by the replicas: "
                                      + "; ".join(refusals))

@@ -276,6 +276,26 @@ async def test_rollback_goes_back_through_the_replicas(fakes, make_engine, adapt
     assert stream.result.adapter_version == "v1"
 
 
+async def test_a_rollback_while_the_old_version_still_streams_revives_it_in_place(fakes, make_engine, adapters_dir):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    reply = replica.script("long answer on v1", stepped=True)
+    running = engine.generate([Message("user", "q")], Mode("legal"))
+    await running.__anext__()
+    write_adapter(adapters_dir, "legal", "v2", seed=5)
+    await engine.reload("legal")
+    loads = [name for name, _, _ in replica.loads]
+    assert await engine.training.rollback("legal") == "v1"
+    assert [name for name, _, _ in replica.loads] == loads  # still registered: nothing loaded again
+    await replica.wait_for(lambda: "legal__v2" not in replica.adapters)
+    reply.allow(10)
+    await collect(running)
+    fresh = engine.generate([Message("user", "q")], Mode("legal"))
+    await collect(fresh)
+    assert fresh.result.adapter_version == "v1" and "legal__v1" in replica.adapters
+    assert ("legal__v1", 200) not in replica.unloads
+
+
 async def test_reload_of_an_unchanged_version_touches_no_replica(fakes, make_engine):
     (replica,) = await fakes(1)
     engine = await make_engine(replica)
