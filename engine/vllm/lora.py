@@ -53,7 +53,7 @@ def replica_path(version: VersionDir, store_root: Path, replicas_root: str | Non
     """Where the replicas find a version folder: the same relative path under their root."""
     if replicas_root is None:
         return str(version.path.resolve())
-    relative = version.path.resolve().relative_to(store_root.resolve())
+    relative = version.path.relative_to(store_root)  # the store builds it as <root>/<domain>/<version>
     return str(PurePosixPath(replicas_root) / PurePosixPath(*relative.parts))
 
 
