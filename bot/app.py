@@ -11,6 +11,7 @@ caller then closes the engine and the database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import signal
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from engine.config import EngineSettings, load_settings
 from engine.errors import ConfigError, EngineError
+from engine.face import BACKENDS, EngineFace
 
 from bot import handlers
 from bot.background import Background
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 class BotApp:
     """The Telegram front end: one Bot, one Dispatcher, its dependencies, its lifecycle."""
 
-    def __init__(self, settings: BotSettings, engine: Any, store: Store, *, concurrent_updates: bool = True) -> None:
+    def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, *, concurrent_updates: bool = True) -> None:
         """`concurrent_updates=False` handles one update at a time (only the benchmark's baseline wants it)."""
         if not settings.token:
             raise ConfigError("BOT_TOKEN is not set: the Telegram bot needs it (without it, run the console chat)")
@@ -168,12 +170,17 @@ class BotApp:
             registries.insert(0, engine_registry)
         self.ops = OpsServer(self.settings.ops_host, self.settings.ops_port, checks={
             "model": self._check_model, "bot": self._check_bot, "database": self._check_database,
-        }, registries=registries)
+        }, registries=registries, details=self._engine_details)
         await self.ops.start()
         log.info("ops server on %s:%s", self.settings.ops_host, getattr(self.ops, "port", self.settings.ops_port))
 
     async def _check_model(self) -> bool:
         return bool(self.engine.status().ready)
+
+    def _engine_details(self) -> dict[str, Any]:
+        """Each replica's state for /healthz (the vLLM backend); nothing for the local engine."""
+        replicas = getattr(self.engine.status(), "replicas", ())
+        return {"replicas": [dataclasses.asdict(r) for r in replicas]} if replicas else {}
 
     async def _check_bot(self) -> bool:
         return self.api_counter.connected()
@@ -182,8 +189,9 @@ class BotApp:
         return self.store.ping()
 
 
-def build_engine(factory: str, engine_settings: EngineSettings | None) -> Any:
-    """ENGINE_FACTORY 'module:callable' -> an engine (default: engine.Engine(EngineSettings))."""
+def build_engine(factory: str | None, engine_settings: EngineSettings | None, backend: str = "local") -> EngineFace:
+    """ENGINE_FACTORY 'module:callable' -> an engine; unset: ENGINE_BACKEND's (engine.face.BACKENDS)."""
+    factory = factory or BACKENDS[backend]
     module_name, _, attr = factory.partition(":")
     try:
         target = getattr(importlib.import_module(module_name), attr)
@@ -201,7 +209,11 @@ def setup_logging(settings: BotSettings) -> None:
 
 
 async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -> int:
-    engine = build_engine(settings.engine_factory, engine_settings)
+    try:
+        engine = build_engine(settings.engine_factory, engine_settings, settings.engine_backend)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     store = Store(settings.database_path)
     try:
         try:

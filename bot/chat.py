@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from engine.errors import EngineError
+from engine.face import EngineFace
 from engine.types import GenerationResult, Mode, UserContext
 
 from bot.config import BotSettings
@@ -70,7 +71,7 @@ def mode_of(user: UserRecord) -> Mode:
 
 class ChatService:
     def __init__(
-        self, engine: Any, store: Store, settings: BotSettings, metrics: BotMetrics | None = None
+        self, engine: EngineFace, store: Store, settings: BotSettings, metrics: BotMetrics | None = None
     ) -> None:
         self.engine = engine
         self.store = store

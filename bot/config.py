@@ -70,9 +70,13 @@ class BotSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         4.0, ge=0.0, le=600.0, description="On SIGTERM, how long running answers may finish before they are cancelled."
     )
-    engine_factory: str = Field(
-        "engine:Engine",
-        description="'module:callable' building the engine from EngineSettings (tests plug a scripted engine here).",
+    engine_backend: Literal["local", "vllm"] = Field(
+        "local", description="Where answers are generated: local (the model in this process) or vllm (VLLM_URLS).",
+    )
+    engine_factory: str | None = Field(
+        None,
+        description="'module:callable' building the engine from EngineSettings; unset = ENGINE_BACKEND's engine "
+        "(tests plug a scripted engine here).",
     )
 
     ops_host: str = Field("0.0.0.0", description="Interface of the ops side port (/healthz, /metrics).")
@@ -95,7 +99,7 @@ class BotSettings(BaseSettings):
             return frozenset({v})
         return v
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format", "engine_backend", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v
@@ -107,7 +111,9 @@ class BotSettings(BaseSettings):
 
     @field_validator("engine_factory")
     @classmethod
-    def _factory(cls, v: str) -> str:
+    def _factory(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         module, sep, attr = v.partition(":")
         if not sep or not module or not attr:
             raise ValueError(f"expected 'module:callable', got {v!r}")
@@ -121,6 +127,13 @@ class BotSettings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"expected an http(s):// URL, got {v!r}")
         return v.strip()
+
+    @model_validator(mode="after")
+    def _one_engine_choice(self) -> "BotSettings":
+        if self.engine_factory is not None and self.engine_backend != "local":
+            raise ValueError(f"ENGINE_FACTORY={self.engine_factory} and ENGINE_BACKEND={self.engine_backend} both "
+                             "choose the engine; set only one")
+        return self
 
     @model_validator(mode="after")
     def _secret(self) -> "BotSettings":

@@ -15,9 +15,10 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, TextIO
+from typing import TextIO
 
 from engine.errors import EngineError
+from engine.face import EngineFace
 from engine.types import UserContext
 
 from bot.chat import Answer, ChatService, Outcome, mode_of
@@ -81,7 +82,7 @@ def _language() -> str:
 
 
 class Console:
-    def __init__(self, settings: BotSettings, engine: Any, store: Store, out: TextIO) -> None:
+    def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, out: TextIO) -> None:
         self.engine = engine
         self.store = store
         self.out = out
@@ -167,7 +168,7 @@ class Console:
         return self.chat.stop(CONSOLE_USER_ID)
 
 
-async def run_console(settings: BotSettings, engine: Any, store: Store, *, stdin: TextIO | None = None,
+async def run_console(settings: BotSettings, engine: EngineFace, store: Store, *, stdin: TextIO | None = None,
                       stdout: TextIO | None = None) -> None:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout

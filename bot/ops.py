@@ -60,7 +60,9 @@ class OpsServer:
         registries: Iterable[CollectorRegistry],
         *,
         check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+        details: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
+        """`details()`, when given, adds its keys to every /healthz body (e.g. each replica's state)."""
         if check_timeout_s <= 0:
             raise ValueError(f"check_timeout_s must be positive, got {check_timeout_s!r}")
         self.host = host
@@ -68,6 +70,7 @@ class OpsServer:
         self.checks = dict(checks)
         self.registries = list(registries)
         self.check_timeout_s = check_timeout_s
+        self.details = details
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._bound_port: int | None = None
@@ -156,6 +159,11 @@ class OpsServer:
         body: dict[str, Any] = {"status": "fail" if failed else "ok", "checks": results}
         if failed:
             body["failed"] = failed
+        if self.details is not None:
+            try:
+                body.update(self.details())
+            except Exception:  # details are a nicety; the checks decide health
+                log.exception("health details failed")
         return web.json_response(body, status=503 if failed else 200)
 
     def _log_transition(self, failed: frozenset[str], results: Mapping[str, Mapping[str, Any]]) -> None:

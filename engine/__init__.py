@@ -4,6 +4,7 @@ Importing `engine` does not import torch; `Engine` loads the heavy parts on `sta
 """
 from engine.types import *  # noqa: F401,F403  (the data types front ends may use)
 from engine.errors import *  # noqa: F401,F403
+from engine.face import EngineFace, TextStream  # noqa: F401  (the interface every backend implements)
 
 
 def __getattr__(name: str):  # lazy, so `import engine` stays light

@@ -129,6 +129,23 @@ class ResidentAdapter:
     in_flight: int  # requests currently generating with it
 
 
+ReplicaState = Literal["starting", "registering", "ready", "down", "incompatible"]
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One inference server behind the engine (the vLLM backend); the local engine has none."""
+
+    name: str  # its base URL
+    state: ReplicaState
+    in_flight: int = 0  # requests streaming from it now
+    adapters: int = 0  # adapter versions registered on it
+    requests: int = 0  # requests it has answered or is answering
+    failures: int = 0  # times it was taken out (errors, timeouts, refusals)
+    error: str | None = None  # why it is down or incompatible
+    retry_in_s: float | None = None  # when a down replica is tried again
+
+
 @dataclass(frozen=True)
 class EngineStatus:
     model: str
@@ -144,6 +161,8 @@ class EngineStatus:
     tokens_generated: int
     uptime_s: float
     ready: bool
+    backend: str = "local"  # ENGINE_BACKEND: local (this process) or vllm (replicas)
+    replicas: tuple[ReplicaStatus, ...] = ()
 
 
 @dataclass(frozen=True)

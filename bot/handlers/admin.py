@@ -9,6 +9,8 @@ from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
+from engine.face import EngineFace
+
 from bot.chat import ChatService
 from bot.filters import IsAdmin
 from bot.i18n import t
@@ -48,8 +50,27 @@ def format_status(status: Any, *, generating: int, waiting: int, active_24h: int
         f"Uptime: bot {_duration(bot_uptime_s)}, engine {_duration(status.uptime_s)}",
         f"Ready: {'yes' if status.ready else 'no'}",
     ]
+    replicas = getattr(status, "replicas", ())
+    if replicas:
+        lines.insert(-1, format_replicas(replicas))
     if training:
         lines.append(f"Training: {training}")
+    return "\n".join(lines)
+
+
+def format_replicas(replicas: Any) -> str:
+    """One line per inference server (the vLLM backend): state, load, adapters, last error."""
+    ready = sum(r.state == "ready" for r in replicas)
+    lines = [f"Replicas: {ready} of {len(replicas)} ready"]
+    for r in replicas:
+        line = f"  • {r.name} — {r.state}, {r.in_flight} in flight, {r.adapters} adapters, {r.requests} requests"
+        if r.failures:
+            line += f", {r.failures} failures"
+        if r.error:
+            line += f"; {r.error}"
+        if r.retry_in_s is not None and r.state in ("down", "incompatible"):
+            line += f" (next check in {r.retry_in_s:.0f} s)"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -69,7 +90,7 @@ def format_adapters(catalog: Any) -> str:
     return "\n".join(out)
 
 
-def training_summary(engine: Any) -> str | None:
+def training_summary(engine: EngineFace) -> str | None:
     try:
         job = engine.training.current()
     except Exception:
@@ -86,7 +107,7 @@ async def refuse(message: Message, lang: str) -> None:
     await message.answer(t(lang, "admin_only"))
 
 
-async def on_status(message: Message, engine: Any, chat: ChatService, store: Store, started_at: float) -> None:
+async def on_status(message: Message, engine: EngineFace, chat: ChatService, store: Store, started_at: float) -> None:
     text = format_status(
         engine.status(), generating=chat.generating(), waiting=chat.waiting(), active_24h=store.active_users(),
         bot_uptime_s=time.monotonic() - started_at, training=training_summary(engine),
@@ -94,11 +115,11 @@ async def on_status(message: Message, engine: Any, chat: ChatService, store: Sto
     await message.answer(text)
 
 
-async def on_adapters(message: Message, engine: Any) -> None:
+async def on_adapters(message: Message, engine: EngineFace) -> None:
     await message.answer(format_adapters(engine.modes()))
 
 
-async def on_reload(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+async def on_reload(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
     name = (command.args or "").strip() or None
     report = await engine.reload(name)
     parts = [f"loaded {report.loaded}" if report.loaded else "", f"unchanged {report.unchanged}" if report.unchanged else "",

@@ -1,11 +1,11 @@
 """Plain text -> a streamed answer; /new, /retry, /stop."""
 from __future__ import annotations
 
-from typing import Any
-
 from aiogram import Bot, F, Router
 from aiogram.filters import Command
 from aiogram.types import Message
+
+from engine.face import EngineFace
 
 from bot.chat import ChatService, mode_of
 from bot.config import BotSettings
@@ -35,7 +35,7 @@ async def on_retry(
                           settings=settings, metrics=metrics, lang=lang)
 
 
-async def on_new(message: Message, store: Store, user_record: UserRecord, lang: str, engine: Any) -> None:
+async def on_new(message: Message, store: Store, user_record: UserRecord, lang: str, engine: EngineFace) -> None:
     store.new_conversation(user_record.id)
     await message.answer(t(lang, "new_conversation", mode=describe_mode(mode_of(user_record), lang, engine.modes())))
 

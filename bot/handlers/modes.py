@@ -1,12 +1,11 @@
 """/mode, /domain, /role: the engine's modes as inline keyboards; the choice is stored."""
 from __future__ import annotations
 
-from typing import Any
-
 from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import CallbackQuery, Message
 
+from engine.face import EngineFace
 from engine.types import Mode
 
 from bot.chat import mode_of
@@ -17,7 +16,7 @@ from bot.storage import Store, UserRecord
 _VIEWS = {"mode": ("all", "mode_choose"), "domain": ("domain", "domain_choose"), "role": ("role", "role_choose")}
 
 
-async def on_mode(message: Message, command: CommandObject, user_record: UserRecord, lang: str, engine: Any) -> None:
+async def on_mode(message: Message, command: CommandObject, user_record: UserRecord, lang: str, engine: EngineFace) -> None:
     view, key = _VIEWS[command.command.lower()]
     catalog = engine.modes()
     current = mode_of(user_record)
@@ -28,7 +27,7 @@ async def on_mode(message: Message, command: CommandObject, user_record: UserRec
 
 
 async def on_mode_chosen(
-    query: CallbackQuery, callback_data: ModeCB, user_record: UserRecord, lang: str, engine: Any, store: Store
+    query: CallbackQuery, callback_data: ModeCB, user_record: UserRecord, lang: str, engine: EngineFace, store: Store
 ) -> None:
     catalog = engine.modes()
     current = mode_of(user_record)

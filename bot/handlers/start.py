@@ -5,6 +5,8 @@ from aiogram import F, Router
 from aiogram.filters import Command, CommandStart
 from aiogram.types import CallbackQuery, Message
 
+from engine.face import EngineFace
+
 from bot.chat import mode_of
 from bot.config import BotSettings
 from bot.i18n import LANGUAGES, t
@@ -12,9 +14,9 @@ from bot.keyboards import LangCB, describe_mode, language_keyboard
 from bot.storage import Store, UserRecord
 
 
-async def on_start(message: Message, user_record: UserRecord, lang: str, engine: object) -> None:
+async def on_start(message: Message, user_record: UserRecord, lang: str, engine: EngineFace) -> None:
     name = f", {message.from_user.first_name}" if message.from_user and message.from_user.first_name else ""
-    mode = describe_mode(mode_of(user_record), lang, engine.modes())  # type: ignore[attr-defined]
+    mode = describe_mode(mode_of(user_record), lang, engine.modes())
     await message.answer(t(lang, "start", name=name, mode=mode))
 
 

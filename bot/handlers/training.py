@@ -15,6 +15,7 @@ from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
 from engine.errors import EngineError
+from engine.face import EngineFace
 
 from bot.background import Background
 from bot.config import BotSettings
@@ -31,7 +32,7 @@ class Unavailable(Exception):
     """The engine has no working training service."""
 
 
-def service(engine: Any) -> Any:
+def service(engine: EngineFace) -> Any:
     try:
         svc = engine.training
     except Exception as exc:
@@ -41,7 +42,7 @@ def service(engine: Any) -> Any:
     return svc
 
 
-async def call_training(message: Message, lang: str, fn_name: str, *args: Any, engine: Any, **kw: Any) -> Any:
+async def call_training(message: Message, lang: str, fn_name: str, *args: Any, engine: EngineFace, **kw: Any) -> Any:
     """Call engine.training.<fn_name>; reply and return None when unavailable or refused."""
     try:
         return await getattr(service(engine), fn_name)(*args, **kw)
@@ -96,7 +97,7 @@ def format_event(ev: Any) -> str:
 
 
 async def on_train(
-    message: Message, command: CommandObject, bot: Bot, engine: Any, store: Store, lang: str, pacer: ChatPacer,
+    message: Message, command: CommandObject, bot: Bot, engine: EngineFace, store: Store, lang: str, pacer: ChatPacer,
     metrics: BotMetrics, settings: BotSettings, background: Background,
 ) -> None:
     domain = (command.args or "").strip().split(" ")[0]
@@ -122,7 +123,7 @@ async def on_train(
     background.spawn(follow(), name=f"train-progress-{domain}")
 
 
-async def on_cancel(message: Message, engine: Any, store: Store, lang: str) -> None:
+async def on_cancel(message: Message, engine: EngineFace, store: Store, lang: str) -> None:
     assert message.from_user is not None
     try:
         svc = service(engine)
@@ -138,7 +139,7 @@ async def on_cancel(message: Message, engine: Any, store: Store, lang: str) -> N
         await message.answer(t(lang, "training_cancelled", job=getattr(job, "id", "?"), domain=getattr(job, "domain", "?")))
 
 
-async def on_rollback(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+async def on_rollback(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
     domain = (command.args or "").strip()
     if not domain:
         await message.answer(t(lang, "usage_rollback"))
@@ -150,7 +151,7 @@ async def on_rollback(message: Message, command: CommandObject, engine: Any, sto
         await message.answer(t(lang, "rollback_done", domain=domain, version=version))
 
 
-async def on_promote(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+async def on_promote(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
     args = (command.args or "").split()
     if len(args) != 2:
         await message.answer(t(lang, "usage_promote"))
@@ -162,7 +163,7 @@ async def on_promote(message: Message, command: CommandObject, engine: Any, stor
         await message.answer(t(lang, "promote_done", domain=args[0], version=version))
 
 
-async def on_export(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+async def on_export(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
     domain = (command.args or "").strip()
     if not domain:
         await message.answer(t(lang, "usage_export"))

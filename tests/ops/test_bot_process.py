@@ -64,7 +64,7 @@ class BotProcess:
 
 async def start_bot(tg: FakeTelegram, tmp_path: Path, **env: str) -> BotProcess:
     log_path, db_path = tmp_path / "bot.log", tmp_path / "bot.sqlite3"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "LOG_", "WEBHOOK_"))}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "LOG_", "WEBHOOK_", "ENGINE_"))}
     full_env.update({
         "PYTHONPATH": str(REPO),
         "BOT_TOKEN": "42:fake-token",

@@ -18,13 +18,14 @@ import yaml
 from pydantic import SecretStr
 
 from bot.config import BotSettings
-from engine.config import EngineSettings
+from engine.config import EngineSettings, load_settings
+from engine.vllm.config import VllmSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
-SETTINGS = (EngineSettings, BotSettings)
-#: Variables .env.example may document that are not our settings (read by libraries).
-NOT_SETTINGS = {"HF_TOKEN"}
+SETTINGS = (EngineSettings, BotSettings, VllmSettings)
+#: Variables .env.example may document that are not our settings (read by libraries, or Compose).
+NOT_SETTINGS = {"HF_TOKEN", "COMPOSE_PROFILES"}
 #: Variables the Dockerfile may set that are not our settings.
 RUNTIME_ENV = {
     "PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK",
@@ -66,10 +67,14 @@ def dockerfile_volumes() -> set[str]:
     return vols
 
 
-def compose_service() -> dict[str, Any]:
-    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-    assert list(doc["services"]) == ["bot"]
-    return doc["services"]["bot"]
+def compose_doc() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def compose_service(name: str = "bot") -> dict[str, Any]:
+    doc = compose_doc()
+    assert list(doc["services"]) == ["bot", "vllm"]
+    return doc["services"][name]
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------
@@ -220,3 +225,77 @@ def test_env_example_documents_every_setting_with_its_default(cls: type) -> None
 def test_env_example_lists_no_unknown_variables() -> None:
     unknown = set(env_example()) - setting_names() - NOT_SETTINGS
     assert not unknown, f".env.example documents variables that are no setting: {sorted(unknown)}"
+
+
+# ---- the vllm profile -------------------------------------------------------------------------
+
+
+def vllm_flags() -> tuple[str, dict[str, str]]:
+    """(model path, {--flag: value}) of the `vllm serve` line in the vllm service's command."""
+    import shlex
+
+    service = compose_service("vllm")
+    script = " ".join(service["command"]) if isinstance(service["command"], list) else service["command"]
+    serve = shlex.split(script.split("exec vllm serve", 1)[1])
+    model, flags, i = serve[0], {}, 1
+    while i < len(serve):
+        if i + 1 < len(serve) and not serve[i + 1].startswith("--"):
+            flags[serve[i]] = serve[i + 1]
+            i += 2
+        else:
+            flags[serve[i]] = ""
+            i += 1
+    return model, flags
+
+
+def test_the_vllm_service_is_only_in_the_vllm_profile_and_the_bot_in_every_one() -> None:
+    assert compose_service("vllm")["profiles"] == ["vllm"]
+    bot = compose_service("bot")
+    assert "profiles" not in bot
+    dependency = bot["depends_on"]["vllm"]
+    assert dependency["required"] is False, "without the profile the bot must start alone"
+    assert dependency["condition"] == "service_started", "the bot prepares the model vLLM waits for"
+
+
+def test_the_vllm_service_serves_the_default_model_as_the_bot_names_it() -> None:
+    from engine.model import EMBEDDED_MODEL_ID, resolve_source
+
+    model, flags = vllm_flags()
+    image_env = dockerfile_env()
+    prepared = resolve_source(load_settings(_env_file=None, model_cache_dir=image_env["MODEL_CACHE_DIR"]))
+    assert model == prepared.load_path, "vLLM loads the folder the bot converts into the models volume"
+    assert f"[ -f {prepared.load_path}/config.json ]" in compose_service("vllm")["command"][0]
+    # the bot expects the model id of MODEL when VLLM_MODEL is unset (its default)
+    assert flags["--served-model-name"] == EMBEDDED_MODEL_ID == prepared.model_id
+    assert VllmSettings.model_fields["vllm_model"].default is None
+    assert int(flags["--max-model-len"]) >= EngineSettings.model_fields["context_tokens"].default
+    assert flags["--quantization"] == "bitsandbytes"
+    assert flags.get("--port", "8000") == "8000"
+
+
+def test_the_vllm_service_loads_adapters_at_run_time_with_enough_rank() -> None:
+    import json
+
+    service = compose_service("vllm")
+    _, flags = vllm_flags()
+    assert "--enable-lora" in flags and int(flags["--max-loras"]) >= 1
+    rank = int(flags["--max-lora-rank"])
+    assert rank >= EngineSettings.model_fields["lora_r"].default, "adapters trained with the defaults must load"
+    shipped = [json.loads(p.read_text())["r"] for p in (REPO / "adapters").glob("*/v*/adapter_config.json")]
+    assert shipped and max(shipped) <= rank, "every shipped adapter must load"
+    assert str(service["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]).lower() == "true"
+    assert service["environment"]["VLLM_API_KEY"] == "${VLLM_API_KEY:-}", "the key the bot sends"
+
+
+def test_the_adapters_volume_is_shared_read_only_at_the_path_the_bot_names() -> None:
+    bot, vllm = compose_service("bot"), compose_service("vllm")
+    bot_mounts = {v.split(":")[1]: v.split(":")[0] for v in bot["volumes"]}
+    vllm_mounts = {v.split(":")[1]: (v.split(":")[0], v.split(":")[2:]) for v in vllm["volumes"]}
+    adapters_dir = bot["environment"]["ADAPTERS_DIR"]
+    assert bot["environment"]["VLLM_ADAPTERS_DIR"] == adapters_dir
+    assert vllm_mounts[adapters_dir] == (bot_mounts[adapters_dir], ["ro"])
+    models_dir = bot["environment"]["MODEL_CACHE_DIR"]
+    assert vllm_mounts[models_dir] == (bot_mounts[models_dir], ["ro"])
+    assert "ports" not in vllm, "only the bot talks to vLLM, over the compose network"
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert vllm["healthcheck"]["test"][0] == "CMD" and "/health" in " ".join(vllm["healthcheck"]["test"])

@@ -1,0 +1,302 @@
+"""`VllmEngine`: the engine face over vLLM replicas (ENGINE_BACKEND=vllm).
+
+Inference runs on one or more vLLM OpenAI-compatible servers (multi-LoRA continuous
+batching, quantization, tensor parallelism are theirs). This process keeps what makes the
+bot the same bot: the role templates and the prompt code (with only the tokenizer loaded,
+no weights), the adapters folder with its versions, validation and `current` pointers,
+training, and the metrics. See docs/deployment.md for when to use it.
+
+At start every replica is checked (reachable, the configured base model, a context of at
+least CONTEXT_TOKENS, LoRA loadable at run time) and each domain's serving version is
+validated as the local engine does and registered on every replica as `<domain>__<version>`.
+A health loop then watches the replicas (see fleet.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import aiohttp
+
+from engine.adapter_store import AdapterStore, VersionDir
+from engine.config import EngineSettings, load_settings
+from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineError
+from engine.metrics import EngineMetrics
+from engine.types import (
+    EngineStatus, GenerationParams, Message, Mode, ModeCatalog, ReloadReport, UserContext,
+)
+from engine.vllm.client import ReplicaClient, Timeouts
+from engine.vllm.config import VllmSettings, load_vllm_settings
+from engine.vllm.fleet import Fleet, Replica
+from engine.vllm.lora import LoraBook, LoraVersion, replica_path, validate_version
+from engine.vllm.metrics import ReplicaMetrics
+from engine.vllm.stream import VllmStream
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear layer, from the model's config on the meta device:
+    what adapter validation checks shapes against, without loading a single weight."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(load_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {}
+    for name, module in model.named_modules():
+        inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if isinstance(inf, int) and isinstance(outf, int):
+            shapes[name] = (inf, outf)
+    return shapes
+
+
+def stop_token_ids(tokenizer: Any, load_path: str) -> list[int]:
+    """The ids that end an answer, as the local engine stops on them (EOS, chat end markers)."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(load_path).eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    except (OSError, ValueError):
+        pass  # no generation_config.json: the tokenizer's EOS and the markers below
+    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(special)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+class VllmEngine:
+    """The engine face (engine/face.py) over vLLM replicas; see the module docstring."""
+
+    def __init__(self, settings: EngineSettings | None = None, vllm: VllmSettings | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.vllm = vllm or load_vllm_settings()
+        if not self.vllm.vllm_urls:
+            raise ConfigError("ENGINE_BACKEND=vllm needs VLLM_URLS: the base URLs of the vLLM servers, "
+                              "comma-separated, e.g. VLLM_URLS=http://vllm:8000")
+        self.metrics = EngineMetrics()
+        self.replica_metrics = ReplicaMetrics(self.metrics.registry)
+        self.store = AdapterStore(self.settings.adapters_dir)
+        self.book = LoraBook(self.store)
+        self.training: Any = None
+        self.tokens_generated = 0
+        self.started = False
+        self.closed = False
+        self.model_id = ""
+        self.served_model = ""
+        self.stop_token_ids: list[int] = []
+        self.fleet: Fleet | None = None  # set by start()
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._streams: set[VllmStream] = set()
+        self._unloads: set[asyncio.Task[None]] = set()
+        self._started_at = time.monotonic()
+        # one thread tokenizes: off the event loop, and never two calls into the tokenizer at once
+        self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-prompts")
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the tokenizer and templates, validate adapters, check and fill the replicas."""
+        await asyncio.to_thread(self._load_sync)
+        v = self.vllm
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        timeouts = Timeouts(v.vllm_connect_timeout_s, v.vllm_admin_timeout_s)
+        replicas = [Replica(ReplicaClient(url, self._session, v.api_key, timeouts)) for url in v.vllm_urls]
+        self.fleet = Fleet(replicas, self.book, model=self.served_model, context_tokens=self.settings.context_tokens,
+                           retry_after_s=v.vllm_retry_after_s, max_in_flight=v.vllm_max_in_flight,
+                           metrics=self.replica_metrics)
+        versions = await asyncio.to_thread(self._validate_serving)
+        for lv in versions:
+            self.book.track(lv)
+        await asyncio.gather(*(self.fleet.check(r) for r in replicas))
+        for lv in versions:
+            if self.book.versions.get(lv.key) is lv and lv.state == "loading":
+                self.book.make_serving(lv)
+        for domain, reason in self.book.errors.items():
+            log.error("adapter %s is not serving: %s", domain, reason)
+        if all(r.state == "incompatible" for r in replicas):
+            reasons = "; ".join(r.error or r.url for r in replicas)
+            await self._close_http()
+            raise EngineError(f"no vLLM replica can serve this bot: {reasons}")
+        ready = len(self.fleet.ready())
+        if not ready:
+            log.warning("no vLLM replica is ready yet (%s); answering starts when one is",
+                        self.fleet.why_none(None))
+        self._start_training()
+        self._watch = asyncio.create_task(self.fleet.watch(v.vllm_health_interval_s), name="vllm-health")
+        self.started = True
+        log.info("vLLM engine ready: %d of %d replicas, %d adapters serving, model %s", ready, len(replicas),
+                 len(self.book.serving), self.served_model)
+
+    def _load_sync(self) -> None:
+        from engine import model as model_loader
+        from engine.prompts import PromptBuilder, TemplateLibrary
+
+        source = model_loader.prepare(self.settings)
+        self.model_id = source.model_id
+        self.served_model = self.vllm.vllm_model or source.model_id
+        tokenizer = model_loader.load_tokenizer(source)
+        self.stop_token_ids = stop_token_ids(tokenizer, source.load_path)
+        self.templates = TemplateLibrary(self.settings.templates_dir, self.settings.template_poll_s)
+        self.prompts = PromptBuilder(tokenizer, self.settings.context_tokens)
+        self._shapes = linear_shapes(source.load_path)
+
+    def _validate_serving(self) -> list[LoraVersion]:
+        """Each domain's current version, validated; failures go to the book's errors."""
+        out = []
+        for domain in self.store.domains():
+            current = self.store.current(domain)
+            if current is None:
+                continue
+            try:
+                out.append(self._validated(self.store.version(domain, current)))
+            except (AdapterNotFound, AdapterInvalid) as exc:
+                self.book.errors[domain] = str(exc)
+        return out
+
+    def _validated(self, vd: VersionDir) -> LoraVersion:
+        rank = validate_version(vd, self.model_id, self._shapes)
+        return LoraVersion(vd.domain, vd.version, replica_path(vd, self.store.root, self.vllm.vllm_adapters_dir),
+                           rank, vd.weights.stat().st_size)
+
+    def _start_training(self) -> None:
+        try:
+            from engine.training.service import TrainingService
+        except ImportError as exc:
+            log.warning("training is not available: %s", exc)
+            return
+        self.training = TrainingService(self.settings, model_id=self.model_id, reload=self.reload,
+                                        metrics=self.metrics)
+
+    async def close(self) -> None:
+        """Stop taking requests, cancel running streams (closing their responses), stop checking."""
+        if self.closed:
+            return
+        self.closed = True
+        close_training = getattr(self.training, "close", None)
+        if close_training is not None:
+            try:
+                await close_training()
+            except Exception:
+                log.exception("closing the training service failed")
+        for stream in list(self._streams):
+            stream.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self._unloads:
+            await asyncio.gather(*self._unloads, return_exceptions=True)
+        await self._close_http()
+        self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_http(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> "VllmEngine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- serving ------------------------------------------------------------------------------
+    def generate(self, messages: Sequence[Message], mode: Mode, params: GenerationParams | None = None,
+                 *, user: UserContext | None = None) -> VllmStream:
+        return VllmStream(self, list(messages), mode, params or GenerationParams(), user)
+
+    async def build_prompt(self, system: str, messages: Sequence[Message], max_new: int) -> tuple[list[int], int]:
+        """Token ids of the prompt and the turns trimmed, exactly as the local engine builds them."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prompt_pool, self.prompts.build, system, messages, max_new)
+
+    def register_stream(self, stream: VllmStream) -> None:
+        self._streams.add(stream)
+
+    def unregister_stream(self, stream: VllmStream) -> None:
+        self._streams.discard(stream)
+
+    def release_lease(self, lease: LoraVersion) -> None:
+        """A request on `lease` ended; unload a retired version once nothing uses it."""
+        if self.book.release(lease) and self.fleet is not None and not self.closed:
+            task = asyncio.get_running_loop().create_task(self.fleet.unload_everywhere(lease),
+                                                          name=f"unload-{lease.key}")
+            self._unloads.add(task)
+            task.add_done_callback(self._unloads.discard)
+
+    def modes(self) -> ModeCatalog:
+        return ModeCatalog(tuple(self.book.catalog()), tuple(self.templates.roles()))
+
+    async def reload(self, name: str | None = None) -> ReloadReport:
+        """Register the disk's current version of one domain (or all, plus templates) on every
+        replica, then switch new requests to it; on failure the previous version keeps serving."""
+        report = ReloadReport()
+        if name is None:
+            report.templates.update(await asyncio.to_thread(self.templates.refresh, True))
+        domains = [name] if name else self.store.domains()
+        for domain in domains:
+            before = self.book.serving.get(domain)
+            try:
+                version = await self._reload_domain(domain)
+            except (AdapterNotFound, AdapterInvalid) as exc:
+                report.failed[domain] = str(exc)
+                continue
+            (report.unchanged if before is not None and before.version == version else report.loaded)[domain] = version
+        return report
+
+    async def _reload_domain(self, domain: str) -> str:
+        self.store.domain_dir(domain)  # validates the name
+        current = self.store.current(domain)
+        if current is None:
+            raise AdapterNotFound(self.book.not_found(domain))
+        serving = self.book.serving.get(domain)
+        if serving is not None and serving.version == current:
+            return current
+        assert self.fleet is not None, "start() first"
+        try:
+            lv = await asyncio.to_thread(self._validated, self.store.version(domain, current))
+            await self.fleet.switch(lv)
+        except (AdapterNotFound, AdapterInvalid) as exc:
+            self.book.errors[domain] = str(exc)
+            log.error("adapter %s/%s refused: %s", domain, current, exc)
+            raise
+        return current
+
+    def status(self) -> EngineStatus:
+        rss = 0
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        replicas = tuple(r.status() for r in self.fleet.replicas) if self.fleet else ()
+        ready = sum(r.state == "ready" for r in replicas)
+        return EngineStatus(
+            model=self.served_model or self.settings.model,
+            quantization="set on the replicas",
+            device=f"vLLM, {ready} of {len(self.vllm.vllm_urls)} replicas ready",
+            dtype="set on the replicas",
+            model_bytes=0,
+            process_rss_bytes=rss,
+            gpu_allocated_bytes=None,
+            adapters=tuple(self.book.resident()),
+            queue_depth=0,
+            active_requests=sum(r.in_flight for r in replicas),
+            tokens_generated=self.tokens_generated,
+            uptime_s=time.monotonic() - self._started_at,
+            ready=self.started and not self.closed and ready > 0,
+            backend="vllm",
+            replicas=replicas,
+        )

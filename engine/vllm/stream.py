@@ -1,0 +1,269 @@
+"""One answer from a vLLM replica, as the engine face's text stream.
+
+The prompt is built here, by the project's own prompt code (role template, history trimmed
+to CONTEXT_TOKENS, the tokenizer's chat template), and sent as token ids, so both backends
+see the same prompt. The request goes to the least busy ready replica; a replica that fails,
+times out or is not ready before the first piece arrives is taken out and the request is
+retried on another. After the first piece the answer is committed to its replica: a failure
+then ends the stream with an error, the pieces so far kept. Leaving early closes the HTTP
+response, and vLLM aborts the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Sequence
+
+from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
+from engine.types import FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext
+from engine.vllm.client import CompletionStream, ModelMissing, ReplicaRejected, ReplicaUnavailable, StreamFailed
+
+if TYPE_CHECKING:
+    from engine.vllm.engine import VllmEngine
+    from engine.vllm.fleet import Replica
+    from engine.vllm.lora import LoraVersion
+
+log = logging.getLogger(__name__)
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+
+
+def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], params: GenerationParams,
+                    max_new: int) -> dict[str, Any]:
+    """The /v1/completions request: the engine's sampling settings mapped one to one."""
+    s, p = engine.settings, params
+    top_k = s.top_k if p.top_k is None else p.top_k
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": max_new,
+        "temperature": s.temperature if p.temperature is None else p.temperature,  # 0 = greedy in both
+        "top_p": p.top_p or s.top_p,
+        "top_k": top_k if top_k > 0 else -1,  # ours: 0 disables; vLLM: -1 (every release accepts it)
+        "repetition_penalty": p.repetition_penalty or s.repetition_penalty,
+        "stop_token_ids": engine.stop_token_ids,
+        "skip_special_tokens": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if p.seed is not None:
+        body["seed"] = p.seed
+    return body
+
+
+class VllmStream:
+    """See the module docstring; the face's TextStream."""
+
+    def __init__(self, engine: "VllmEngine", messages: Sequence[Message], mode: Mode, params: GenerationParams,
+                 user: UserContext | None) -> None:
+        self._engine, self._messages, self._mode, self._params, self._user = engine, messages, mode, params, user
+        self.result = GenerationResult(adapter=mode.adapter, role=mode.role)
+        self._started = False
+        self._done = False
+        self._pieces: deque[str] = deque()
+        self._events: CompletionStream | None = None
+        self._replica: "Replica | None" = None
+        self._lease: "LoraVersion | None" = None
+        self._finish: FinishReason | None = None
+        self._usage: dict[str, Any] | None = None
+        self._t0 = time.monotonic()
+        self.replica_url: str | None = None  # who answered (tests and logs)
+
+    def __aiter__(self) -> "VllmStream":
+        return self
+
+    async def __aenter__(self) -> "VllmStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if not self._started:
+                self._started = True
+                await self._open()
+            while not self._pieces:
+                if self._events is None or self._events.closed:
+                    self._end(self._finish or "stop")
+                    raise StopAsyncIteration
+                event = await self._events.next_event(self._engine.vllm.vllm_stall_timeout_s)
+                if event is None:
+                    self._end(self._finish or "stop")
+                    raise StopAsyncIteration
+                self._absorb(event)
+            piece = self._pieces.popleft()
+            self.result.text += piece
+            return piece
+        except StopAsyncIteration:
+            raise
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except ReplicaUnavailable as exc:
+            if self._replica is not None and not isinstance(exc, StreamFailed):
+                self._engine.fleet.take_out(self._replica, str(exc))
+            self._end("error")
+            raise EngineError(f"the answer broke off: {exc}") from exc
+        except EngineError:
+            self._end("error")
+            raise
+        except BaseException:
+            self._end("error")
+            raise
+
+    # ---- opening: prompt, replica, failover ---------------------------------------------------
+    async def _open(self) -> None:
+        engine = self._engine
+        if engine.closed or not engine.started:
+            raise EngineClosed("the engine is shutting down" if engine.closed else "the engine is not running")
+        engine.register_stream(self)
+        s, mode, p = engine.settings, self._mode, self._params
+        max_new = p.max_new_tokens or s.max_new_tokens
+        if not 0 < max_new < s.context_tokens:
+            raise EngineError(f"max_new_tokens={max_new} must be between 1 and CONTEXT_TOKENS-1")
+        if mode.adapter is not None:
+            self._lease = engine.book.lease(mode.adapter)
+            self.result.adapter_version = self._lease.version
+        system = engine.templates.render_system(mode.role, self._user)
+        try:
+            ids, trimmed = await engine.build_prompt(system, self._messages, max_new)
+        except ValueError as exc:
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(str(exc)) from exc
+        self.result.prompt_tokens, self.result.trimmed_turns = len(ids), trimmed
+        model = self._lease.key if self._lease is not None else engine.served_model
+        body = completion_body(engine, model, ids, p, max_new)
+        await self._send(body, model if self._lease is not None else None)
+
+    async def _send(self, body: dict[str, Any], key: str | None) -> None:
+        """Send to replicas in turn until one streams its first event."""
+        fleet, timeout = self._engine.fleet, self._engine.vllm.vllm_first_token_timeout_s
+        tried: set[str] = set()
+        recovered: set[str] = set()
+        last: Exception | None = None
+        while True:
+            self._check_open()
+            r = fleet.pick(key, tried)
+            if r is None:
+                why = fleet.why_none(key)
+                log.warning("no replica for a request on %s: %s", key or "the base model", why)
+                raise EngineBusy(f"no vLLM replica can take the request now ({why})"
+                                 + (f"; last error: {last}" if last else "")) from last
+            tried.add(r.url)
+            fleet.acquire(r)
+            self._replica, self.replica_url = r, r.url
+            started = time.monotonic()
+            try:
+                self._events = await r.client.complete(body, timeout)
+                while True:  # the first event with a choice (or the end) commits the request here
+                    self._check_open()
+                    left = max(0.001, timeout - (time.monotonic() - started))
+                    event = await self._events.next_event(left)
+                    if event is None:
+                        self._events.close()
+                        break
+                    self._absorb(event)
+                    if self._pieces or self._finish is not None:
+                        break
+                return
+            except ModelMissing as exc:
+                self._drop_replica("failover")
+                last = exc
+                if r.url not in recovered:  # it restarted: give it the adapters again, then retry it
+                    recovered.add(r.url)
+                    tried.discard(r.url)
+                    log.warning("replica %s does not know %s (restarted?); registering again", r.url, key)
+                    await fleet.recover(r)
+                else:
+                    fleet.take_out(r, str(exc))
+            except ReplicaUnavailable as exc:
+                self._drop_replica("failover")
+                fleet.take_out(r, str(exc))
+                log.warning("replica %s failed before the first token; trying another: %s", r.url, exc)
+                last = exc
+            except ReplicaRejected as exc:
+                self._drop_replica("error")
+                if exc.status in (401, 403):
+                    fleet.take_out(r, f"the API key (VLLM_API_KEY) was refused: {exc.detail}")
+                    last = exc
+                    continue
+                if "maximum context length" in exc.detail:
+                    raise InputTooLong(f"the replica refused the prompt: {exc.detail}") from exc
+                raise EngineError(f"the vLLM replica refused the request: {exc.detail}") from exc
+            except BaseException:
+                self._drop_replica("cancelled")
+                raise
+
+    def _check_open(self) -> None:
+        """Cancelled from elsewhere (the engine closing) while waiting: stop sending."""
+        if self._done:
+            raise EngineClosed("the request was cancelled")
+
+    def _drop_replica(self, outcome: str) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        if self._replica is not None:
+            self._engine.fleet.release(self._replica, outcome)
+            self._replica = None
+
+    # ---- events -------------------------------------------------------------------------------
+    def _absorb(self, event: dict[str, Any]) -> None:
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        for choice in event.get("choices") or ():
+            text = choice.get("text") or ""
+            if text:
+                if self.result.time_to_first_token_s is None:
+                    self.result.time_to_first_token_s = time.monotonic() - self._t0
+                    self._engine.metrics.ttft.observe(self.result.time_to_first_token_s)
+                self._pieces.append(text)
+                self.result.completion_tokens += 1  # replaced by the usage count at the end
+            reason = choice.get("finish_reason")
+            if reason:
+                self._finish = _FINISH.get(reason, "error")
+                if self._finish == "error":
+                    log.warning("replica %s ended a request with finish_reason=%r", self.replica_url, reason)
+
+    # ---- ending -------------------------------------------------------------------------------
+    def _end(self, reason: FinishReason) -> None:
+        if self._done:
+            return
+        self._done = True
+        res = self.result
+        if res.finish_reason is None:
+            res.finish_reason = reason
+        res.duration_s = time.monotonic() - self._t0
+        if self._usage:
+            res.prompt_tokens = int(self._usage.get("prompt_tokens") or res.prompt_tokens)
+            res.completion_tokens = int(self._usage.get("completion_tokens") or res.completion_tokens)
+        outcome = {"stop": "ok", "length": "ok"}.get(res.finish_reason or "", res.finish_reason or "error")
+        self._drop_replica(outcome)
+        engine = self._engine
+        label = self._mode.adapter or "base"
+        if self._started:
+            engine.metrics.requests.labels(label, res.finish_reason).inc()
+            engine.metrics.tokens.labels(label).inc(res.completion_tokens)
+            engine.metrics.prompt_tokens.inc(res.prompt_tokens)
+            engine.tokens_generated += res.completion_tokens
+            decode_s = res.duration_s - (res.time_to_first_token_s or 0.0)
+            if res.completion_tokens > 1 and decode_s > 0:
+                engine.metrics.tokens_per_second.observe(res.completion_tokens / decode_s)
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            engine.release_lease(lease)
+        engine.unregister_stream(self)
+
+    def cancel(self) -> None:
+        """Stop now: close the HTTP response (vLLM aborts the request), free the lease."""
+        self._end("cancelled")
+
+    async def aclose(self) -> None:
+        self.cancel()

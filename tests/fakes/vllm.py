@@ -1,0 +1,385 @@
+"""A fake vLLM OpenAI-compatible server over real HTTP (aiohttp on 127.0.0.1, a random port).
+
+It reproduces what the vLLM backend uses, with vLLM's shapes (see engine/vllm/client.py for
+the sources): `GET /v1/models` (the base card with `max_model_len`, one card per LoRA with
+`parent`), `GET /health`, `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (plain
+"Success: ..." text, or `{"error": {message, type, param, code}}` with vLLM's messages and
+status codes; FastAPI's `{"detail": "Not Found"}` when runtime LoRA updating is off), and
+streaming `POST /v1/completions` with token-id prompts: SSE chunks with `choices[0].text`,
+the `finish_reason` on the last one, a `usage` chunk with `choices: []` when
+`stream_options.include_usage` is set, then `data: [DONE]`. It checks what vLLM checks and
+a careless client trips over: the Bearer API key, unknown model names (404 "does not exist"),
+a prompt that is not token ids, prompt + max_tokens above max_model_len, an adapter folder
+that is missing or of a rank above `max_lora_rank`.
+
+Answers are deterministic: unless a test scripts one, the text is
+`"<server name>:<model> says hello to prompt of N tokens"`, one word per token, so a test sees
+which replica and which adapter answered. A test can script replies (text, pieces, a gate
+before the first piece, stepped pieces, an error chunk or a dropped connection mid-stream),
+fail routes with an HTTP status, stall every completion, go down, and restart (come back on
+the same port having forgotten its adapters). Requests whose client left are marked aborted,
+as vLLM aborts them.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Reply:
+    """One scripted completion. `gate`: the first piece waits for it; `stepped`: every later
+    piece (and a scripted failure) waits for `allow()`; `fail_after`: an error chunk after that
+    many pieces; `drop_after`: the connection is cut after that many pieces."""
+
+    text: str | None = None
+    pieces: list[str] | None = None
+    gate: asyncio.Event | None = None
+    stepped: bool = False
+    fail_after: int | None = None
+    drop_after: int | None = None
+    finish_reason: str | None = None  # default: "length" if cut by max_tokens, else "stop"
+    _steps: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))
+
+    def allow(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._steps.release()
+
+
+@dataclass
+class Completion:
+    """A request the server received, and what became of it."""
+
+    body: dict[str, Any]
+    model: str
+    prompt: list[int]
+    sent: list[str] = field(default_factory=list)
+    finished: bool = False
+    aborted: bool = False  # the client left before the end (vLLM aborts the request)
+
+
+@dataclass
+class Failure:
+    path: str
+    status: int
+    message: str
+    times: int
+
+
+def _error(status: int, message: str, err_type: str, param: str | None = None) -> web.Response:
+    """vLLM's ErrorResponse: {"error": {"message", "type", "param", "code"}}."""
+    return web.json_response({"error": {"message": message, "type": err_type, "param": param, "code": status}},
+                             status=status)
+
+
+_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+class FakeVllm:
+    """See the module docstring. `async with FakeVllm(name="vllm-1") as v:` or start()/stop()."""
+
+    def __init__(self, *, name: str = "vllm", model: str = MODEL_ID, root: str = "/models/SmolLM2-135M-Instruct",
+                 max_model_len: int = 2048, max_lora_rank: int = 16, enable_lora: bool = True,
+                 runtime_lora: bool = True, api_key: str | None = None,
+                 path_map: tuple[str, Path] | None = None) -> None:
+        self.name = name
+        self.model = model
+        self.root = root
+        self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank
+        self.enable_lora = enable_lora
+        self.runtime_lora = runtime_lora
+        self.api_key = api_key
+        self.path_map = path_map  # (prefix the client uses, the folder it means here)
+        self.adapters: dict[str, str] = {}  # registered LoRA name -> path (what a restart forgets)
+        self.loads: list[tuple[str, str, int]] = []  # (name, path, status) of every load request
+        self.unloads: list[tuple[str, int]] = []  # (name, status)
+        self.completions: list[Completion] = []
+        self.replies: deque[Reply] = deque()
+        self.failures: list[Failure] = []
+        self.stall: asyncio.Event | None = None  # when set to an unset Event, completions wait for it
+        self.load_gate: asyncio.Event | None = None  # when set to an unset Event, adapter loads wait for it
+        self.load_waiting = 0  # loads waiting for load_gate now
+        self.restarts = 0
+        self.url = ""
+        self._port = 0
+        self._runner: web.AppRunner | None = None
+        self._changed = asyncio.Condition()
+        self._streams: dict[int, web.Request] = {}  # open streams, to cut on stop()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/load_lora_adapter", self._load)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload)
+        app.router.add_post("/v1/completions", self._completions)
+        # handler_cancellation: a client that disconnects cancels its handler, as vLLM aborts
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
+        await site.start()
+        self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{self._port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop listening and cut every open stream (a crashed or stopped server)."""
+        for request in list(self._streams.values()):
+            if request.transport is not None:
+                request.transport.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self._notify()
+
+    async def restart(self) -> None:
+        """Go down and come back on the same port, having forgotten every adapter."""
+        await self.stop()
+        self.adapters.clear()
+        self.restarts += 1
+        await self.start()
+
+    def forget(self) -> None:
+        """A restart between two looks: same port, no downtime seen, adapters gone."""
+        self.adapters.clear()
+        self.restarts += 1
+
+    async def __aenter__(self) -> "FakeVllm":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.stall is not None:
+            self.stall.set()
+        await self.stop()
+
+    # ---- scripting --------------------------------------------------------------------------
+    def script(self, text: str | None = None, **kw: Any) -> Reply:
+        reply = Reply(text=text, **kw)
+        self.replies.append(reply)
+        return reply
+
+    def fail(self, path: str, status: int = 500, *, times: int = 1, message: str | None = None) -> None:
+        """The next `times` requests to `path` get this error answer."""
+        self.failures.append(Failure(path, status, message or f"scripted failure ({status})", times))
+
+    def hold(self) -> asyncio.Event:
+        """Every completion from now on stalls after its headers until the event is set."""
+        self.stall = asyncio.Event()
+        return self.stall
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+        """Wait until `predicate()` is truthy (re-checked on every request and stream step)."""
+        async def _wait() -> Any:
+            async with self._changed:
+                while True:
+                    value = predicate()
+                    if value:
+                        return value
+                    await self._changed.wait()
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{self.name}: condition not met within {timeout}s; adapters {self.adapters}, "
+                                 f"{len(self.completions)} completions") from None
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # ---- views ----------------------------------------------------------------------------------
+    def models_of(self, kind: str = "lora") -> list[str]:
+        return list(self.adapters) if kind == "lora" else [self.model]
+
+    # ---- the API ------------------------------------------------------------------------------
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return None
+
+    def _take_failure(self, path: str) -> web.Response | None:
+        for f in self.failures:
+            if f.path == path and f.times > 0:
+                f.times -= 1
+                return _error(f.status, f.message, _TYPES.get(f.status, "InternalServerError"))
+        return None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    def _card(self, model_id: str, root: str, parent: str | None, max_len: int | None) -> dict[str, Any]:
+        return {
+            "id": model_id, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": root,
+            "parent": parent, "max_model_len": max_len,
+            "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                            "created": int(time.time()), "allow_create_engine": False, "allow_sampling": True,
+                            "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                            "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}],
+        }
+
+    async def _models(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request) or self._take_failure("/v1/models")
+        if denied is not None:
+            return denied
+        data = [self._card(self.model, self.root, None, self.max_model_len)]
+        data += [self._card(name, path, self.model, None) for name, path in self.adapters.items()]
+        return web.json_response({"object": "list", "data": data})
+
+    def _local(self, path: str) -> Path:
+        if self.path_map is not None and path.startswith(self.path_map[0]):
+            return self.path_map[1] / path[len(self.path_map[0]):].lstrip("/")
+        return Path(path)
+
+    async def _load(self, request: web.Request) -> web.Response:
+        if not self.runtime_lora:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if self.load_gate is not None and not self.load_gate.is_set():
+            self.load_waiting += 1
+            await self._notify()
+            try:
+                await self.load_gate.wait()
+            finally:
+                self.load_waiting -= 1
+        response = self._load_answer(name, path, bool(body.get("load_inplace")))
+        self.loads.append((str(name), str(path), response.status))
+        await self._notify()
+        return response
+
+    def _load_answer(self, name: Any, path: Any, inplace: bool) -> web.Response:
+        if not name or not path:
+            return _error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+        if name in self.adapters and not inplace:
+            return _error(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                               "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+        failure = self._take_failure("/v1/load_lora_adapter")
+        if failure is not None:
+            return failure
+        if not self.enable_lora:
+            return _error(500, "LoRA is not enabled.", "InternalServerError")
+        config = self._local(path) / "adapter_config.json"
+        if not config.is_file():
+            return _error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
+        rank = json.loads(config.read_text()).get("r", 0)
+        if rank > self.max_lora_rank:
+            return _error(500, f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}.",
+                          "InternalServerError")
+        self.adapters[name] = path
+        return web.Response(status=200, text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        if not self.runtime_lora:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        name = (await request.json()).get("lora_name")
+        if not name:
+            response = _error(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
+        elif (failure := self._take_failure("/v1/unload_lora_adapter")) is not None:
+            response = failure
+        elif name not in self.adapters:
+            response = _error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+        else:
+            del self.adapters[name]
+            response = web.Response(status=200, text=f"Success: LoRA adapter '{name}' removed successfully.")
+        if name != "__loratg_probe__":
+            self.unloads.append((str(name), response.status))
+        await self._notify()
+        return response
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        denied = self._unauthorized(request) or self._take_failure("/v1/completions")
+        if denied is not None:
+            await self._notify()
+            return denied
+        body = await request.json()
+        model = body.get("model") or self.model
+        if model != self.model and model not in self.adapters:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
+            return _error(400, "this fake takes prompts as token ids only", "BadRequestError", "prompt")
+        max_tokens = int(body.get("max_tokens") or 16)
+        if len(prompt) + max_tokens > self.max_model_len:
+            return _error(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                               f"you requested {len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, "
+                               f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                               "completion.", "BadRequestError", "input_tokens")
+        reply = self.replies.popleft() if self.replies else Reply()
+        record = Completion(body, model, prompt)
+        self.completions.append(record)
+        text = reply.text if reply.text is not None else \
+            f"{self.name}:{model} says hello to prompt of {len(prompt)} tokens"
+        pieces = reply.pieces if reply.pieces is not None else re.findall(r"\s*\S+", text)
+        finish = reply.finish_reason or ("length" if len(pieces) > max_tokens else "stop")
+        pieces = pieces[:max_tokens]
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        self._streams[id(request)] = request
+        await self._notify()
+
+        async def send(payload: Any) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            await response.write(f"data: {data}\n\n".encode())
+
+        def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                                 "stop_reason": None}]}
+        try:
+            if self.stall is not None:
+                await self.stall.wait()
+            if reply.gate is not None:
+                await reply.gate.wait()
+            for i, piece in enumerate(pieces):
+                if reply.stepped and i > 0:
+                    await reply._steps.acquire()
+                if reply.fail_after is not None and i >= reply.fail_after:
+                    await send({"error": {"message": "scripted failure in the middle of a stream",
+                                          "type": "InternalServerError", "param": None, "code": 500}})
+                    await send("[DONE]")
+                    return response
+                if reply.drop_after is not None and i >= reply.drop_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await send(chunk(piece, finish if i == len(pieces) - 1 else None))
+                record.sent.append(piece)
+                await self._notify()
+            if not pieces:
+                await send(chunk("", finish))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await send({"id": cid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [], "usage": {"prompt_tokens": len(prompt), "total_tokens":
+                                                     len(prompt) + len(record.sent),
+                                                     "completion_tokens": len(record.sent)}})
+            await send("[DONE]")
+            await response.write_eof()
+            record.finished = True
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            record.aborted = True
+            raise
+        finally:
+            self._streams.pop(id(request), None)
+            await self._notify()
