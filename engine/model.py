@@ -80,7 +80,46 @@ def resolve_source(settings: EngineSettings) -> ModelSource:
         raise ConfigError(
             f"MODEL={name!r}: not found; expected 'smollm2', a Hugging Face id, a model folder or a .gguf file"
         )
+    check_hub_model(name)
     return ModelSource(name, name)
+
+
+#: How long the start-up check may wait for the hub before calling it unreachable.
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def check_hub_model(repo_id: str, timeout_s: float = HUB_CHECK_TIMEOUT_S) -> None:
+    """ConfigError at once when a hub id is neither cached nor on a reachable hub.
+
+    Without this, transformers retries the hub for about a minute and then blames the
+    internet connection even when the name is simply wrong. Asks the hub once, without
+    retries; a model found in the local cache needs no network at all.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except errors.HFValidationError as exc:
+        raise ConfigError(f"MODEL={repo_id!r}: not a model folder, .gguf file or Hugging Face id ({exc})") from exc
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return
+    where = f"not found locally (no folder of that name here, nothing in the hub cache {constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"MODEL={repo_id!r}: {where}, and HF_HUB_OFFLINE is set")
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=timeout_s)
+    except errors.GatedRepoError as exc:
+        raise ConfigError(f"MODEL={repo_id!r}: {where}; the hub has it, but gated: accept its terms and set "
+                          "HF_TOKEN") from exc
+    except errors.RepositoryNotFoundError as exc:
+        raise ConfigError(f"MODEL={repo_id!r}: {where}, and the Hugging Face hub has no such model "
+                          "(check the spelling, or set HF_TOKEN for a private one)") from exc
+    except Exception as exc:  # httpx/requests connection errors, timeouts, 5xx
+        raise ConfigError(f"MODEL={repo_id!r}: {where}, and the Hugging Face hub is not reachable "
+                          f"({type(exc).__name__}: {exc})") from exc
 
 
 def prepare(settings: EngineSettings) -> ModelSource:

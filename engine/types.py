@@ -142,7 +142,8 @@ class EngineStatus:
     active_requests: int
     tokens_generated: int
     uptime_s: float
-    ready: bool
+    ready: bool  # started, and able to answer (some role template renders)
+    problems: tuple[str, ...] = ()  # why it is not ready, for /status and /healthz
 
 
 @dataclass(frozen=True)
