@@ -145,7 +145,7 @@ class Engine:
         self.runtime = LoraRuntime(self.loaded.model)
         self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         self.registry = AdapterRegistry(
-            self.store, self.runtime, self.loaded.source.model_id, self.settings.max_resident_adapters,
+            self.store, self.runtime, self.loaded.identity, self.settings.max_resident_adapters,
             self.scheduler.run_exclusive, self.metrics,
         )
         self.scheduler.registry = self.registry
@@ -169,7 +169,7 @@ class Engine:
             log.warning("training is not available: %s", exc)
             return
         self.training = TrainingService(
-            self.settings, model_id=self.loaded.source.model_id, reload=self.reload, metrics=self.metrics
+            self.settings, model_id=self.loaded.identity, reload=self.reload, metrics=self.metrics
         )
 
     async def close(self) -> None:

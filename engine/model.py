@@ -45,6 +45,14 @@ class LoadedModel:
     quantization: str
     device: str
     dtype: str
+    fingerprint: str | None = None  # of the weight files on disk (engine.fingerprint)
+
+    @property
+    def identity(self) -> Any:
+        """The model id that adapters are checked against, carrying the weights' fingerprint."""
+        from engine.fingerprint import ModelIdentity
+
+        return ModelIdentity(self.source.model_id, self.fingerprint)
 
 
 def _embedded_gguf() -> Path:
@@ -217,12 +225,15 @@ def load(settings: EngineSettings) -> LoadedModel:
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(f"MODEL={settings.model!r} could not be loaded from {source.load_path}: {exc}") from exc
     model.eval()
+    from engine.fingerprint import fingerprint_model
+
+    fingerprint = fingerprint_model(source.load_path)
     log.info(
         "loaded %s (%s, %s, %s) in %.1f s, %.0f MB",
         source.model_id, quantization, device, str(dtype).removeprefix("torch."),
         time.monotonic() - started, model.get_memory_footprint() / 2**20,
     )
-    return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."))
+    return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."), fingerprint)
 
 
 def main(argv: list[str] | None = None) -> int:

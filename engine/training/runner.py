@@ -20,6 +20,7 @@ from typing import Any, Callable
 from engine.adapter_store import AdapterStore, VersionDir
 from engine.config import EngineSettings
 from engine.errors import TrainingError
+from engine.fingerprint import base_mismatch
 from engine.training.data import DomainData, load_domain_data, load_hub_data
 from engine.training.evaluate import EvalResult, eval_loss, gate
 from engine.training.options import TrainOptions
@@ -108,7 +109,7 @@ def run_job(
     torch.manual_seed(options.seed)
     loaded = model_mod.load(settings)
     model, tokenizer = loaded.model, loaded.tokenizer
-    model_id = loaded.source.model_id
+    model_id = loaded.identity  # the name, carrying the weights' fingerprint
     train_ds, eval_ds = data.datasets()
     train_enc, dropped = encode_dataset(tokenizer, train_ds, options.max_seq_len)
     eval_enc, _ = encode_dataset(tokenizer, eval_ds, options.max_seq_len)
@@ -190,7 +191,8 @@ def run_job(
         if previous is not None:
             metrics.update(eval_loss_previous=previous.loss, eval_perplexity_previous=previous.perplexity)
         meta = {
-            "base_model": model_id,
+            "base_model": str(model_id),
+            "base_fingerprint": loaded.fingerprint,
             "status": "candidate",
             "parent": current if current_dir is not None else None,
             "metrics": {k: round(v, 6) for k, v in metrics.items()},
@@ -217,7 +219,7 @@ def run_job(
     return version
 
 
-def _compatible(store: AdapterStore, domain: str, current: str | None, model_id: str) -> VersionDir | None:
+def _compatible(store: AdapterStore, domain: str, current: str | None, model_id: Any) -> VersionDir | None:
     """The current version's folder if it can be scored on this base model, else None."""
     if current is None:
         return None
@@ -226,9 +228,9 @@ def _compatible(store: AdapterStore, domain: str, current: str | None, model_id:
     except Exception as exc:  # a dangling pointer: train as if there were no current version
         log.warning("current version %s of %s is unusable (%s); gating against the base model", current, domain, exc)
         return None
-    trained_on = vdir.meta.get("base_model")
-    if trained_on and trained_on != model_id:
-        log.warning("%s/%s was trained for %s, not %s; gating against the base model", domain, current, trained_on, model_id)
+    mismatch = base_mismatch(vdir.meta, model_id, f"{domain}/{current}")
+    if mismatch:
+        log.warning("%s/%s %s; gating against the base model", domain, current, mismatch)
         return None
     if not vdir.weights.is_file():
         log.warning("%s has no adapter weights; gating against the base model", vdir.path)
