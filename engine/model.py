@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.config import DEFAULT_MODEL, EngineSettings, load_settings
 from engine.errors import ConfigError, ModelLoadError
+from engine.logs import adopt_library_logging
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    adopt_library_logging()
+
     log.info("converting %s to safetensors in %s (once)", gguf, target)
     started = time.monotonic()
     staging = target.with_name(f".{target.name}.partial")
@@ -197,6 +200,8 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
+    adopt_library_logging()
+
     tokenizer = AutoTokenizer.from_pretrained(source.load_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -208,6 +213,7 @@ def load(settings: EngineSettings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
+    adopt_library_logging()
     source = prepare(settings)
     device = settings.resolved_device()
     dtype = torch_dtype(settings, device)

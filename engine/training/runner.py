@@ -13,6 +13,7 @@ This module never moves `current`: promotion belongs to whoever can also hot-loa
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from typing import Any, Callable
@@ -130,6 +131,7 @@ def run_job(
         log.info("%s: eval loss %.4f (perplexity %.2f) on %d tokens", label, result.loss, result.perplexity, result.tokens)
         return result
 
+    total_steps = planned_steps(options, len(train_enc))
     with store.staging(domain) as staged:
         scratch = staged / ".trainer"
         progress = _Progress(emit, job_id, domain, f"training on {len(train_enc)} rows")
@@ -140,7 +142,9 @@ def run_job(
             num_train_epochs=options.epochs,
             max_steps=options.max_steps or -1,
             learning_rate=options.learning_rate,
-            warmup_steps=options.warmup,
+            # whole steps, rounded down: a short run gets no warm-up (one step of warm-up on a
+            # one-step run would train at learning rate 0 and change nothing)
+            warmup_steps=int(options.warmup * total_steps),
             lr_scheduler_type="linear",
             logging_steps=1,
             save_strategy="no",
@@ -159,6 +163,11 @@ def run_job(
         started = time.monotonic()
         output = trainer.train()
         train_seconds = time.monotonic() - started
+        if is_untrained(peft_model):
+            raise TrainingError(
+                f"training changed nothing: after {int(output.global_step)} step(s) at learning rate "
+                f"{options.learning_rate:g} the adapter is still its initial no-op; no version was written "
+                "(train for more steps or with a higher learning rate)")
         # Scoring comes after training on purpose: on CPUs with AVX512-BF16, bitsandbytes
         # repacks 4-bit weights for inference at the first no-grad eval-mode forward, and the
         # repacked kernel has no backward, so scoring first would silently break the gradients
@@ -217,6 +226,22 @@ def run_job(
                        message=f"{decision.reason}; {note}" if note else decision.reason,
                        metrics=dict(meta["metrics"]), version=version.version))
     return version
+
+
+def planned_steps(options: TrainOptions, rows: int) -> int:
+    """Optimizer steps the Trainer will take (max_steps, else epochs over the rows)."""
+    if options.max_steps:
+        return options.max_steps
+    per_epoch = max(1, math.ceil(rows / options.batch_size) // options.grad_accum)
+    return max(1, math.ceil(options.epochs * per_epoch))
+
+
+def is_untrained(peft_model: Any) -> bool:
+    """True while every LoRA B matrix is still zero (peft's initial state): the adapter adds nothing."""
+    import torch
+
+    with torch.no_grad():
+        return all(not bool(p.any()) for name, p in peft_model.named_parameters() if "lora_B" in name)
 
 
 def _compatible(store: AdapterStore, domain: str, current: str | None, model_id: Any) -> VersionDir | None:
