@@ -247,7 +247,7 @@ def format_validation_error(exc: ValidationError) -> str:
 
 def load_settings(**overrides: object) -> EngineSettings:
     """Read settings once; raise ConfigError naming each bad variable (and any unknown override)."""
-    unknown = [name for name in overrides if name not in EngineSettings.model_fields]
+    unknown = [name for name in overrides if name not in EngineSettings.model_fields and not name.startswith("_")]
     if unknown:
         hints = [f"{n} (did you mean {c[0]}?)" if (c := difflib.get_close_matches(n, list(EngineSettings.model_fields), 1))
                  else n for n in unknown]

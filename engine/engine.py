@@ -63,6 +63,7 @@ class GenerationStream:
                 raise
             if self._done:  # cancelled while the prompt was being prepared
                 self._request.cancelled.set()
+                raise StopAsyncIteration
         try:
             item = await self._queue.get()
         except asyncio.CancelledError:

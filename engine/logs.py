@@ -193,6 +193,7 @@ class LibraryNoiseFilter(logging.Filter):
 def disable_progress_bars() -> None:
     """No tqdm bars from the libraries: set before they import, switched off if they already have."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars as hub_off

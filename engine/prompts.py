@@ -297,6 +297,8 @@ class TemplateLibrary:
             })
         except TemplateError as exc:
             if str(exc) not in self._reported:
+                if len(self._reported) > 1000:  # bounded: messages may differ per user
+                    self._reported.clear()
                 self._reported.add(str(exc))
                 log.error("%s; answering with the safe prompt in '%s'", exc, language)
             return safe_prompt(language)

@@ -171,8 +171,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.logs import setup_logging
+
+    # one line per event; library records through it; no library progress bars off a terminal
+    setup_logging("text", False, "INFO", stream=sys.stderr)
     emit = json_sink() if args.events_json else ProgressBar()
     if args.events_json:
         _quiet_progress_bars()  # nobody watches the child's stderr live; keep its log readable
@@ -195,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         emit(TrainingEvent(job_id, args.domain, kind, message=message))  # type: ignore[arg-type]
         return code
 
+    if not args.events_json:  # the bot already warned about its environment before starting us
+        from engine.config import EngineSettings, misspelt_settings
+
+        for warning in misspelt_settings(EngineSettings.model_fields):
+            log.warning("%s", warning)
     try:
         settings = load_settings(**json.loads(args.settings_json)) if args.settings_json else load_settings()
         options = options_from_args(args)

@@ -89,7 +89,7 @@ async def test_job_writes_version_gates_and_promotes(settings, adapters, domain_
     assert m["train_seconds"] > 0 and "train_loss" in m
     t = meta["training"]
     assert (t["r"], t["lora_alpha"], t["lora_dropout"], t["target_modules"], t["quantization"]) == (
-        8, 32, 0.1, "all-linear", "nf4")
+        8, 32, 0.1, "all-linear", settings.resolved_quantization(settings.resolved_device()))
     assert (t["steps"], t["samples"], t["eval_samples"], t["skipped_rows"]) == (3, 10, 4, 2)
     assert final.metrics["eval_loss"] == m["eval_loss"]
     assert store.current("legal") == "v1" and reloads.calls == [("legal", "v1")]
