@@ -324,19 +324,21 @@ class TrainingService:
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             try:
-                state = (self._log_stamp(), json.dumps(lock.holder(self.settings.adapters_dir), sort_keys=True))
+                state = await asyncio.to_thread(self._watch_state)
                 if state != last:
                     last = state
                     await asyncio.to_thread(self._reap)
             except Exception:  # the watcher must outlive a bad moment on disk
                 log.exception("checking for dead training jobs failed")
 
-    def _log_stamp(self) -> tuple[int, int] | None:
+    def _watch_state(self) -> tuple[object, ...]:
+        """The job log's (mtime, size) and who holds the training lock: what a death changes."""
         try:
             st = self.log.path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
+            stamp = None
+        return stamp, json.dumps(lock.holder(self.settings.adapters_dir), sort_keys=True)
 
     def _export(self, domain: str, pairs: list[tuple[str, str]]) -> int:
         folder = self.store.domain_dir(domain) / "data"
