@@ -12,8 +12,8 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 .PHONY: setup model run test test-fast bench lint clean help
 help:
 	@echo "make run        - set up, then start the bot (console chat without BOT_TOKEN)"
-	@echo "make test       - set up, then run the whole test suite (~15-20 min on 2 CPU cores)"
-	@echo "make test-fast  - the tests without the real model and training (a few minutes)"
+	@echo "make test       - set up, then run the whole test suite (about 20 min on 2 CPU cores)"
+	@echo "make test-fast  - the tests without the real model and without training"
 	@echo "make setup      - create .venv, install torch and the project, convert the model"
 	@echo "make model      - convert the embedded default model once (part of setup)"
 	@echo "make bench      - set up, then print the benchmark tables"
