@@ -19,7 +19,16 @@ def _restore_root_logger() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     others = {name: logging.getLogger(name).level for name in ("aiogram.scene", "aiogram.middlewares")}
+    import os
+
+    env = {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                                          "TQDM_DISABLE")}
     yield
+    for k, v in env.items():  # setup_logging switches progress bars off process-wide
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     for h in list(root.handlers):
         if h not in handlers:
             root.removeHandler(h)
