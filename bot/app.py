@@ -175,7 +175,11 @@ class BotApp:
         log.info("ops server on %s:%s", self.settings.ops_host, getattr(self.ops, "port", self.settings.ops_port))
 
     async def _check_model(self) -> bool:
-        return bool(self.engine.status().ready)
+        status = self.engine.status()
+        problems = getattr(status, "problems", ())
+        if not status.ready and problems:  # the reason goes into /healthz's body and the log
+            raise RuntimeError("; ".join(problems))
+        return bool(status.ready)
 
     def _engine_details(self) -> dict[str, Any]:
         """Each replica's state for /healthz (the vLLM backend); nothing for the local engine."""

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
+from engine.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
 from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, AdapterVersionInfo, ResidentAdapter
 
@@ -207,12 +208,9 @@ def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[
             raise AdapterInvalid(f"{where}: {required} is missing")
     if "_error" in version.meta:
         raise AdapterInvalid(f"{where}: {version.meta['_error']}")
-    base = version.meta.get("base_model")
-    if base != model_id:
-        raise AdapterIncompatible(
-            f"{where} was trained for base model {base!r}, but this engine serves {model_id!r}; "
-            "adapters only work with the model they were trained on"
-        )
+    mismatch = base_mismatch(version.meta, model_id, where)  # by weights' fingerprint, else by name
+    if mismatch:
+        raise AdapterIncompatible(f"{where} {mismatch}; adapters only work with the model they were trained on")
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -5,8 +5,10 @@ A bad value stops the start with a message naming the variable and what it accep
 """
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterable, Literal, Mapping
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +74,16 @@ class EngineSettings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=512, description="Rows decoded together per step.")
     max_queue: int = Field(64, ge=1, le=100000, description="Waiting requests before new ones are refused.")
     template_poll_s: float = Field(1.0, ge=0.0, description="How often template files are checked for changes.")
+    template_render_timeout_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="Longest a role template may take to render; slower ones are refused."
+    )
+    template_max_chars: int = Field(
+        16000, ge=100, le=1_000_000, description="Longest system prompt a role template may render, characters."
+    )
+    history_tokens: int = Field(
+        512, ge=0, le=131072,
+        description="Token budget of the earlier turns sent with a question (oldest dropped first); 0 = none.",
+    )
 
     # LoRA training defaults (engine.training)
     lora_r: int = Field(8, ge=1, le=256)
@@ -104,12 +116,126 @@ class EngineSettings(BaseSettings):
         return "nf4" if device.startswith("cuda") else "none"
 
     def resolved_device(self) -> str:
-        """The device actually used: `auto` becomes cuda when torch sees one."""
-        if self.device != "auto":
-            return self.device
+        """The device actually used: `auto` becomes cuda when torch sees one.
+
+        An explicit device this torch cannot use is a ConfigError naming DEVICE and what was
+        found, instead of torch's "Torch not compiled with CUDA enabled" deep inside loading.
+        """
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        check_device(self.device, torch)
+        return self.device
+
+    def check_folders(self) -> list[str]:
+        """ConfigError when TEMPLATES_DIR or ADAPTERS_DIR is missing; notes worth logging otherwise.
+
+        A relative path is taken from the working directory, so starting from another folder
+        is the usual cause: the message says which folder was looked at and where the
+        project's own folder is.
+        """
+        problems = []
+        for name, path in (("TEMPLATES_DIR", self.templates_dir), ("ADAPTERS_DIR", self.adapters_dir)):
+            if not path.is_dir():
+                state = "is not a folder" if path.exists() else "does not exist"
+                problems.append(f"{name}={str(path)!r}: {describe_path(path)} {state}{_project_hint(path)}")
+        if not problems and not any(self.templates_dir.glob("*.j2")):
+            problems.append(f"TEMPLATES_DIR={str(self.templates_dir)!r}: {describe_path(self.templates_dir)} "
+                            f"has no role templates (<role>.<lang>.j2){_project_hint(self.templates_dir)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        from engine.adapter_store import AdapterStore
+
+        notes = []
+        if not AdapterStore(self.adapters_dir).domains():
+            notes.append(f"ADAPTERS_DIR={str(self.adapters_dir)!r}: {describe_path(self.adapters_dir)} holds no "
+                         "adapter domains; serving the base model only")
+        return notes
+
+
+#: The checkout (or installed tree) this module belongs to: where `templates/` and `adapters/` ship.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def describe_path(path: Path) -> str:
+    """'/abs/path' or, for a relative path, 'the folder /cwd/rel (relative to the working directory /cwd)'."""
+    if path.is_absolute():
+        return str(path)
+    return f"{Path.cwd() / path} (relative to the working directory {Path.cwd()})"
+
+
+def _project_hint(path: Path) -> str:
+    if path.is_absolute():
+        return ""
+    shipped = PROJECT_ROOT / path
+    if shipped.is_dir() and shipped.resolve() != (Path.cwd() / path).resolve():
+        return f"; the project's folder is {shipped}: start from {PROJECT_ROOT} or set an absolute path"
+    return "; start from the project folder or set an absolute path"
+
+
+def check_device(device: str, torch: Any) -> None:
+    """ConfigError unless this torch can run on `device` (cpu, cuda, cuda:N, mps)."""
+    if device == "cpu":
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"DEVICE=mps: torch {torch.__version__} sees no Apple GPU (MPS); set DEVICE=cpu or auto")
+        return
+    build = getattr(torch.version, "cuda", None) or getattr(torch.version, "hip", None)
+    if not build:
+        raise ConfigError(
+            f"DEVICE={device}: the installed torch {torch.__version__} is built without CUDA; install a CUDA "
+            "build (make TORCH=... TORCH_INDEX_URL=...) or set DEVICE=cpu (or auto)"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            f"DEVICE={device}: torch {torch.__version__} (CUDA {build}) sees no GPU (no driver, or "
+            "CUDA_VISIBLE_DEVICES hides them); set DEVICE=cpu (or auto)"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ConfigError(f"DEVICE={device}: only {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+
+
+#: Variables a `.env` may hold for the libraries and tools around us, not for our settings.
+FOREIGN_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "PYTORCH_", "TORCH", "CUDA_", "NVIDIA_", "COMPOSE_",
+                    "DOCKER_", "TOKENIZERS_", "OMP_", "MKL_", "BNB_", "PYTHON", "TZ", "LANG", "LC_")
+
+
+def misspelt_settings(known: Iterable[str], *, environ: Mapping[str, str] | None = None,
+                      env_file: Path | None = Path(".env"), complete: bool = False) -> list[str]:
+    """Warnings for names that look like a mistyped setting (`MAX_NEW_TOKEN`, `QUANTISATION`).
+
+    pydantic-settings ignores unknown names silently, so a typo silently leaves the default
+    in force. The environment is full of unrelated names, so there only a close match to a
+    real setting is reported; in `.env` (ours by convention) with `complete=True` (the caller
+    passes every setting of the process) any unknown name is reported too.
+    """
+    names = {n.upper() for n in known}
+    environ = os.environ if environ is None else environ
+    sources: list[tuple[str, Iterable[str]]] = []
+    if env_file is not None and env_file.is_file():
+        from dotenv import dotenv_values
+
+        sources.append((f"in {env_file}", [k for k in dotenv_values(env_file) if k]))
+    sources.append(("in the environment", list(environ)))
+    out, seen = [], set()
+    for where, keys in sources:
+        for key in keys:
+            name = key.strip().upper()
+            if not name or name in names or name in seen:
+                continue
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+            if close:
+                out.append(f"{name} ({where}) is not a setting and is ignored; did you mean {close[0]}?")
+            elif complete and where != "in the environment" and not name.startswith(FOREIGN_PREFIXES):
+                out.append(f"{name} ({where}) is not a setting and is ignored (see .env.example for the names)")
+            else:
+                continue
+            seen.add(name)
+    return out
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -124,7 +250,12 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def load_settings(**overrides: object) -> EngineSettings:
-    """Read settings once; raise ConfigError naming each bad variable."""
+    """Read settings once; raise ConfigError naming each bad variable (and any unknown override)."""
+    unknown = [name for name in overrides if name not in EngineSettings.model_fields and not name.startswith("_")]
+    if unknown:
+        hints = [f"{n} (did you mean {c[0]}?)" if (c := difflib.get_close_matches(n, list(EngineSettings.model_fields), 1))
+                 else n for n in unknown]
+        raise ConfigError(f"unknown engine setting(s): {', '.join(hints)}")
     try:
         return EngineSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from engine.adapter_store import AdapterStore
 from engine.config import EngineSettings, load_settings
-from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
+from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.types import (
     EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, UserContext,
@@ -56,11 +56,14 @@ class GenerationStream:
         if self._queue is None:
             self._queue = asyncio.Queue()
             try:
-                self._request = self._engine._submit(self, self._queue)
+                self._request = await self._engine._submit(self, self._queue)
             except BaseException:
                 self._done = True
-                self.result.finish_reason = "error"
+                self.result.finish_reason = self.result.finish_reason or "error"
                 raise
+            if self._done:  # cancelled while the prompt was being prepared
+                self._request.cancelled.set()
+                raise StopAsyncIteration
         try:
             item = await self._queue.get()
         except asyncio.CancelledError:
@@ -100,25 +103,46 @@ class Engine:
 
     # ---- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        """Load model, templates and adapters, and start the model thread."""
+        """Load model, templates and adapters, and start the model thread.
+
+        The folders and templates are checked first, so a wrong TEMPLATES_DIR or ADAPTERS_DIR
+        (or a start from another working directory) fails in a second, naming the setting,
+        instead of loading the model and then failing every question.
+        """
+        notes = await asyncio.to_thread(self.settings.check_folders)
+        self.templates = await asyncio.to_thread(self._load_templates)
         await asyncio.to_thread(self._start_sync)
         failures = await asyncio.to_thread(self.registry.load_all)
         for domain, reason in failures.items():
             log.error("adapter %s is not serving: %s", domain, reason)
+        for note in notes:
+            log.warning("%s", note)
         self._start_training()
+        self.templates.start_polling()
         self._ready = True
-        log.info("engine ready: %d adapters serving, %d roles", len(self.registry.serving()), len(self.templates.roles()))
+        log.info("engine ready: %d adapters serving, %d roles", len(self.registry.serving()),
+                 len(self.templates.roles(refresh=False)))
+
+    def _load_templates(self) -> Any:
+        from engine.prompts import TemplateLibrary
+
+        s = self.settings
+        library = TemplateLibrary(s.templates_dir, s.template_poll_s, render_timeout_s=s.template_render_timeout_s,
+                                  max_chars=s.template_max_chars)
+        if not library.roles(refresh=False):
+            errors = "; ".join(library.errors().values()) or "no *.j2 files"
+            raise ConfigError(f"TEMPLATES_DIR={str(s.templates_dir)!r}: no role template can be rendered ({errors})")
+        return library
 
     def _start_sync(self) -> None:
         from engine import model as model_loader
         from engine.adapters import AdapterRegistry, LoraRuntime
-        from engine.prompts import PromptBuilder, TemplateLibrary
+        from engine.prompts import PromptBuilder
         from engine.scheduler import Scheduler
 
         self.loaded = model_loader.load(self.settings)
         tok = self.loaded.tokenizer
-        self.templates = TemplateLibrary(self.settings.templates_dir, self.settings.template_poll_s)
-        self.prompts = PromptBuilder(tok, self.settings.context_tokens)
+        self.prompts = PromptBuilder(tok, self.settings.context_tokens, self.settings.history_tokens)
         self.runtime_kind = self._choose_runtime()
         if self.runtime_kind == "fast":
             from engine.runtime import FastRuntime
@@ -131,7 +155,7 @@ class Engine:
             self.runtime = LoraRuntime(self.loaded.model)
             self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         self.registry = AdapterRegistry(
-            self.store, self.runtime, self.loaded.source.model_id, self.settings.max_resident_adapters,
+            self.store, self.runtime, self.loaded.identity, self.settings.max_resident_adapters,
             self.scheduler.run_exclusive, self.metrics,
         )
         self.scheduler.registry = self.registry
@@ -173,7 +197,7 @@ class Engine:
             log.warning("training is not available: %s", exc)
             return
         self.training = TrainingService(
-            self.settings, model_id=self.loaded.source.model_id, reload=self.reload, metrics=self.metrics
+            self.settings, model_id=self.loaded.identity, reload=self.reload, metrics=self.metrics
         )
 
     async def close(self) -> None:
@@ -188,6 +212,9 @@ class Engine:
                 await close_training()
             except Exception:
                 log.exception("closing the training service failed")
+        templates = getattr(self, "templates", None)
+        if templates is not None:
+            await asyncio.to_thread(templates.stop_polling)
         if self.loaded is not None:
             await asyncio.to_thread(self.scheduler.stop)
             await asyncio.to_thread(self.registry.close)
@@ -204,7 +231,7 @@ class Engine:
                  *, user: UserContext | None = None) -> GenerationStream:
         return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
 
-    def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
+    async def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
         from engine.scheduler import Request, SamplingSettings
 
         if self._closed or not self._ready:
@@ -212,14 +239,13 @@ class Engine:
         mode, p, s = stream._mode, stream._params, self.settings
         if mode.adapter is not None and mode.adapter not in self.registry.serving():
             raise AdapterNotFound(self.registry._not_found(mode.adapter))
-        system = self.templates.render_system(mode.role, stream._user)
         max_new = p.max_new_tokens or s.max_new_tokens
         if not 0 < max_new < s.context_tokens:
             raise EngineError(f"max_new_tokens={max_new} must be between 1 and CONTEXT_TOKENS-1")
-        try:
-            ids, trimmed = self.prompts.build(system, stream._messages, max_new)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from exc
+        # Template refresh, render and tokenizing read disk and run user-written code: off the loop.
+        ids, trimmed = await asyncio.to_thread(self._prompt, mode.role, stream._user, stream._messages, max_new)
+        if self._closed:
+            raise EngineClosed("the engine is shutting down")
         result = stream.result
         result.prompt_tokens, result.trimmed_turns = len(ids), trimmed
         sampling = SamplingSettings(
@@ -236,8 +262,18 @@ class Engine:
         self.scheduler.submit(req)
         return req
 
+    def _prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
+                max_new: int) -> tuple[list[int], int]:
+        """System prompt + history -> token ids (worker thread)."""
+        system = self.templates.render_system(role, user)
+        try:
+            return self.prompts.build(system, messages, max_new)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+
     def modes(self) -> ModeCatalog:
-        return ModeCatalog(tuple(self.registry.catalog()), tuple(self.templates.roles()))
+        # no disk access here (the poller thread refreshes the templates): modes() runs on the loop
+        return ModeCatalog(tuple(self.registry.catalog()), tuple(self.templates.roles(refresh=False)))
 
     async def reload(self, name: str | None = None) -> ReloadReport:
         """Hot-load the disk's current version of one adapter (or all, plus templates)."""
@@ -263,6 +299,7 @@ class Engine:
         except OSError:
             pass
         gpu = None
+        problems = self._problems()
         loaded = self.loaded
         if loaded is not None and loaded.device.startswith("cuda"):
             import torch
@@ -281,5 +318,15 @@ class Engine:
             active_requests=len(self.scheduler.rows) if loaded else 0,
             tokens_generated=self.scheduler.tokens_generated if loaded else 0,
             uptime_s=time.monotonic() - self._started_at,
-            ready=self._ready,
+            ready=self._ready and not problems,
+            problems=tuple(problems),
         )
+
+    def _problems(self) -> list[str]:
+        """Why a started engine cannot answer right now (empty when it can)."""
+        templates = getattr(self, "templates", None)
+        if self._ready and templates is not None and not templates.roles(refresh=False):
+            errors = "; ".join(templates.errors().values())
+            return [f"no role template can be rendered (TEMPLATES_DIR={str(self.settings.templates_dir)!r}"
+                    f"{': ' + errors if errors else ''})"]
+        return []

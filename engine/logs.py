@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import sys
 from typing import Any, Literal, TextIO
 
@@ -142,12 +143,84 @@ def setup_logging(
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(old)
         old.close()  # a StreamHandler leaves its stream open
+    handler.addFilter(LibraryNoiseFilter())
     root.addHandler(handler)
     root.setLevel(level)
     for name in _CONTENT_LEAKING_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if log_content else max(logging.INFO, level))
     logging.captureWarnings(True)
+    target = stream if stream is not None else sys.stderr
+    interactive = fmt == "text" and bool(getattr(target, "isatty", lambda: False)())
+    if not interactive:
+        disable_progress_bars()
+    adopt_library_logging()
     return handler
+
+
+# ---- third-party libraries --------------------------------------------------------------------
+#
+# transformers installs its own stderr handler ("[transformers] ...", never JSON) and stops its
+# records from reaching ours; it and huggingface_hub draw tqdm bars ("Loading weights: 100%|...")
+# whatever the log format. And library deprecation notices ("`past_key_values` is deprecated")
+# are for their developers, not for an operator: printed in the middle of the console's first
+# answer they only confuse.
+
+_LIBRARY_PREFIXES = ("transformers", "huggingface_hub", "peft", "accelerate", "bitsandbytes", "datasets",
+                     "torch", "trl", "safetensors", "tokenizers")
+_DEPRECATION = ("DeprecationWarning", "FutureWarning", "PendingDeprecationWarning", "deprecated")
+
+
+class LibraryNoiseFilter(logging.Filter):
+    """Library deprecation notices go out as DEBUG (shown only with LOG_LEVEL=DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not self._from_library(record):
+            return True
+        message = record.getMessage()
+        if not any(word in message for word in _DEPRECATION):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+    @staticmethod
+    def _from_library(record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":  # warnings.warn(): the message starts with the file's path
+            text = str(record.msg)
+            return "site-packages" in text or "dist-packages" in text
+        return record.name.split(".", 1)[0] in _LIBRARY_PREFIXES
+
+
+def disable_progress_bars() -> None:
+    """No tqdm bars from the libraries: set before they import, switched off if they already have."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars as hub_off
+
+        hub_off()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def adopt_library_logging() -> None:
+    """Send transformers' records through our handler instead of its own (call after importing it).
+
+    A no-op until `setup_logging` has installed our handler, so a library user who never
+    called it keeps transformers' defaults.
+    """
+    if "transformers" not in sys.modules:
+        return
+    if not any(getattr(h, _HANDLER_MARK, False) for h in logging.getLogger().handlers):
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        hf_logging.disable_progress_bar()
 
 
 def setup_logging_from(settings: Any, stream: TextIO | None = None) -> logging.Handler:

@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.config import DEFAULT_MODEL, EngineSettings, load_settings
 from engine.errors import ConfigError, ModelLoadError
+from engine.logs import adopt_library_logging
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,14 @@ class LoadedModel:
     quantization: str
     device: str
     dtype: str
+    fingerprint: str | None = None  # of the weight files on disk (engine.fingerprint)
+
+    @property
+    def identity(self) -> Any:
+        """The model id that adapters are checked against, carrying the weights' fingerprint."""
+        from engine.fingerprint import ModelIdentity
+
+        return ModelIdentity(self.source.model_id, self.fingerprint)
 
 
 def _embedded_gguf() -> Path:
@@ -80,7 +89,46 @@ def resolve_source(settings: EngineSettings) -> ModelSource:
         raise ConfigError(
             f"MODEL={name!r}: not found; expected 'smollm2', a Hugging Face id, a model folder or a .gguf file"
         )
+    check_hub_model(name)
     return ModelSource(name, name)
+
+
+#: How long the start-up check may wait for the hub before calling it unreachable.
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def check_hub_model(repo_id: str, timeout_s: float = HUB_CHECK_TIMEOUT_S) -> None:
+    """ConfigError at once when a hub id is neither cached nor on a reachable hub.
+
+    Without this, transformers retries the hub for about a minute and then blames the
+    internet connection even when the name is simply wrong. Asks the hub once, without
+    retries; a model found in the local cache needs no network at all.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except errors.HFValidationError as exc:
+        raise ConfigError(f"MODEL={repo_id!r}: not a model folder, .gguf file or Hugging Face id ({exc})") from exc
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return
+    where = f"not found locally (no folder of that name here, nothing in the hub cache {constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"MODEL={repo_id!r}: {where}, and HF_HUB_OFFLINE is set")
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=timeout_s)
+    except errors.GatedRepoError as exc:
+        raise ConfigError(f"MODEL={repo_id!r}: {where}; the hub has it, but gated: accept its terms and set "
+                          "HF_TOKEN") from exc
+    except errors.RepositoryNotFoundError as exc:
+        raise ConfigError(f"MODEL={repo_id!r}: {where}, and the Hugging Face hub has no such model "
+                          "(check the spelling, or set HF_TOKEN for a private one)") from exc
+    except Exception as exc:  # httpx/requests connection errors, timeouts, 5xx
+        raise ConfigError(f"MODEL={repo_id!r}: {where}, and the Hugging Face hub is not reachable "
+                          f"({type(exc).__name__}: {exc})") from exc
 
 
 def prepare(settings: EngineSettings) -> ModelSource:
@@ -96,6 +144,8 @@ def prepare(settings: EngineSettings) -> ModelSource:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adopt_library_logging()
 
     log.info("converting %s to safetensors in %s (once)", gguf, target)
     started = time.monotonic()
@@ -150,6 +200,8 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
+    adopt_library_logging()
+
     tokenizer = AutoTokenizer.from_pretrained(source.load_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -161,6 +213,7 @@ def load(settings: EngineSettings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
+    adopt_library_logging()
     source = prepare(settings)
     device = settings.resolved_device()
     dtype = torch_dtype(settings, device)
@@ -178,12 +231,15 @@ def load(settings: EngineSettings) -> LoadedModel:
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(f"MODEL={settings.model!r} could not be loaded from {source.load_path}: {exc}") from exc
     model.eval()
+    from engine.fingerprint import fingerprint_model
+
+    fingerprint = fingerprint_model(source.load_path)
     log.info(
         "loaded %s (%s, %s, %s) in %.1f s, %.0f MB",
         source.model_id, quantization, device, str(dtype).removeprefix("torch."),
         time.monotonic() - started, model.get_memory_footprint() / 2**20,
     )
-    return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."))
+    return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."), fingerprint)
 
 
 def main(argv: list[str] | None = None) -> int:

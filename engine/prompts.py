@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jinja2 import StrictUndefined, TemplateError as JinjaError, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.errors import InputTooLong, TemplateError, TemplateNotFound
+from engine.template_limits import LimitedSandbox, RenderLimit, limits, render_limited
 from engine.types import Message, RoleInfo, UserContext
 
 log = logging.getLogger(__name__)
@@ -70,19 +70,48 @@ def _error_line(exc: BaseException, filename: str) -> int | None:
     return line
 
 
-class TemplateLibrary:
-    """All role templates of one folder, refreshed from disk at most every `poll_s` seconds."""
+#: The prompt a user gets when their language's template of a role is broken and has no last
+#: good version: plain, safe, and in their language, never another language's role text.
+SAFE_PROMPTS = {
+    "en": "You are a helpful assistant. Answer clearly and briefly.",
+    "ru": "Ты — полезный ассистент. Отвечай по-русски, ясно и кратко.",
+}
 
-    def __init__(self, folder: Path | str, poll_s: float = 1.0) -> None:
+
+def safe_prompt(language: str) -> str:
+    """The safe prompt in `language`; for a language without one, English that asks for it."""
+    if language in SAFE_PROMPTS:
+        return SAFE_PROMPTS[language]
+    return f"{SAFE_PROMPTS[DEFAULT_LANGUAGE]} Answer in the user's language ({language})."
+
+
+class TemplateLibrary:
+    """All role templates of one folder, refreshed from disk at most every `poll_s` seconds.
+
+    Rendering runs under a time and size budget (`engine.template_limits`), at load (the test
+    render) and for every request, so a template that loops or grows without end is refused
+    with its file instead of stalling whoever renders it. The engine renders off its event
+    loop and refreshes from a poller thread (`start_polling`), so no disk read or render ever
+    runs on the loop.
+    """
+
+    def __init__(self, folder: Path | str, poll_s: float = 1.0, *, render_timeout_s: float = 0.5,
+                 max_chars: int = 16000) -> None:
         self.folder = Path(folder)
         self.poll_s = poll_s
-        self._env = ImmutableSandboxedEnvironment(
+        self.render_timeout_s = render_timeout_s
+        self.max_chars = max_chars
+        self._env = LimitedSandbox(
             undefined=StrictUndefined, autoescape=False, trim_blocks=True, lstrip_blocks=True
         )
         self._templates: dict[tuple[str, str], RoleTemplate] = {}
         self._errors: dict[str, str] = {}  # file name -> message, for the last failed load
+        self._broken: dict[tuple[str, str], str] = {}  # (role, language) whose file fails now -> message
+        self._reported: set[str] = set()  # request-time render errors already logged
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
         self.refresh(force=True)
 
     # ---- loading -------------------------------------------------------------------
@@ -90,7 +119,7 @@ class TemplateLibrary:
         """Re-read changed files. Returns the current errors by file name."""
         now = time.monotonic()
         if not force and now - self._checked < self.poll_s:
-            return dict(self._errors)
+            return self.errors()
         with self._lock:
             self._checked = now
             seen: set[tuple[str, str]] = set()
@@ -118,15 +147,21 @@ class TemplateLibrary:
                     self._templates[key] = self._load(path, key, stamp)
                     self._errors.pop(path.name, None)
                     self._errors.pop(f"{path.name}#stamp", None)
+                    self._broken.pop(key, None)
                     if old is not None:
                         log.info("template %s reloaded", path.name)
                 except TemplateError as exc:
                     self._errors[path.name] = str(exc)
                     self._errors[f"{path.name}#stamp"] = str(stamp)
-                    log.error("%s%s", exc, "; keeping the last good version" if old else "")
+                    self._broken[key] = str(exc)
+                    fallback = "keeping the last good version" if old else \
+                        f"users of {key[0]} in '{key[1]}' get a plain safe prompt in that language"
+                    log.error("%s; %s", exc, fallback)
             for key in set(self._templates) - seen:
                 log.info("template %s.%s.j2 removed", *key)
                 del self._templates[key]
+            for key in set(self._broken) - seen:
+                del self._broken[key]
             present = {p.name for p in files}
             for name in [n for n in self._errors if n.partition("#")[0] not in present]:
                 del self._errors[name]  # a deleted broken file is no longer an error
@@ -142,10 +177,13 @@ class TemplateLibrary:
             raise TemplateError(f"{path}: cannot read as UTF-8 text: {exc}") from exc
         filename = str(path)
         try:
-            code = self._env.compile(source, name=key[0], filename=filename)
+            with limits(self.render_timeout_s, self.max_chars):  # compiling folds constants
+                code = self._env.compile(source, name=key[0], filename=filename)
             template = self._env.template_class.from_code(self._env, code, self._env.make_globals(None))
         except TemplateSyntaxError as exc:
             raise TemplateError(f"{path}, line {exc.lineno}: {exc.message}") from exc
+        except RenderLimit as exc:
+            raise TemplateError(f"{path}: {exc}") from exc
         meta = parse_meta(source)
         role = RoleTemplate(
             role=key[0], language=key[1], path=path, stamp=stamp,
@@ -159,7 +197,9 @@ class TemplateLibrary:
 
     def _render(self, role: RoleTemplate, variables: dict[str, Any]) -> str:
         try:
-            return role.template.render(**variables).strip()
+            return render_limited(role.template, variables, self.render_timeout_s, self.max_chars).strip()
+        except RenderLimit as exc:
+            raise TemplateError(f"{role.path}: {exc}") from exc
         except JinjaError as exc:
             line = _error_line(exc, str(role.path))
             where = f", line {line}" if line else ""
@@ -167,16 +207,40 @@ class TemplateLibrary:
         except Exception as exc:  # the sandbox raises SecurityError and friends too
             raise TemplateError(f"{role.path}: {type(exc).__name__}: {exc}") from exc
 
+    # ---- polling -------------------------------------------------------------------
+    def start_polling(self) -> None:
+        """Refresh from a daemon thread every `poll_s` (at least 0.2 s), so users never wait on disk."""
+        if self._poller is not None:
+            return
+
+        def poll() -> None:
+            while not self._stop.wait(max(self.poll_s, 0.2)):
+                try:
+                    self.refresh(force=True)
+                except Exception:  # a poller that dies silently would freeze the templates
+                    log.exception("refreshing the templates in %s failed", self.folder)
+
+        self._poller = threading.Thread(target=poll, name="template-poller", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+            self._poller = None
+
     # ---- using ---------------------------------------------------------------------
-    def roles(self) -> list[RoleInfo]:
-        self.refresh()
+    def roles(self, refresh: bool = True) -> list[RoleInfo]:
+        """The roles that have at least one good template (`refresh=False`: no disk access)."""
+        if refresh:
+            self.refresh()
         by_role: dict[str, list[RoleTemplate]] = {}
         for (role, _), t in sorted(self._templates.items()):
             by_role.setdefault(role, []).append(t)
         out = []
         for role, variants in by_role.items():
             main = next((t for t in variants if t.language == DEFAULT_LANGUAGE), variants[0])
-            errors = [self._errors[t.path.name] for t in variants if t.path.name in self._errors]
+            errors = [msg for (r, _), msg in sorted(self._broken.items()) if r == role]
             out.append(RoleInfo(
                 id=role, title=main.title, description=main.description,
                 languages=tuple(t.language for t in variants), suggested_adapter=main.adapter,
@@ -186,38 +250,74 @@ class TemplateLibrary:
         return out
 
     def variant(self, role: str, language: str) -> RoleTemplate:
+        """The template for a user of `language`: theirs, else English, else any that exists.
+
+        TemplateError when the file that should serve them is broken and has no last good
+        version (`render_system` then uses the safe prompt of their language).
+        """
+        choice = self._choose(role, language)
+        if isinstance(choice, RoleTemplate):
+            return choice
+        raise TemplateError(self._broken.get((role, choice)) or self._broken.get((role, language)) or
+                            f"role template {role!r} is broken")
+
+    def _choose(self, role: str, language: str) -> RoleTemplate | str:
+        """A template, or the language whose safe prompt stands in for a broken one."""
         self.refresh()
-        for lang in (language, DEFAULT_LANGUAGE):
-            t = self._templates.get((role, lang))
+        templates, broken = dict(self._templates), dict(self._broken)
+        for lang in dict.fromkeys((language, DEFAULT_LANGUAGE)):
+            t = templates.get((role, lang))
             if t is not None:
                 return t
-        anyv = [t for (r, _), t in self._templates.items() if r == role]
+            if (role, lang) in broken:
+                return language  # the file meant for them is broken: never another language's text
+        anyv = [t for (r, _), t in sorted(templates.items()) if r == role]
         if anyv:
             return anyv[0]
-        known = sorted({r for r, _ in self._templates})
+        if any(r == role for r, _ in broken):
+            return language
+        known = sorted({r for r, _ in templates})
         raise TemplateNotFound(f"no role template {role!r} in {self.folder} (known: {', '.join(known) or 'none'})")
 
     def render_system(self, role: str, user: UserContext | None = None) -> str:
+        """The system prompt for `role` and this user; slow or blocking (disk, render): call it off
+        the event loop. A template that fails for these values falls back to the safe prompt of
+        the user's language, and the failure is logged once."""
         user = user or UserContext()
-        t = self.variant(role, user.language or DEFAULT_LANGUAGE)
+        language = user.language or DEFAULT_LANGUAGE
+        t = self._choose(role, language)
+        if not isinstance(t, RoleTemplate):
+            return safe_prompt(t)
         today = user.today or dt.date.today()
-        return self._render(t, {
-            "first_name": (user.first_name or "").strip(),
-            "language": user.language or DEFAULT_LANGUAGE,
-            "date": today.isoformat(),
-        })
+        try:
+            return self._render(t, {
+                "first_name": (user.first_name or "").strip(),
+                "language": language,
+                "date": today.isoformat(),
+            })
+        except TemplateError as exc:
+            if str(exc) not in self._reported:
+                if len(self._reported) > 1000:  # bounded: messages may differ per user
+                    self._reported.clear()
+                self._reported.add(str(exc))
+                log.error("%s; answering with the safe prompt in '%s'", exc, language)
+            return safe_prompt(language)
 
 
 class PromptBuilder:
     """System prompt + history -> token ids through the tokenizer's chat template.
 
-    History is trimmed from the oldest turns so prompt + answer fit the context budget;
-    the newest user turn is never dropped (if it alone does not fit, InputTooLong).
+    Earlier turns get a token budget of their own (`history_tokens`, HISTORY_TOKENS): a long
+    pasted message is answered once and then drops out of what is sent, instead of making
+    every later answer slow until /new. Then history is trimmed from the oldest turns so
+    prompt + answer fit the context budget; the newest user turn is never dropped (if it
+    alone does not fit, InputTooLong).
     """
 
-    def __init__(self, tokenizer: Any, context_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, context_tokens: int, history_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.context_tokens = context_tokens
+        self.history_tokens = history_tokens
 
     def encode(self, system: str, messages: Sequence[Message]) -> list[int]:
         chat = ([{"role": "system", "content": system}] if system else []) + [
@@ -232,7 +332,7 @@ class PromptBuilder:
         if not turns or turns[-1].role != "user":
             raise ValueError("the last message must be the user's")
         budget = self.context_tokens - max_new_tokens
-        start = 0
+        start = self._history_start(turns)
         while True:
             ids = self.encode(system, turns[start:])
             if len(ids) <= budget:
@@ -242,7 +342,23 @@ class PromptBuilder:
                     f"the message is {len(ids)} tokens with the role prompt; the limit is {budget} "
                     f"(CONTEXT_TOKENS={self.context_tokens} minus MAX_NEW_TOKENS={max_new_tokens})"
                 )
-            # drop the oldest turn, then any assistant turn left at the front
-            start += 1
-            while start < len(turns) - 1 and turns[start].role != "user":
-                start += 1
+            start = _next_start(turns, start)
+
+    def _history_start(self, turns: list[Message]) -> int:
+        """The first turn to send so the earlier turns fit `history_tokens` (newest kept first)."""
+        if self.history_tokens is None or len(turns) == 1:
+            return 0
+        sizes = [len(ids) for ids in self.tokenizer([m.content for m in turns[:-1]],
+                                                     add_special_tokens=False)["input_ids"]]
+        start = 0
+        while start < len(turns) - 1 and sum(sizes[start:]) > self.history_tokens:
+            start = _next_start(turns, start)
+        return start
+
+
+def _next_start(turns: list[Message], start: int) -> int:
+    """Drop the oldest turn, then any assistant turn left at the front (history starts with the user)."""
+    start += 1
+    while start < len(turns) - 1 and turns[start].role != "user":
+        start += 1
+    return start

@@ -84,14 +84,23 @@ def json_sink() -> Callable[[TrainingEvent], None]:
 
 
 class ProgressBar:
-    """A tqdm bar for the console; messages go above it."""
+    """A tqdm bar on a terminal, messages above it; elsewhere (a pipe, a log file) no bar but a
+    log line about every tenth of the steps, so a captured log stays readable."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: Any = None) -> None:
         self.bar: Any = None
+        stream = stream or sys.stderr
+        self.live = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TQDM_DISABLE") != "1"
 
     def __call__(self, event: TrainingEvent) -> None:
         from tqdm import tqdm
 
+        if event.kind == "progress" and not self.live:
+            every = max(1, event.total_steps // 10)
+            if event.step and (event.step % every == 0 or event.step == event.total_steps):
+                loss = f", loss {event.loss:.4f}" if event.loss is not None else ""
+                log.info("training %s: step %d/%d%s", event.domain, event.step, event.total_steps, loss)
+            return
         if event.kind == "progress":
             if self.bar is None and event.total_steps:
                 self.bar = tqdm(total=event.total_steps, desc=f"training {event.domain}", unit="step")
@@ -102,8 +111,10 @@ class ProgressBar:
                 self.bar.refresh()
             return
         self.close()
-        if event.message:
+        if event.message and self.live:
             tqdm.write(f"[{event.kind}] {event.message}", file=sys.stderr)
+        elif event.message:
+            log.info("[%s] %s", event.kind, event.message)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -160,8 +171,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.logs import setup_logging
+
+    # one line per event; library records through it; no library progress bars off a terminal
+    setup_logging("text", False, "INFO", stream=sys.stderr)
     emit = json_sink() if args.events_json else ProgressBar()
     if args.events_json:
         _quiet_progress_bars()  # nobody watches the child's stderr live; keep its log readable
@@ -184,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         emit(TrainingEvent(job_id, args.domain, kind, message=message))  # type: ignore[arg-type]
         return code
 
+    if not args.events_json:  # the bot already warned about its environment before starting us
+        from engine.config import EngineSettings, misspelt_settings
+
+        for warning in misspelt_settings(EngineSettings.model_fields):
+            log.warning("%s", warning)
     try:
         settings = load_settings(**json.loads(args.settings_json)) if args.settings_json else load_settings()
         options = options_from_args(args)
@@ -193,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     standalone = not args.events_json  # the service keeps its own job log
     job_log = JobLog(lock.runs_dir(settings.adapters_dir) / "jobs.jsonl")
     record = JobRecord(job_id, args.domain, "running", _now(), args.requested_by or "cli",
-                       options=options.to_dict(), pid=os.getpid())
+                       options=options.to_dict(), pid=os.getpid(), origin="cli")
     try:
         with lock.hold(settings.adapters_dir, domain=args.domain, job_id=job_id):
+            from engine.training.reaper import reap_dead_jobs
+
+            reap_dead_jobs(settings.adapters_dir, job_log, holding=job_id)  # jobs killed before ours
             if standalone:
                 job_log.append(record)
             try:

@@ -160,7 +160,8 @@ class EngineStatus:
     active_requests: int
     tokens_generated: int
     uptime_s: float
-    ready: bool
+    ready: bool  # started, and able to answer (some role template renders)
+    problems: tuple[str, ...] = ()  # why it is not ready, for /status and /healthz
     backend: str = "local"  # ENGINE_BACKEND: local (this process) or vllm (replicas)
     replicas: tuple[ReplicaStatus, ...] = ()
 

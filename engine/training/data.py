@@ -115,22 +115,75 @@ def _pair(question: str, answer: str) -> Row:
 
 
 # ---- files ---------------------------------------------------------------------------
+#
+# Text must be UTF-8. A file in another encoding (Latin-1, UTF-16) or a binary file is not
+# guessed at: decoding with errors="replace" would train on mojibake. Undecodable lines are
+# bad rows with their file and line; a file that is not text at all is one bad row.
 
-def _json_lines(path: Path) -> Iterator[tuple[int, Row | BadRow]]:
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+class NotText(BadRow):
+    """The whole file is not UTF-8 text (binary, UTF-16): reported once, as its line 1."""
+
+
+def _binary_reason(head: bytes) -> str | None:
+    """Why a file is not UTF-8 text at all, judged from its first bytes; None if it may be."""
+    if head.startswith(_UTF16_BOMS):
+        return "the file is UTF-16 text; save it as UTF-8"
+    if b"\x00" in head:
+        return "the file is binary (it contains NUL bytes), not UTF-8 text"
+    return None
+
+
+def _decode(raw: bytes) -> str:
+    """One line as UTF-8; BadRow naming the column of the first undecodable byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start:exc.start + 1].hex()
+        raise BadRow(f"not UTF-8 text (byte 0x{byte} at column {exc.start + 1}); save the file as UTF-8") from None
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str | BadRow]]:
+    """(line number, text or BadRow) for every line; one BadRow for a file that is not text."""
+    with path.open("rb") as fh:
+        reason = _binary_reason(fh.read(8192))
+        if reason:
+            yield 1, NotText(reason)
+            return
+        fh.seek(0)
+        for n, raw in enumerate(fh, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
             try:
-                yield n, normalize(json.loads(line))
-            except json.JSONDecodeError as exc:
-                yield n, BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+                yield n, _decode(raw)
             except BadRow as exc:
                 yield n, exc
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, Row | BadRow]]:
+    for n, line in _text_lines(path):
+        if isinstance(line, BadRow):
+            yield n, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield n, normalize(json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield n, BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+        except BadRow as exc:
+            yield n, exc
+
+
 def _json_file(path: Path) -> Iterator[tuple[int, Row | BadRow]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = list(_text_lines(path))
+    bad = [(n, line) for n, line in lines if isinstance(line, BadRow)]
+    if bad:  # one undecodable byte spoils a whole JSON document; report where it is
+        yield from bad
+        return
+    text = "".join(line for _, line in lines if isinstance(line, str))
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -145,17 +198,26 @@ def _json_file(path: Path) -> Iterator[tuple[int, Row | BadRow]]:
 
 
 def _text_blocks(path: Path) -> Iterator[tuple[int, Row | BadRow]]:
+    """Blank-line separated blocks; a block with an undecodable line is skipped as a whole."""
     block: list[str] = []
-    start = 0
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for n, line in enumerate(lines + [""], 1):
-        if line.strip():
-            if not block:
+    start, broken = 0, None
+    for n, line in [*_text_lines(path), (-1, "")]:
+        if isinstance(line, NotText):
+            yield n, line
+            return
+        if isinstance(line, BadRow) or line.strip():
+            if not block and broken is None:
                 start = n
-            block.append(line.rstrip())
-        elif block:
-            yield start, {"text": "\n".join(block)}
-            block = []
+            if isinstance(line, BadRow):
+                broken = broken or (n, line)
+            else:
+                block.append(line.rstrip())
+        elif block or broken:
+            if broken:
+                yield broken
+            else:
+                yield start, {"text": "\n".join(block)}
+            block, broken = [], None
 
 
 _READERS: dict[str, Callable[[Path], Iterator[tuple[int, Row | BadRow]]]] = {

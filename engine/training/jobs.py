@@ -111,6 +111,7 @@ class JobRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     pid: int | None = None
+    origin: str = ""  # "cli" (python -m engine.train) or "service" (the bot); "" in old records
 
 
 class JobLog:

@@ -22,7 +22,7 @@ class TrainOptions:
     batch_size: int = 8
     grad_accum: int = 1
     warmup: float = 0.05
-    """Warm-up as a fraction of all steps."""
+    """Warm-up as a fraction of all steps, rounded down to whole steps (short runs get none)."""
     max_seq_len: int = 512
     """Rows are cut to this many tokens; rows left with no answer tokens are dropped."""
     eval_batch_size: int = 8
@@ -34,7 +34,7 @@ class TrainOptions:
         checks = (
             ("epochs", self.epochs > 0, "a positive number"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "at least 1"),
-            ("learning_rate", 0 <= self.learning_rate < 1, "in [0, 1)"),
+            ("learning_rate", 0 < self.learning_rate < 1, "in (0, 1): at 0 nothing is learned"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("grad_accum", self.grad_accum >= 1, "at least 1"),
             ("warmup", 0 <= self.warmup < 1, "a fraction in [0, 1)"),

@@ -9,6 +9,7 @@ import logging
 
 from engine.adapter_store import AdapterStore, utc_now
 from engine.errors import AdapterIncompatible, AdapterNotFound
+from engine.fingerprint import base_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -16,11 +17,9 @@ log = logging.getLogger(__name__)
 def check_compatible(store: AdapterStore, domain: str, version: str, model_id: str) -> None:
     """AdapterNotFound if the version is missing; AdapterIncompatible if made for another model."""
     v = store.version(domain, version)
-    trained_on = v.meta.get("base_model")
-    if trained_on != model_id:
-        raise AdapterIncompatible(
-            f"{domain}/{version} was trained for base model {trained_on!r}; this engine serves {model_id!r}"
-        )
+    mismatch = base_mismatch(v.meta, model_id, f"{domain}/{version}")
+    if mismatch:
+        raise AdapterIncompatible(f"{domain}/{version} {mismatch}")
     if not v.weights.is_file():
         raise AdapterIncompatible(f"{v.path} has no adapter weights")
 

@@ -13,6 +13,7 @@ This module never moves `current`: promotion belongs to whoever can also hot-loa
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from typing import Any, Callable
 from engine.adapter_store import AdapterStore, VersionDir
 from engine.config import EngineSettings
 from engine.errors import TrainingError
+from engine.fingerprint import base_mismatch
 from engine.training.data import DomainData, load_domain_data, load_hub_data
 from engine.training.evaluate import EvalResult, eval_loss, gate
 from engine.training.options import TrainOptions
@@ -108,7 +110,7 @@ def run_job(
     torch.manual_seed(options.seed)
     loaded = model_mod.load(settings)
     model, tokenizer = loaded.model, loaded.tokenizer
-    model_id = loaded.source.model_id
+    model_id = loaded.identity  # the name, carrying the weights' fingerprint
     train_ds, eval_ds = data.datasets()
     train_enc, dropped = encode_dataset(tokenizer, train_ds, options.max_seq_len)
     eval_enc, _ = encode_dataset(tokenizer, eval_ds, options.max_seq_len)
@@ -129,6 +131,7 @@ def run_job(
         log.info("%s: eval loss %.4f (perplexity %.2f) on %d tokens", label, result.loss, result.perplexity, result.tokens)
         return result
 
+    total_steps = planned_steps(options, len(train_enc))
     with store.staging(domain) as staged:
         scratch = staged / ".trainer"
         progress = _Progress(emit, job_id, domain, f"training on {len(train_enc)} rows")
@@ -139,7 +142,9 @@ def run_job(
             num_train_epochs=options.epochs,
             max_steps=options.max_steps or -1,
             learning_rate=options.learning_rate,
-            warmup_steps=options.warmup,
+            # whole steps, rounded down: a short run gets no warm-up (one step of warm-up on a
+            # one-step run would train at learning rate 0 and change nothing)
+            warmup_steps=int(options.warmup * total_steps),
             lr_scheduler_type="linear",
             logging_steps=1,
             save_strategy="no",
@@ -158,6 +163,11 @@ def run_job(
         started = time.monotonic()
         output = trainer.train()
         train_seconds = time.monotonic() - started
+        if is_untrained(peft_model):
+            raise TrainingError(
+                f"training changed nothing: after {int(output.global_step)} step(s) at learning rate "
+                f"{options.learning_rate:g} the adapter is still its initial no-op; no version was written "
+                "(train for more steps or with a higher learning rate)")
         # Scoring comes after training on purpose: on CPUs with AVX512-BF16, bitsandbytes
         # repacks 4-bit weights for inference at the first no-grad eval-mode forward, and the
         # repacked kernel has no backward, so scoring first would silently break the gradients
@@ -190,7 +200,8 @@ def run_job(
         if previous is not None:
             metrics.update(eval_loss_previous=previous.loss, eval_perplexity_previous=previous.perplexity)
         meta = {
-            "base_model": model_id,
+            "base_model": str(model_id),
+            "base_fingerprint": loaded.fingerprint,
             "status": "candidate",
             "parent": current if current_dir is not None else None,
             "metrics": {k: round(v, 6) for k, v in metrics.items()},
@@ -217,7 +228,23 @@ def run_job(
     return version
 
 
-def _compatible(store: AdapterStore, domain: str, current: str | None, model_id: str) -> VersionDir | None:
+def planned_steps(options: TrainOptions, rows: int) -> int:
+    """Optimizer steps the Trainer will take (max_steps, else epochs over the rows)."""
+    if options.max_steps:
+        return options.max_steps
+    per_epoch = max(1, math.ceil(rows / options.batch_size) // options.grad_accum)
+    return max(1, math.ceil(options.epochs * per_epoch))
+
+
+def is_untrained(peft_model: Any) -> bool:
+    """True while every LoRA B matrix is still zero (peft's initial state): the adapter adds nothing."""
+    import torch
+
+    with torch.no_grad():
+        return all(not bool(p.any()) for name, p in peft_model.named_parameters() if "lora_B" in name)
+
+
+def _compatible(store: AdapterStore, domain: str, current: str | None, model_id: Any) -> VersionDir | None:
     """The current version's folder if it can be scored on this base model, else None."""
     if current is None:
         return None
@@ -226,9 +253,9 @@ def _compatible(store: AdapterStore, domain: str, current: str | None, model_id:
     except Exception as exc:  # a dangling pointer: train as if there were no current version
         log.warning("current version %s of %s is unusable (%s); gating against the base model", current, domain, exc)
         return None
-    trained_on = vdir.meta.get("base_model")
-    if trained_on and trained_on != model_id:
-        log.warning("%s/%s was trained for %s, not %s; gating against the base model", domain, current, trained_on, model_id)
+    mismatch = base_mismatch(vdir.meta, model_id, f"{domain}/{current}")
+    if mismatch:
+        log.warning("%s/%s %s; gating against the base model", domain, current, mismatch)
         return None
     if not vdir.weights.is_file():
         log.warning("%s has no adapter weights; gating against the base model", vdir.path)

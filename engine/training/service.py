@@ -32,6 +32,7 @@ from engine.training.data import FEEDBACK_FILE, data_files, feedback_rows, is_ev
 from engine.training.jobs import JobLog, JobRecord, TrainingJob, new_job_id
 from engine.training.options import TrainOptions
 from engine.training.promotion import mark_promoted, undo_promotion
+from engine.training.reaper import SERVICE, reap_dead_jobs
 from engine.types import TrainingEvent
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ Reload = Callable[[str], Awaitable[object]]
 CANCEL_GRACE_S = 15.0
 #: The trainer's CPU niceness: chat replies come first on a shared CPU.
 TRAINER_NICE = 10
+#: How often the service looks whether the job log or the training lock changed.
+WATCH_INTERVAL_S = 1.0
 _PROJECT_ROOT = Path(engine.__file__).resolve().parent.parent
 
 
@@ -62,7 +65,12 @@ class TrainingService:
         self._cancelled_by: str | None = None
         self._pointer_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
-        self._recover()
+        self._reap()
+        self._watcher: asyncio.Task[None] | None = None
+        try:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="training-watch")
+        except RuntimeError:  # built outside an event loop (a script): start() and history() still reap
+            pass
 
     # ---- the interface ---------------------------------------------------------------------
     async def start(self, domain: str, *, requested_by: str | None = None,
@@ -78,6 +86,7 @@ class TrainingService:
         holder = lock.holder(self.settings.adapters_dir)
         if holder is not None:
             raise TrainingBusy(f"{lock.describe(holder)} is running (started outside this bot)")
+        await asyncio.to_thread(self._reap)
         self._require_domain(domain)
         options = options or TrainOptions()
         if not options.dataset:  # fail fast, with the file-and-line report, before spawning
@@ -93,7 +102,7 @@ class TrainingService:
             raise
         job.pid = self._proc.pid
         self.log.append(JobRecord(job.id, domain, "running", utc_now(), requested_by,
-                                  options=options.to_dict(), pid=job.pid))
+                                  options=options.to_dict(), pid=job.pid, origin=SERVICE))
         self._task = asyncio.create_task(self._supervise(job, self._proc), name=f"training-{job.id}")
         log.info("training job %s for %s started (pid %s) by %s", job.id, domain, job.pid, requested_by)
         return job
@@ -157,11 +166,14 @@ class TrainingService:
         return await asyncio.to_thread(self._export, domain, list(pairs))
 
     def history(self, limit: int = 20) -> list[JobRecord]:
-        """The newest jobs from the job log, newest first (survives restarts)."""
+        """The newest jobs from the job log, newest first (survives restarts; dead jobs reported)."""
+        self._reap()
         return list(reversed(self.log.records()))[:limit]
 
     async def close(self) -> None:
         """Cancel a running job (the engine is shutting down)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.current() is not None:
             await self.cancel(requested_by="engine shutdown")
 
@@ -274,7 +286,8 @@ class TrainingService:
             self._metrics.training_jobs.labels(domain=job.domain, outcome=outcome).inc()
         try:
             self.log.append(JobRecord(job.id, job.domain, outcome, utc_now(), job.requested_by, final.version,
-                                      final.message, dict(final.metrics), job.options.to_dict(), job.pid))
+                                      final.message, dict(final.metrics), job.options.to_dict(), job.pid,
+                                      origin=SERVICE))
         except OSError:
             log.exception("could not write the job log")
         log.info("training job %s for %s ended: %s (%s)", job.id, job.domain, outcome, final.message)
@@ -298,16 +311,34 @@ class TrainingService:
             if n:
                 log.info("removed %d half-written version folder(s) of %s", n, domain)
 
-    def _recover(self) -> None:
-        """Jobs the log shows running but no process holds: they died with a previous engine."""
-        if lock.holder(self.settings.adapters_dir) is not None:
-            return
-        for rec in self.log.records():
-            if rec.status == "running":
-                self.store.clean_staging(rec.domain)
-                self.log.append(JobRecord(rec.job_id, rec.domain, "failed", utc_now(), rec.requested_by,
-                                          message="interrupted: the engine stopped while it ran",
-                                          options=rec.options, pid=rec.pid))
+    def _reap(self) -> None:
+        """Jobs the log shows running whose process is gone (a killed shell job, or one that died
+        with a previous bot): recorded failed, with what is known, and their staging removed."""
+        own = self.current()
+        reap_dead_jobs(self.settings.adapters_dir, self.log, keep=[own.id] if own else [])
+
+    async def _watch(self) -> None:
+        """Notice a job that dies while the bot runs (a shell job killed with SIGKILL), at once:
+        whenever the job log or the training lock changes, look for dead jobs."""
+        last: tuple[object, ...] | None = None
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                state = await asyncio.to_thread(self._watch_state)
+                if state != last:
+                    last = state
+                    await asyncio.to_thread(self._reap)
+            except Exception:  # the watcher must outlive a bad moment on disk
+                log.exception("checking for dead training jobs failed")
+
+    def _watch_state(self) -> tuple[object, ...]:
+        """The job log's (mtime, size) and who holds the training lock: what a death changes."""
+        try:
+            st = self.log.path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        return stamp, json.dumps(lock.holder(self.settings.adapters_dir), sort_keys=True)
 
     def _export(self, domain: str, pairs: list[tuple[str, str]]) -> int:
         folder = self.store.domain_dir(domain) / "data"

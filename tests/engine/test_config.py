@@ -144,3 +144,94 @@ def test_config_imports_without_torch() -> None:
     code = "import sys, engine.config, engine.errors, engine.types; sys.exit('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr or "engine.config imported torch"
+
+
+# ---- DEVICE against the installed torch -------------------------------------------------------
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:7"])
+def test_a_device_this_torch_cannot_use_is_a_config_error_naming_device(device: str) -> None:
+    import torch
+
+    if int(device.partition(":")[2] or 0) < _cuda_devices():
+        pytest.skip(f"{device} exists on this machine; cuda:7 covers the error here")
+    with pytest.raises(ConfigError) as err:
+        load_settings(device=device).resolved_device()
+    msg = str(err.value)
+    assert f"DEVICE={device}" in msg
+    if torch.version.cuda is None:  # a CPU-only build: say so, with its version
+        assert "without CUDA" in msg and torch.__version__ in msg
+    else:
+        assert "GPU" in msg
+
+
+def test_auto_and_cpu_always_resolve() -> None:
+    assert load_settings(device="cpu").resolved_device() == "cpu"
+    assert load_settings().resolved_device() in ("cpu", "cuda")
+
+
+# ---- names that are not settings ---------------------------------------------------------------
+
+TYPOS = [
+    ("MAX_NEW_TOKEN", "MAX_NEW_TOKENS"),
+    ("QUANTISATION", "QUANTIZATION"),
+    ("max_new_token", "MAX_NEW_TOKENS"),  # names are case-insensitive
+    ("TEMPLATE_POLL", "TEMPLATE_POLL_S"),
+    ("ADAPTER_DIR", "ADAPTERS_DIR"),
+]
+
+
+@pytest.mark.parametrize("typo, meant", TYPOS)
+def test_a_mistyped_name_in_dotenv_or_the_environment_is_reported_with_the_closest_setting(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, typo: str, meant: str
+) -> None:
+    from engine.config import misspelt_settings
+
+    (clean_env / ".env").write_text(f"{typo}=60\n", encoding="utf-8")
+    (warning,) = misspelt_settings(EngineSettings.model_fields, environ={})
+    assert typo.upper() in warning and f"did you mean {meant}?" in warning and ".env" in warning
+    (clean_env / ".env").unlink()
+    monkeypatch.setenv(typo, "60")
+    (warning,) = misspelt_settings(EngineSettings.model_fields)
+    assert f"did you mean {meant}?" in warning and "environment" in warning
+
+
+def test_unrelated_names_are_left_alone(clean_env: Path) -> None:
+    from engine.config import misspelt_settings
+
+    (clean_env / ".env").write_text("HF_TOKEN=x\nCOMPOSE_PROJECT_NAME=bot\nMAX_NEW_TOKENS=60\n", encoding="utf-8")
+    env = {"PATH": "/bin", "HOME": "/root", "HOSTNAME": "box", "CUDA_VISIBLE_DEVICES": "0", "LANG": "C",
+           "TERM": "xterm", "PWD": "/", "USER": "root", "TOKENIZERS_PARALLELISM": "false", "DEVICE": "cpu"}
+    assert misspelt_settings(EngineSettings.model_fields, environ=env, complete=True) == []
+    # with every setting of the process known, an unknown name in .env is reported even without a close match
+    (clean_env / ".env").write_text("SOMETHING_ELSE=1\n", encoding="utf-8")
+    (warning,) = misspelt_settings(EngineSettings.model_fields, environ={}, complete=True)
+    assert "SOMETHING_ELSE" in warning and "not a setting" in warning
+
+
+def test_an_unknown_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_new_token .*did you mean max_new_tokens"):
+        load_settings(max_new_token=5)
+
+
+# ---- folders --------------------------------------------------------------------------------------
+
+
+def test_check_folders_names_the_setting_and_notes_an_empty_adapters_folder(clean_env: Path) -> None:
+    (clean_env / "templates").mkdir()
+    (clean_env / "adapters").mkdir()
+    with pytest.raises(ConfigError, match="TEMPLATES_DIR='templates'.*has no role templates"):
+        load_settings().check_folders()
+    (clean_env / "templates" / "assistant.en.j2").write_text("You help.", encoding="utf-8")
+    (note,) = load_settings().check_folders()
+    assert "ADAPTERS_DIR" in note and "serving the base model only" in note
+    (clean_env / "adapters" / "legal" / "data").mkdir(parents=True)
+    assert load_settings().check_folders() == []
+    with pytest.raises(ConfigError, match="ADAPTERS_DIR=.*is not a folder"):
+        load_settings(adapters_dir=clean_env / "templates" / "assistant.en.j2").check_folders()

@@ -142,7 +142,9 @@ async def test_broken_adapter_is_refused_and_the_old_version_keeps_serving(
     serving = engine.registry.serving()["medical"]
     src = workdir / "adapters/medical" / serving
     if breakage == "other-base-model":
-        bad = scaled_copy(store, "medical", src, 2.0, {"base_model": "meta-llama/Llama-3.1-8B"})
+        # other weights (the fingerprint decides; the name is only a label)
+        bad = scaled_copy(store, "medical", src, 2.0, {"base_model": "meta-llama/Llama-3.1-8B",
+                                                       "base_fingerprint": "w1:" + "0" * 32})
     else:
         bad = scaled_copy(store, "medical", src, 2.0)
         weights = store.version("medical", bad).weights

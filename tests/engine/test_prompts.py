@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputTooLong, TemplateError, TemplateNotFound
-from engine.prompts import PromptBuilder, TemplateLibrary, parse_meta
+from engine.prompts import SAFE_PROMPTS, PromptBuilder, TemplateLibrary, parse_meta
 from engine.types import Message, UserContext
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,9 +181,11 @@ def test_new_broken_template_reported_with_file_and_line(
     assert set(errors) == {"broken.en.j2"}
     assert f"{path}, line {line}" in errors["broken.en.j2"]
     assert words in errors["broken.en.j2"]
-    with pytest.raises(TemplateNotFound):
-        render(lib, "broken")
+    # never listed (it has no good version), and a user whose stored mode names it gets the
+    # safe prompt of their language instead of an error
     assert "broken" not in {r.id for r in lib.roles()}
+    assert render(lib, "broken") == SAFE_PROMPTS["en"]
+    assert render(lib, "broken", "ru") == SAFE_PROMPTS["ru"]
 
 
 @pytest.mark.parametrize("case, source, line, words", BROKEN, ids=[c[0] for c in BROKEN])
@@ -223,15 +225,85 @@ def test_broken_file_is_reported_once_per_change(folder: Path, lib: TemplateLibr
     assert "oops2" in errors["doctor.en.j2"]
 
 
-def test_sandbox_refuses_attribute_access_at_render_time(folder: Path, lib: TemplateLibrary) -> None:
-    """A template that only misbehaves for some users passes the load check; rendering still refuses."""
+def test_sandbox_refuses_attribute_access_at_render_time(folder: Path, lib: TemplateLibrary, caplog) -> None:
+    """A template that only misbehaves for some users passes the load check; rendering still
+    refuses, logs the file, and that user gets the safe prompt of their language."""
     (folder / "sneaky.en.j2").write_text(
         "Hello.{% if first_name == 'Eve' %} {{ ''.__class__.__mro__ }}{% endif %}", encoding="utf-8"
     )
     assert render(lib, "sneaky", first_name="Ann") == "Hello."
-    with pytest.raises(TemplateError, match="unsafe") as err:
-        render(lib, "sneaky", first_name="Eve")
-    assert "sneaky.en.j2" in str(err.value)
+    with caplog.at_level("ERROR", logger="engine.prompts"):
+        assert render(lib, "sneaky", first_name="Eve") == SAFE_PROMPTS["en"]
+    assert any("sneaky.en.j2" in r.getMessage() and "unsafe" in r.getMessage() for r in caplog.records)
+
+
+def test_broken_template_of_the_users_language_never_serves_another_language(folder: Path) -> None:
+    """An English template broken from the start: English users get the safe English prompt,
+    not the Russian role text ("Отвечай по-русски"); Russian users keep their template."""
+    rewrite(folder / "assistant.en.j2", "{# title: Assistant #}\nYou help. {{ frist_name }}\n")
+    lib = TemplateLibrary(folder, poll_s=0)
+    english = render(lib, "assistant", "en", "Ann")
+    assert english == SAFE_PROMPTS["en"]
+    assert not any("а" <= c.lower() <= "я" for c in english)
+    assert "ассистент" in render(lib, "assistant", "ru", "Аня").lower()
+    # a language with no file of its own falls back to English, here broken: the safe prompt
+    # (English, asking for the user's language), never the Russian text
+    german = render(lib, "assistant", "de")
+    assert german.startswith(SAFE_PROMPTS["en"]) and "(de)" in german
+    info = next(r for r in lib.roles() if r.id == "assistant")
+    assert info.error and "assistant.en.j2" in info.error
+
+
+def test_broken_russian_template_gives_the_safe_russian_prompt(folder: Path) -> None:
+    rewrite(folder / "lawyer.ru.j2", "{% if %}")
+    lib = TemplateLibrary(folder, poll_s=0)
+    assert render(lib, "lawyer", "ru") == SAFE_PROMPTS["ru"]
+    assert "lawyer" in render(lib, "lawyer", "en").lower()
+
+
+# ---- render limits: a template cannot stall or flood whoever renders it -----------------
+
+LIMITS = [
+    # (id, template source, words in the error)
+    ("nested-loops", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "TEMPLATE_RENDER_TIMEOUT_S"),
+    ("recursion", "{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+     "TEMPLATE_RENDER_TIMEOUT_S"),
+    ("long-output", "{% for i in range(100000) %}word {% endfor %}", "TEMPLATE_MAX_CHARS"),
+    ("repeat", "{{ 'x' * 1000000000 }}", "TEMPLATE_MAX_CHARS"),
+    ("pad-filter", "{{ 'x'|center(1000000000) }}", "TEMPLATE_MAX_CHARS"),
+    ("pad-method", "{{ 'x'.ljust(1000000000) }}", "TEMPLATE_MAX_CHARS"),
+    ("format-width", "{{ '{:>1000000000}'.format(1) }}", "TEMPLATE_MAX_CHARS"),
+    ("percent-width", "{{ '%1000000000d' % 1 }}", "TEMPLATE_MAX_CHARS"),
+    ("doubling", "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+                 "{% endfor %}{{ ns.s|length }}", "TEMPLATE_MAX_CHARS"),
+    ("power", "{{ 10 ** 100000000 }}", "too large"),
+]
+
+
+@pytest.mark.parametrize("case, source, words", LIMITS, ids=[c[0] for c in LIMITS])
+def test_render_limits_refuse_a_runaway_template_and_keep_the_last_good_version(
+    folder: Path, case: str, source: str, words: str
+) -> None:
+    lib = TemplateLibrary(folder, poll_s=0, render_timeout_s=0.2, max_chars=4000)
+    good = render(lib, "lawyer", "en", "Ann")
+    path = folder / "lawyer.en.j2"
+    rewrite(path, "{# title: Lawyer #}\nYou are a lawyer.\n" + source)
+    errors = lib.refresh()
+    assert str(path) in errors["lawyer.en.j2"] and words in errors["lawyer.en.j2"]
+    assert render(lib, "lawyer", "en", "Ann") == good
+
+
+def test_a_template_slow_only_for_some_users_falls_back_for_them(folder: Path, caplog) -> None:
+    lib = TemplateLibrary(folder, poll_s=0, render_timeout_s=0.2, max_chars=4000)
+    (folder / "slow.en.j2").write_text(
+        "Hello.{% if first_name == 'Eve' %}{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endif %}", encoding="utf-8")
+    assert render(lib, "slow", first_name="Ann") == "Hello."
+    with caplog.at_level("ERROR", logger="engine.prompts"):
+        assert render(lib, "slow", first_name="Eve") == SAFE_PROMPTS["en"]
+    assert any("slow.en.j2" in r.getMessage() and "TEMPLATE_RENDER_TIMEOUT_S" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_bad_file_name_reported(folder: Path, lib: TemplateLibrary) -> None:
@@ -406,3 +478,23 @@ def test_newest_turn_fits_exactly(tokenizer) -> None:
     builder.context_tokens = alone + 99
     with pytest.raises(InputTooLong):
         builder.build(SYSTEM, turns, 100)
+
+
+def test_long_pasted_message_leaves_the_history_by_its_own_token_budget(tokenizer) -> None:
+    """HISTORY_TOKENS: a long paste is answered, then no longer sent with every later question."""
+    paste = Message("user", "Please review this contract: " + "clause " * 1200)
+    turns = [paste, Message("assistant", "It looks fine."), Message("user", "And the deposit?"),
+             Message("assistant", "Two months of rent."), Message("user", "What about pets?")]
+    builder = PromptBuilder(tokenizer, 8192, history_tokens=256)
+    ids, dropped = builder.build(SYSTEM, turns, 256)
+    assert dropped == 2  # the paste and its answer; the history starts with a user turn
+    text = tokenizer.decode(ids)
+    assert "clause clause" not in text and "And the deposit?" in text and "What about pets?" in text
+    # the context alone would have kept everything
+    assert PromptBuilder(tokenizer, 8192).build(SYSTEM, turns, 256)[1] == 0
+    # the newest message is not limited by the history budget (only by the context)
+    ids, dropped = builder.build(SYSTEM, [paste], 256)
+    assert dropped == 0 and "clause clause" in tokenizer.decode(ids)
+    # 0 = no earlier turns at all
+    ids, dropped = PromptBuilder(tokenizer, 8192, history_tokens=0).build(SYSTEM, turns, 256)
+    assert dropped == 4 and ids == builder.encode(SYSTEM, turns[-1:])

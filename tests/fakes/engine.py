@@ -307,18 +307,22 @@ class FakeEngine:
         return report
 
     def status(self) -> EngineStatus:
+        problems = () if self.roles else ("no role template can be rendered (TEMPLATES_DIR='fake')",)
         return EngineStatus(
             model="fake/SmolLM2", quantization="nf4", device="cpu", dtype="float32", model_bytes=100_000_000,
             process_rss_bytes=300_000_000, gpu_allocated_bytes=None,
             adapters=tuple(ResidentAdapter(n, v, "ready", 1_000_000, 1_000_000, 0) for n, v in self.versions.items()),
             queue_depth=0, active_requests=self.active, tokens_generated=self.tokens_generated,
-            uptime_s=time.monotonic() - self._t0, ready=self.started and not self.closed,
+            uptime_s=time.monotonic() - self._t0, ready=self.started and not self.closed and not problems,
+            problems=problems,
         )
 
 
 def factory(settings: object = None) -> FakeEngine:
-    """ENGINE_FACTORY target: FAKE_ENGINE_DELAY_S per piece, FAKE_ENGINE_PIECES pieces per answer."""
+    """ENGINE_FACTORY target: FAKE_ENGINE_DELAY_S per piece, FAKE_ENGINE_PIECES pieces per answer,
+    FAKE_ENGINE_NO_ROLES=1 for an engine whose templates all failed."""
     delay = float(os.environ.get("FAKE_ENGINE_DELAY_S", "0"))
     n = os.environ.get("FAKE_ENGINE_PIECES")
     pieces = [f" word{i}" for i in range(int(n))] if n else None
-    return FakeEngine(default_delay=delay, default_pieces=pieces)
+    roles = () if os.environ.get("FAKE_ENGINE_NO_ROLES") else DEFAULT_ROLES
+    return FakeEngine(roles=roles, default_delay=delay, default_pieces=pieces)

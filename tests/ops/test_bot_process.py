@@ -167,6 +167,17 @@ async def test_healthz_and_metrics_from_a_running_bot(tg: FakeTelegram, tmp_path
     assert QUESTION not in bot.log_path.read_text(), "user text reached the log without LOG_CONTENT=true"
 
 
+async def test_healthz_is_not_green_while_no_role_can_be_rendered(tg: FakeTelegram, tmp_path: Path) -> None:
+    bot = await start_bot(tg, tmp_path, FAKE_ENGINE_NO_ROLES="1")
+    try:
+        body = await wait_health(bot.ops_url, 503)
+        assert body["failed"] == ["model"]
+        assert "no role template" in body["checks"]["model"]["error"]  # the reason, not just "false"
+    finally:
+        if bot.proc.returncode is None:
+            await stop_bot(bot)
+
+
 async def test_sigterm_during_a_stream_stops_in_time_and_saves_the_conversation(
     tg: FakeTelegram, tmp_path: Path
 ) -> None:

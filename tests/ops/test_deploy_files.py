@@ -131,19 +131,79 @@ def test_dockerfile_sets_only_known_variables() -> None:
     assert not unknown, f"ENV names that are no setting (typo?): {sorted(unknown)}"
 
 
-def test_dockerignore_lets_in_what_copy_needs_and_keeps_secrets_out() -> None:
+def _docker_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker reads it (Go filepath.Match plus `**`)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:  # a character class, as in Go
+            end = pattern.index("]", i + 1)
+            out, i = out + "[" + pattern[i + 1:end].replace("\\", "\\\\") + "]", end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def in_build_context(path: str) -> bool:
+    """Whether .dockerignore lets `path` into the build context: the last matching rule wins,
+    and a rule that matches a parent folder matches everything in it (moby/patternmatcher)."""
     lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
-    rules = [ln for ln in lines if ln and not ln.startswith("#")]
-    assert rules[0] == "**", "allow-list style: exclude everything, then re-include"
-    included = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    sources = []
-    for word, rest in dockerfile_instructions():
+    parents = ["/".join(path.split("/")[: i + 1]) for i in range(path.count("/"))]
+    excluded = False
+    for rule in (ln for ln in lines if ln and not ln.startswith("#")):
+        negate, rule = rule.startswith("!"), rule.lstrip("!").strip("/")
+        pattern = _docker_pattern(rule)
+        if pattern.match(path) or any(pattern.match(p) for p in parents):
+            excluded = not negate
+    return not excluded
+
+
+#: Local state that must never reach the image (issue: job log with admin ids, the lock,
+#: candidate versions, users' answers from /export, secrets and caches).
+LOCAL_STATE = [
+    "adapters/.runs/jobs.jsonl", "adapters/.runs/training.lock", "adapters/.runs/20260101-000000-abcdef.log",
+    "adapters/legal/v2/meta.json", "adapters/legal/v2/adapter_model.safetensors", "adapters/legal/v12/meta.json",
+    "adapters/legal/.staging-0123456789ab/adapter_model.safetensors", "adapters/legal/data/feedback.jsonl",
+    "adapters/legal/data/train2.jsonl", "adapters/legal/candidates/x.json", "adapters/legal/current",
+    "adapters/legal/history.json", "adapters/legal/v1/.meta.json.tmp-1234abcd", "adapters/newdomain/data/train.txt",
+    ".env", ".venv/bin/python", "data/bot.sqlite3", "models/SmolLM2-135M-Instruct/model.safetensors",
+    ".git/config", "engine/__pycache__/config.cpython-311.pyc", "loratg.egg-info/PKG-INFO", "tests/conftest.py",
+]
+
+
+def test_dockerignore_lets_in_what_copy_needs_and_keeps_local_state_out() -> None:
+    rules = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip()]
+    assert [r for r in rules if not r.startswith("#")][0] == "**", "allow-list style: exclude everything first"
+    shipped = ["pyproject.toml", "README.md", "engine/config.py", "bot/app.py", "templates/lawyer.ru.j2"]
+    shipped += [str(p.relative_to(REPO)) for p in sorted(REPO.glob("adapters/*/v1/*"))]
+    shipped += [str(p.relative_to(REPO)) for p in sorted(REPO.glob("adapters/*/data/*.jsonl"))
+                if p.name in ("train.jsonl", "eval.jsonl")]
+    assert len([s for s in shipped if s.startswith("adapters/")]) >= 15  # 3 domains x (3 files + 2 data)
+    missing = [s for s in shipped if not in_build_context(s)]
+    assert not missing, f"shipped files left out of the build context: {missing}"
+    leaked = [s for s in LOCAL_STATE if in_build_context(s)]
+    assert not leaked, f"local state let into the build context: {leaked}"
+    for word, rest in dockerfile_instructions():  # every COPY source has something to copy
         if word == "COPY" and "--from=" not in rest:
-            args = [a for a in rest.split() if not a.startswith("--")]
-            sources += [a.rstrip("/") for a in args[:-1]]
-    missing = [s for s in sources if s not in included]
-    assert not missing, f"COPY sources excluded by .dockerignore: {missing}"
-    assert ".env" in rules and not included & {".env", ".venv", "models", "data", ".git"}
+            for source in [a for a in rest.split() if not a.startswith("--")][:-1]:
+                source = source.rstrip("/")
+                inside = [s for s in shipped if s == source or s.startswith(source + "/")]
+                assert inside, f"COPY {source}: nothing of it is in the build context"
+
+
+def test_the_dockerignore_reader_follows_docker_rules() -> None:
+    """The matcher above can fail: Docker's own semantics on a few known cases."""
+    for pattern, path, hit in [("**", "a/b/c", True), ("**/__pycache__", "engine/__pycache__", True),
+                               ("adapters/*/v1", "adapters/legal/v1", True), ("adapters/*/v1", "adapters/legal/v12", False),
+                               ("a/*.py", "a/b/c.py", False), ("**/*.py[cod]", "x.pyc", True)]:
+        assert bool(_docker_pattern(pattern).match(path)) == hit, (pattern, path)
 
 
 # ---- docker-compose.yml ---------------------------------------------------------------------

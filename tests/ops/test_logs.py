@@ -19,7 +19,16 @@ def _restore_root_logger() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     others = {name: logging.getLogger(name).level for name in ("aiogram.scene", "aiogram.middlewares")}
+    import os
+
+    env = {k: os.environ.get(k) for k in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                                          "TQDM_DISABLE")}
     yield
+    for k, v in env.items():  # setup_logging switches progress bars off process-wide
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     for h in list(root.handlers):
         if h not in handlers:
             root.removeHandler(h)
@@ -107,3 +116,94 @@ def test_setup_from_the_bot_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     logging.getLogger("bot.chat").warning("slow answer", extra=content(SECRET))
     (line,) = out.getvalue().splitlines()
     assert json.loads(line)["content"] == SECRET
+
+
+# ---- third-party libraries: through our handler, no progress bars off a terminal -------------------
+
+LIBRARIES = r"""
+import io, json, logging, sys, warnings
+from engine.logs import setup_logging
+early = sys.argv[1] == "early"  # transformers imported before or after setup_logging
+if not early:
+    import transformers
+setup_logging(sys.argv[2], False, sys.argv[3])
+import transformers
+from engine.logs import adopt_library_logging
+adopt_library_logging()  # what engine.model does after importing transformers
+from transformers.utils import logging as hf_logging
+import huggingface_hub.utils as hub_utils
+hf_logging.get_logger("transformers.modeling_utils").warning("Some weights were not used")
+hf_logging.get_logger("transformers.models.llama").warning("`past_key_values` is deprecated; use `cache`")
+warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning,
+                       "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py", 3312)
+warnings.warn_explicit("our own code is about to change", FutureWarning, "/srv/app/engine/model.py", 1)
+print(json.dumps({"bars": hf_logging.is_progress_bar_enabled(), "hub_bars": not hub_utils.are_progress_bars_disabled()}))
+"""
+
+
+def _run_libraries(order: str, fmt: str, level: str = "INFO") -> tuple[dict, list[str]]:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TQDM_", "TRANSFORMERS_"))}
+    done = subprocess.run([sys.executable, "-c", LIBRARIES, order, fmt, level], cwd=repo, capture_output=True,
+                          text=True, timeout=120, env={**env, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), done.stderr.splitlines()
+
+
+@pytest.mark.parametrize("order", ["early", "late"])
+def test_library_records_come_through_our_handler_and_deprecations_only_at_debug(order: str) -> None:
+    state, lines = _run_libraries(order, "json")
+    events = [json.loads(line) for line in lines]  # every line is JSON: no "[transformers] ..." lines
+    assert [e["msg"] for e in events if e["logger"] == "transformers.modeling_utils"] == ["Some weights were not used"]
+    assert not any("deprecated" in e["msg"] for e in events)  # library deprecation notices: DEBUG only
+    assert any("our own code is about to change" in e["msg"] and e["level"] == "WARNING" for e in events)
+    assert state == {"bars": False, "hub_bars": False}  # JSON logs: no tqdm bars
+
+    _, debug = _run_libraries(order, "json", "DEBUG")
+    deprecations = [json.loads(line) for line in debug if "deprecated" in line]
+    assert len(deprecations) == 2 and all(e["level"] == "DEBUG" for e in deprecations)
+
+
+def test_text_logs_into_a_pipe_draw_no_progress_bars() -> None:
+    state, lines = _run_libraries("late", "text")
+    assert state == {"bars": False, "hub_bars": False}
+    assert all(line[:4].isdigit() for line in lines), lines  # our format only
+
+
+@pytest.mark.model
+def test_the_console_with_json_logs_prints_only_json_and_a_clean_first_answer(tmp_path) -> None:
+    """The issue's run: `LOG_FORMAT=json python -m bot`, one question piped in, stderr merged
+    into stdout as a terminal shows them. Every line is either the chat or one JSON object (no
+    tqdm bar, no "[transformers]" line), and nothing lands inside the first answer."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "adapters").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TQDM_", "TRANSFORMERS_", "LOG_"))}
+    env.update({
+        "PYTHONPATH": str(repo), "LOG_FORMAT": "json", "MAX_NEW_TOKENS": "8", "TEMPERATURE": "0",
+        "TEMPLATES_DIR": str(repo / "templates"), "ADAPTERS_DIR": str(tmp_path / "adapters"),
+        "MODEL_CACHE_DIR": str(repo / "models"), "DATABASE_PATH": str(tmp_path / "bot.sqlite3"),
+    })
+    env.pop("BOT_TOKEN", None)
+    done = subprocess.run([sys.executable, "-m", "bot"], cwd=tmp_path, input="hello there\n", env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    chat, logs = [], []
+    for line in done.stdout.splitlines():
+        try:
+            logs.append(json.loads(line))
+        except ValueError:
+            chat.append(line)
+    assert any(e["msg"].startswith("engine ready") for e in logs)
+    assert chat[0].startswith("Console chat") and chat[-1] == "bye", chat
+    (answer,) = [line for line in chat if line.startswith("bot> ")]
+    assert len(answer) > len("bot> ") and len(chat) == 3, chat  # nothing else, nothing inside the answer

@@ -61,6 +61,57 @@ def test_bad_rows_are_skipped_and_reported_with_file_and_line(tmp_path: Path) ->
     assert f"and {len(BAD) - 2} more" in summary
 
 
+def _line(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+GOOD = chat("Was ist ein Mietvertrag?", "Ein Vertrag über die Nutzung einer Wohnung gegen Miete.")
+LATIN1 = json.dumps(chat("Qu'est-ce qu'un bail à loyer?", "Un contrat de location, réglé chaque mois."),
+                    ensure_ascii=False)
+
+UNDECODABLE = [
+    # (id, file name, bytes, [(line, words)] of the bad rows, good rows read)
+    ("latin-1 jsonl row", "train.jsonl", _line(GOOD) + LATIN1.encode("latin-1") + b"\n" + _line(GOOD),
+     [(2, "not UTF-8 text (byte 0x")], 2),
+    ("binary txt", "notes.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)),
+     [(1, "binary")], 0),
+    ("utf-16 jsonl", "extra.jsonl", LATIN1.encode("utf-16"), [(1, "UTF-16")], 0),
+    ("latin-1 json document", "more.json", b'[\n' + LATIN1.encode("latin-1") + b'\n]\n',
+     [(2, "not UTF-8 text")], 0),
+    ("latin-1 line in a txt block", "notes.txt",
+     "A block in good UTF-8: Größe.\n\nAnother block,\nwith a bad caf".encode() + b"\xe9 line.\n\nThe last block.\n",
+     [(4, "byte 0xe9 at column 15")], 2),
+]
+
+
+@pytest.mark.parametrize("case, name, raw, bad, good", UNDECODABLE, ids=[c[0] for c in UNDECODABLE])
+def test_undecodable_text_is_reported_with_file_and_line_and_never_trained_as_mojibake(
+    tmp_path: Path, case: str, name: str, raw: bytes, bad: list[tuple[int, str]], good: int
+) -> None:
+    data = tmp_path / "data"
+    write_jsonl(data / "eval.jsonl", [chat("held out?", "yes.")])
+    write_jsonl(data / "base.jsonl", [chat("Is this fine?", "Yes.")])
+    (data / name).write_bytes(raw)
+
+    loaded = load_domain_data(data)
+
+    assert [(b.file, b.line) for b in loaded.bad] == [(name, line) for line, _ in bad]
+    for b, (_, words) in zip(loaded.bad, bad):
+        assert words in b.reason
+    assert len(loaded.train) == 1 + good
+    text = json.dumps(loaded.train, ensure_ascii=False)
+    assert "\ufffd" not in text and "Ã" not in text  # no replacement characters, no mojibake
+    assert f"{name}:{bad[0][0]}" in loaded.bad_summary()
+
+
+def test_a_utf8_byte_order_mark_is_not_a_bad_row(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + _line(GOOD) + _line(GOOD))
+    loaded = load_domain_data(data)
+    assert loaded.bad == [] and len(loaded.train) + len(loaded.eval) == 2
+
+
 def test_eval_files_are_the_held_out_split_and_every_other_file_trains(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", [chat("a?", "A.")])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.adapter_store import AdapterStore
-from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, NoTrainingData
+from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, NoTrainingData, TrainingBusy
 from engine.metrics import EngineMetrics
 from engine.training import TrainingJob, TrainingService, TrainOptions
 from engine.training.jobs import JobLog, JobRecord
@@ -158,14 +158,84 @@ def test_cli_exits_nonzero_without_data(settings, adapters) -> None:
 
 def test_restart_marks_jobs_that_died_with_the_engine_failed(settings, store, adapters) -> None:
     log = JobLog(adapters / ".runs" / "jobs.jsonl")
-    log.append(JobRecord("j1", "legal", "running", "2025-01-01T00:00:00+00:00"))
+    log.append(JobRecord("j1", "legal", "running", "2025-01-01T00:00:00+00:00", "admin:1", pid=999999999,
+                         origin="service"))
     (adapters / "legal" / ".staging-dead").mkdir(parents=True)
 
     svc = TrainingService(settings, model_id=MODEL_ID)
 
     [rec] = svc.history()
-    assert rec.status == "failed" and "interrupted" in rec.message
+    assert rec.status == "failed" and "interrupted: the bot that ran it stopped" in rec.message
+    assert "pid 999999999" in rec.message and "removed 1 half-written folder" in rec.message
     assert not (adapters / "legal" / ".staging-dead").exists()
+
+
+@pytest.mark.parametrize("record", [
+    JobRecord("j2", "legal", "running", "2025-01-01T00:00:00+00:00", "cli", pid=999999998, origin="cli"),
+    JobRecord("j2", "legal", "running", "2025-01-01T00:00:00+00:00", "cli", pid=999999998),  # before `origin`
+])
+def test_a_dead_shell_job_is_not_blamed_on_the_engine(settings, store, adapters, record: JobRecord) -> None:
+    JobLog(adapters / ".runs" / "jobs.jsonl").append(record)
+    [rec] = TrainingService(settings, model_id=MODEL_ID).history()
+    assert rec.status == "failed" and "started from the shell" in rec.message and "killed or crashed" in rec.message
+    assert "bot" not in rec.message and "engine stopped" not in rec.message
+
+
+def test_a_live_shell_job_is_left_running(settings, store, adapters) -> None:
+    from engine.training import lock
+
+    log = JobLog(adapters / ".runs" / "jobs.jsonl")
+    (adapters / "legal" / ".staging-live").mkdir(parents=True)
+    with lock.hold(adapters, domain="legal", job_id="j3"):  # as `python -m engine.train` holds it
+        log.append(JobRecord("j3", "legal", "running", "2025-01-01T00:00:00+00:00", "cli", pid=1, origin="cli"))
+        svc = TrainingService(settings, model_id=MODEL_ID)
+        assert [r.status for r in svc.history()] == ["running"]
+        assert (adapters / "legal" / ".staging-live").is_dir()
+
+
+#: A shell training job's bookkeeping, as `python -m engine.train` does it: the lock, a
+#: "running" record, a staging folder; then it works until killed.
+SHELL_JOB = """
+import sys, time
+from engine.adapter_store import AdapterStore, utc_now
+from engine.training import lock
+from engine.training.jobs import JobLog, JobRecord
+import os
+adapters = sys.argv[1]
+with lock.hold(adapters, domain="legal", job_id="shell-1"):
+    JobLog(lock.runs_dir(adapters) / "jobs.jsonl").append(
+        JobRecord("shell-1", "legal", "running", utc_now(), "cli", pid=os.getpid(), origin="cli"))
+    with AdapterStore(adapters).staging("legal") as staged:
+        print(staged, flush=True)
+        time.sleep(600)
+"""
+
+
+async def test_a_shell_job_killed_while_the_bot_runs_is_reported_and_cleaned_at_once(settings, adapters) -> None:
+    import os
+    import signal
+
+    (adapters / "legal" / "data").mkdir(parents=True)
+    svc = TrainingService(settings, model_id=MODEL_ID)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SHELL_JOB, str(adapters), cwd=REPO, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        staged = Path((await proc.stdout.readline()).decode().strip())
+        assert staged.is_dir()
+        with pytest.raises(TrainingBusy, match="shell-1"):
+            await svc.start("legal")
+        os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer would
+        await proc.wait()
+        for _ in range(300):  # nobody asks: the service notices by itself
+            if not staged.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not staged.exists()
+        [rec] = [r for r in JobLog(adapters / ".runs" / "jobs.jsonl").records() if r.job_id == "shell-1"]
+        assert rec.status == "failed" and f"pid {proc.pid}" in rec.message and "killed or crashed" in rec.message
+    finally:
+        await svc.close()
 
 
 async def test_job_events_fan_out_to_every_subscriber() -> None:
@@ -188,3 +258,40 @@ async def test_job_events_fan_out_to_every_subscriber() -> None:
 
 async def _collect(job: TrainingJob) -> list[str]:
     return [f"{e.kind}:{e.step}" if e.kind == "progress" else e.kind async for e in job.events()]
+
+
+def test_a_learning_rate_of_zero_is_refused_up_front() -> None:
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="learning_rate=0.0.*nothing is learned"):
+        TrainOptions(learning_rate=0.0)
+
+
+@pytest.mark.parametrize("options, rows, steps", [
+    (TrainOptions(max_steps=1), 1000, 1),
+    (TrainOptions(epochs=3.0, batch_size=8), 335, 126),  # the shipped default /train: 42 steps an epoch
+    (TrainOptions(epochs=1.0, batch_size=8, grad_accum=2), 64, 4),
+    (TrainOptions(epochs=0.5, batch_size=8), 3, 1),
+])
+def test_planned_steps_and_whole_step_warm_up(options: TrainOptions, rows: int, steps: int) -> None:
+    from engine.training.runner import planned_steps
+
+    assert planned_steps(options, rows) == steps
+    assert int(options.warmup * planned_steps(options, rows)) == (6 if steps == 126 else 0)
+
+
+def test_an_adapter_whose_b_matrices_are_zero_is_untrained() -> None:
+    """The guard behind "training changed nothing": peft starts every LoRA at B = 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.training.runner import is_untrained
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    model = get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert is_untrained(model)
+    name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    with __import__("torch").no_grad():
+        param[0, 0] = 1e-6
+    assert not is_untrained(model)

@@ -1,8 +1,8 @@
 """Real training jobs on the default model, a few steps each, in a real child process.
 
 The data is tiny and the eval split repeats the training facts, so a few steps at a high
-learning rate reliably lower the eval loss (the gate passes); learning rate 0 leaves the
-adapter a no-op (the gate fails against a trained current version).
+learning rate reliably lower the eval loss (the gate passes); one step at a tiny learning rate
+barely moves the adapter (the gate fails against a trained current version).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ async def test_job_writes_version_gates_and_promotes(settings, adapters, domain_
     assert m["train_seconds"] > 0 and "train_loss" in m
     t = meta["training"]
     assert (t["r"], t["lora_alpha"], t["lora_dropout"], t["target_modules"], t["quantization"]) == (
-        8, 32, 0.1, "all-linear", "none")  # QUANTIZATION=auto trains as it serves: fp32 on CPU, nf4 on CUDA
+        8, 32, 0.1, "all-linear", settings.resolved_quantization(settings.resolved_device()))
     assert (t["steps"], t["samples"], t["eval_samples"], t["skipped_rows"]) == (3, 10, 4, 2)
     assert final.metrics["eval_loss"] == m["eval_loss"]
     assert store.current("legal") == "v1" and reloads.calls == [("legal", "v1")]
@@ -98,7 +98,7 @@ async def test_job_writes_version_gates_and_promotes(settings, adapters, domain_
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in files)  # readable by a server running as another user
 
     # a version that does not beat the current one stays a candidate
-    job2 = await svc.start("legal", options=TrainOptions(max_steps=1, batch_size=4, learning_rate=0.0,
+    job2 = await svc.start("legal", options=TrainOptions(max_steps=1, batch_size=4, learning_rate=1e-6,
                                                          max_seq_len=128))
     final2 = await job2.wait()
     assert final2.kind == "finished" and not final2.promoted and final2.version == "v2", final2.message
@@ -106,7 +106,7 @@ async def test_job_writes_version_gates_and_promotes(settings, adapters, domain_
     assert meta2["status"] == "candidate" and meta2["parent"] == "v1"
     assert meta2["gate"]["reference"] == "v1" and not meta2["gate"]["passed"]
     assert meta2["metrics"]["eval_loss_previous"] < meta2["metrics"]["eval_loss"]
-    assert meta2["metrics"]["eval_loss"] == pytest.approx(meta2["metrics"]["eval_loss_base"], rel=1e-4)
+    assert meta2["metrics"]["eval_loss"] == pytest.approx(meta2["metrics"]["eval_loss_base"], rel=1e-2)
     assert store.current("legal") == "v1" and len(reloads.calls) == 1
     assert "candidate" in final2.message
 
@@ -159,18 +159,27 @@ async def test_killed_process_is_reported_failed_and_leaves_nothing(settings, ad
     assert svc.history()[0].status == "failed"
 
 
-def test_cli_trains_with_a_progress_bar_and_prints_metrics(settings, adapters, domain_data) -> None:
+def test_cli_trains_one_step_for_real_and_prints_metrics(settings, adapters, domain_data) -> None:
+    """`--steps 1` used to spend its only step in learning-rate warm-up (rate 0) and still write
+    a "new version" identical to the base model. Output is a pipe here: log lines, no tqdm bar."""
+    from safetensors.torch import load_file
+
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.train", "legal", "--steps", "2", "--batch-size", "4", "--lr", "2e-3",
+        [sys.executable, "-m", "engine.train", "legal", "--steps", "1", "--batch-size", "4", "--lr", "2e-3",
          "--max-seq-len", "128", "--no-promote", "--settings-json", settings.model_dump_json()],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "training legal" in proc.stderr and "2/2" in proc.stderr  # the tqdm bar
+    assert "training legal: step 1/1, loss" in proc.stderr
+    assert "it/s" not in proc.stderr and "\r" not in proc.stderr  # no progress bar into a pipe
     assert "legal v1 — candidate" in proc.stdout and "base model" in proc.stdout and "new (v1)" in proc.stdout
     store = AdapterStore(adapters)
-    assert store.version("legal", "v1").meta["status"] == "candidate"
+    v1 = store.version("legal", "v1")
+    assert v1.meta["status"] == "candidate" and v1.meta["training"]["steps"] == 1
     assert store.current("legal") is None  # --no-promote
+    b = [t for k, t in load_file(str(v1.weights)).items() if "lora_B" in k]
+    assert b and any(bool(t.any()) for t in b), "the one step did not change the adapter"
+    assert v1.meta["metrics"]["eval_loss"] != v1.meta["metrics"]["eval_loss_base"]
 
 
 async def test_promotion_hot_loads_into_a_running_engine_while_a_stream_continues(settings, adapters, domain_data) -> None:
