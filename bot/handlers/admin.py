@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 ADMIN_COMMANDS = ("status", "adapters", "reload", "train", "cancel", "rollback", "promote", "export")
 
-__all__ = ["ADMIN_COMMANDS", "format_adapters", "format_status", "router", "training_summary"]
 
 
 def domain_names(engine: Any) -> list[str]:

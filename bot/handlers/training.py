@@ -16,7 +16,7 @@ from aiogram.types import Message
 
 from engine.errors import AdapterNotFound, EngineError
 
-from bot.admin_format import format_event, progress_bar, short
+from bot.admin_format import format_event, short
 from bot.background import Background
 from bot.config import BotSettings
 from bot.filters import IsAdmin
@@ -28,7 +28,6 @@ from bot.streaming import ChatPacer, ReplyStream, edit_progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["format_event", "progress_bar", "router"]
 
 
 class Unavailable(Exception):

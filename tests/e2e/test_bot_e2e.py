@@ -301,7 +301,7 @@ async def test_feedback_is_stored_with_mode_and_adapter_version(tg, engine, star
     await tg.wait_for(lambda: [r["rating"] for r in bot.store.db["feedback"].rows] == [-1])
 
 
-@pytest.mark.parametrize("kind", ["photo", "voice", "sticker", "document"])
+@pytest.mark.parametrize("kind", ["photo", "voice", "sticker", "document", "dice"])
 async def test_media_gets_a_polite_text_only_reply(tg, engine, start_bot, kind):
     await start_bot(engine)
     tg.send_media(7, kind)
