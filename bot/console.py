@@ -347,7 +347,9 @@ async def run_console(settings: BotSettings, engine: Any, store: Store, *, stdin
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, leave)
     _start_reader(stdin, loop, queue)
-    logging.getLogger("bot").setLevel(max(logging.WARNING, logging.getLogger("bot").getEffectiveLevel()))
+    bot_log = logging.getLogger("bot")
+    bot_level = bot_log.level
+    bot_log.setLevel(max(logging.WARNING, bot_log.getEffectiveLevel()))  # INFO lines would break the chat
     console.say(t(console.lang, "con_welcome", mode=console.mode_line()))
     try:
         while True:
@@ -365,6 +367,7 @@ async def run_console(settings: BotSettings, engine: Any, store: Store, *, stdin
         loop.remove_signal_handler(signal.SIGTERM)
         await console.chat.shutdown(0.0)
         console.say(t(console.lang, "con_bye"))
+        bot_log.setLevel(bot_level)
     if not had_input and not interactive and not leaving:
         print(f"error: {NO_INPUT.format(why='stdin is not a terminal and ended before any input')}",
               file=sys.stderr)
