@@ -3,6 +3,12 @@
 `python -m bot` with BOT_TOKEN runs the Telegram bot (long polling, or a webhook server
 when WEBHOOK_URL is set); without it, a terminal chat on the same engine and storage.
 
+Start-up never ends in a traceback: the token's form is checked with the other settings,
+before anything loads; an unreachable Telegram is retried with backoff (one log line per
+attempt) until it answers or the process is told to stop; a token Telegram refuses ends the
+process with exit status 2 naming BOT_TOKEN. Ctrl-C while the model loads ends it at once
+with one line (status 130).
+
 Shutdown (SIGTERM/SIGINT) is ordered so nothing is half-written: stop taking updates,
 let running answers finish for SHUTDOWN_GRACE_S then cancel them (each saves what it has
 and shows it), stop background tasks and the ops port, close the Telegram session; the
@@ -14,15 +20,19 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import urlparse
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import (
+    TelegramNetworkError, TelegramNotFound, TelegramRetryAfter, TelegramServerError, TelegramUnauthorizedError,
+)
 from aiogram.types import BotCommand
 from aiohttp import web
 
@@ -37,15 +47,29 @@ from bot.config import BotSettings, load_bot_settings
 from bot.metrics import ApiCallCounter, BotMetrics
 from bot.storage import Store
 from bot.streaming import ChatPacer
+from bot.text import json_loads
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXIT_CONFIG = 2  # a setting is wrong (also what `main` returns for a bad value)
+EXIT_INTERRUPTED = 130  # Ctrl-C before the front end was up, as a shell reports it
+
+
+class _StopRequested(Exception):
+    """SIGTERM/SIGINT arrived while start-up was still waiting for Telegram."""
 
 
 class BotApp:
     """The Telegram front end: one Bot, one Dispatcher, its dependencies, its lifecycle."""
 
-    def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, *, concurrent_updates: bool = True) -> None:
-        """`concurrent_updates=False` handles one update at a time (only the benchmark's baseline wants it)."""
+    def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, *, concurrent_updates: bool = True,
+                 connect_backoff_s: tuple[float, float] = (1.0, 60.0)) -> None:
+        """`concurrent_updates=False` handles one update at a time (only the benchmark's baseline wants it).
+
+        `connect_backoff_s`: (first, longest) wait between attempts to reach Telegram at start.
+        """
         if not settings.token:
             raise ConfigError("BOT_TOKEN is not set: the Telegram bot needs it (without it, run the console chat)")
         self.settings = settings
@@ -53,9 +77,10 @@ class BotApp:
         self.store = store
         self.metrics = BotMetrics()
         self.api_counter = ApiCallCounter(self.metrics)
+        # every string Telegram sends is cleaned as it is decoded (bot.text): polling and webhook
         session = (
-            AiohttpSession(api=TelegramAPIServer.from_base(settings.bot_api_url))
-            if settings.bot_api_url else AiohttpSession()
+            AiohttpSession(api=TelegramAPIServer.from_base(settings.bot_api_url), json_loads=json_loads)
+            if settings.bot_api_url else AiohttpSession(json_loads=json_loads)
         )
         session.middleware(self.api_counter)
         self.bot = Bot(settings.token, session=session)
@@ -70,6 +95,7 @@ class BotApp:
         handlers.setup(self.dp, settings, store, self.metrics)
         self.ops: Any = None
         self.concurrent_updates = concurrent_updates
+        self.connect_backoff_s = connect_backoff_s
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -83,11 +109,14 @@ class BotApp:
                 loop.add_signal_handler(sig, self.request_stop)
         try:
             await self._start_ops()
+            await self._until_reachable("getMe", self.bot.me)
             await self._set_commands()
             if self.settings.webhook_url:
                 await self._serve_webhook()
             else:
                 await self._poll()
+        except _StopRequested:
+            log.info("stopped before Telegram could be reached")
         finally:
             log.info("shutting down: finishing running answers")
             await self.chat.shutdown(self.settings.shutdown_grace_s)
@@ -100,8 +129,38 @@ class BotApp:
                     loop.remove_signal_handler(sig)
             log.info("bot stopped")
 
+    async def _until_reachable(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """`op()` until Telegram answers: network errors, 5xx and 429 are waited out with backoff.
+
+        One warning per failed attempt; a stop request ends the wait. A token the server
+        refuses (401, or 404 for a token that names no bot) is a configuration error.
+        """
+        first, longest = self.connect_backoff_s
+        delay, attempt = first, 0
+        where = f" at {self.settings.bot_api_url}" if self.settings.bot_api_url else ""
+        while True:
+            attempt += 1
+            try:
+                return await op()
+            except (TelegramUnauthorizedError, TelegramNotFound) as exc:
+                raise ConfigError(
+                    f"BOT_TOKEN was refused by the Telegram Bot API{where} ({exc}): check the token "
+                    "@BotFather gave you" + (" and BOT_API_URL" if where else "")
+                ) from exc
+            except (TelegramNetworkError, TelegramServerError, TelegramRetryAfter) as exc:
+                wait = float(exc.retry_after) if isinstance(exc, TelegramRetryAfter) else delay
+                log.warning("Telegram%s is not reachable (%s, attempt %d): %s; retrying in %.1f s",
+                            where, what, attempt, exc, wait)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                else:
+                    raise _StopRequested()
+                delay = min(delay * 2, longest)
+
     async def _poll(self) -> None:
-        await self.bot.delete_webhook(drop_pending_updates=False)
+        await self._until_reachable("deleteWebhook", lambda: self.bot.delete_webhook(drop_pending_updates=False))
         polling = asyncio.create_task(self.dp.start_polling(
             self.bot, handle_signals=False, close_bot_session=False, handle_as_tasks=self.concurrent_updates,
             allowed_updates=self.dp.resolve_used_update_types(),
@@ -137,9 +196,9 @@ class BotApp:
         site = web.TCPSite(runner, s.webhook_host, s.webhook_port)
         await site.start()
         try:
-            await self.bot.set_webhook(
+            await self._until_reachable("setWebhook", lambda: self.bot.set_webhook(
                 url=s.webhook_url, secret_token=secret, allowed_updates=self.dp.resolve_used_update_types()
-            )
+            ))
             log.info("webhook server on %s:%s%s for %s", s.webhook_host, s.webhook_port, path, s.webhook_url)
             self.metrics.last_api_ok = time.monotonic()
             await self._stop.wait()
@@ -212,6 +271,44 @@ def setup_logging(settings: BotSettings) -> None:
     logging.getLogger("aiogram.event").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+async def _start_engine(engine: Any) -> bool:
+    """`engine.start()`; False when SIGINT/SIGTERM arrived while it was loading."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(engine.start())
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, interrupt)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+            pass
+    try:
+        await task
+        return True
+    except asyncio.CancelledError:
+        if interrupted:
+            return False
+        raise
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _exit_now(code: int) -> None:
+    """Leave without waiting for the model-loading thread, which cannot be interrupted."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -> int:
     try:
         engine = build_engine(settings.engine_factory, engine_settings, settings.engine_backend)
@@ -219,24 +316,34 @@ async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -
         log.error("%s", exc)
         return 2
     store = Store(settings.database_path)
+    interrupted = False
     try:
         try:
-            await engine.start()
+            interrupted = not await _start_engine(engine)
         except EngineError as exc:
             log.error("the engine could not start: %s", exc)
             return 1
+        if interrupted:
+            log.warning("interrupted while the engine was loading; exiting")
+            return EXIT_INTERRUPTED
         if settings.token:
-            await BotApp(settings, engine, store).run()
-        else:
-            from bot.console import run_console
+            try:
+                await BotApp(settings, engine, store).run()
+            except ConfigError as exc:
+                log.error("%s", exc)
+                return EXIT_CONFIG
+            return 0
+        from bot.console import run_console
 
-            await run_console(settings, engine, store)
-        return 0
+        return await run_console(settings, engine, store)
     finally:
         try:
-            await engine.close()
+            if not interrupted:
+                await engine.close()
         finally:
             store.close()
+            if interrupted:
+                _exit_now(EXIT_INTERRUPTED)
 
 
 def main() -> int:
@@ -244,11 +351,18 @@ def main() -> int:
         settings = load_bot_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     setup_logging(settings)
     try:
         engine_settings = load_settings()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    if not settings.token:  # a container without a token gets /dev/null: say so before loading a model
+        from bot.console import input_problem
+
+        problem = input_problem(sys.stdin)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
     return asyncio.run(amain(settings, engine_settings))

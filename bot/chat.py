@@ -8,6 +8,9 @@ Per user, one generation is in flight: a message that arrives meanwhile waits it
 (answered after, never interleaved), beyond `max_pending_per_user` the user is told to wait.
 Whatever was generated is saved before the sink shows the final text, so a stop, a crash of
 the Telegram side or a shutdown never loses the stored answer.
+
+Text is cleaned on the way in and out (`bot.text.clean`): a question of undecodable bytes
+is refused (`Outcome.UNREADABLE`), one with some undecodable characters is answered.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from engine.types import GenerationResult, Mode, UserContext
 from bot.config import BotSettings
 from bot.metrics import BotMetrics
 from bot.storage import Store, UserRecord
+from bot.text import clean, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Outcome(enum.Enum):
     CLOSED = "closed"  # shutting down; nothing generated
     NOTHING = "nothing"  # /retry without an earlier question
     FAILED = "failed"  # the engine failed after some text; the error is raised after showing it
+    UNREADABLE = "unreadable"  # the question held nothing but undecodable bytes; nothing stored
 
 
 @dataclass
@@ -55,6 +60,11 @@ class Answer:
     text: str = ""
     message_id: int | None = None  # the stored assistant message
     result: GenerationResult | None = None
+
+    @property
+    def cut(self) -> bool:
+        """The model was stopped by MAX_NEW_TOKENS in mid-answer (front ends say so)."""
+        return self.outcome is Outcome.DONE and self.result is not None and self.result.finish_reason == "length"
 
 
 @dataclass
@@ -89,6 +99,10 @@ class ChatService:
         started_at: float | None = None,
     ) -> Answer:
         """Answer `text` (None = answer the last question again, /retry) for `user_id`."""
+        if text is not None:
+            text = clean(text)
+            if unreadable(text):
+                return Answer(Outcome.UNREADABLE)
         s = self._sessions.setdefault(user_id, _Session())
         if self.closing:
             return Answer(Outcome.CLOSED)
@@ -175,6 +189,7 @@ class ChatService:
             if inspect.isawaitable(stream):
                 stream = await stream
             async for piece in stream:
+                piece = clean(piece)
                 parts.append(piece)
                 sink.feed(piece)
         except asyncio.CancelledError:

@@ -6,6 +6,7 @@ A bad value stops the start with a message naming the variable, like the engine'
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +17,10 @@ from engine.config import format_validation_error
 from engine.errors import ConfigError
 
 IdSet = Annotated[frozenset[int], NoDecode]
+
+#: What @BotFather hands out: the bot's numeric id, a colon, 30+ characters of A-Z a-z 0-9 _ -.
+#: Shorter secrets are accepted (test servers and local Bot API servers use them).
+TOKEN_RE = re.compile(r"[0-9]{1,20}:[A-Za-z0-9_-]{1,200}")
 
 
 class BotSettings(BaseSettings):
@@ -99,6 +104,34 @@ class BotSettings(BaseSettings):
             return frozenset({v})
         return v
 
+    @field_validator("bot_token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        """Checked with the other settings, so a typo stops the start before the model loads."""
+        if v is None:
+            return None
+        token = v.get_secret_value().strip()
+        if not token:
+            return None
+        if not TOKEN_RE.fullmatch(token):
+            # never echo the secret; say what is wrong with its shape
+            problems = []
+            if ":" not in token:
+                problems.append("it has no ':'")
+            elif not token.partition(":")[0].isdigit():
+                problems.append("the part before ':' is not the bot's numeric id")
+            if any(c.isspace() for c in token):
+                problems.append("it contains blanks or quotes" if any(c in "'\"" for c in token) else
+                                "it contains blanks")
+            elif any(c in "'\"" for c in token):
+                problems.append("it contains quotes")
+            detail = "; ".join(problems) or "it has characters other than A-Z, a-z, 0-9, _ and - after ':'"
+            raise ValueError(
+                f"expected the token @BotFather gave you, like 123456789:AAH4aBcD... ({len(token)} characters "
+                f"given; {detail})"
+            )
+        return SecretStr(token)
+
     @field_validator("log_format", "engine_backend", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
@@ -157,9 +190,25 @@ class BotSettings(BaseSettings):
         return not self.allowed_user_ids or user_id in self.allowed_user_ids or self.is_admin(user_id)
 
 
+_SECRETS = ("bot_token", "webhook_secret")
+
+
+def _describe(exc: ValidationError) -> str:
+    """format_validation_error, without ever showing the value of a secret."""
+    secret = [e for e in exc.errors() if e.get("loc") and str(e["loc"][0]) in _SECRETS]
+    if not secret:
+        return format_validation_error(exc)
+    parts = [f"{str(e['loc'][0]).upper()}: {e.get('msg', 'invalid')}" for e in secret]
+    others = [e for e in exc.errors() if e not in secret]
+    if others:
+        rest = ValidationError.from_exception_data(exc.title, others)  # type: ignore[arg-type]
+        parts.append(format_validation_error(rest))
+    return "; ".join(parts)
+
+
 def load_bot_settings(**overrides: object) -> BotSettings:
     """Read settings once; raise ConfigError naming each bad variable."""
     try:
         return BotSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise ConfigError(f"invalid bot settings: {format_validation_error(exc)}") from exc
+        raise ConfigError(f"invalid bot settings: {_describe(exc)}") from exc

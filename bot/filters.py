@@ -1,4 +1,4 @@
-"""Filters: who is an admin, and whether a group message is addressed to the bot."""
+"""Filters: who is an admin, whether a group message is addressed to the bot, what is a command."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +8,7 @@ from aiogram.filters import Filter
 from aiogram.types import Message, TelegramObject, User
 
 from bot.config import BotSettings
+from bot.text import parse_command
 
 
 class IsAdmin(Filter):
@@ -47,3 +48,19 @@ def _py(text: str, utf16_offset: int) -> int:
             return i
         units += 2 if ord(ch) > 0xFFFF else 1
     return len(text)
+
+
+class IsCommand(Filter):
+    """Text that is a command by `bot.text.parse_command` (so "/etc/hosts, what is it?" is not).
+
+    On a match it hands the handler `command` (a `bot.text.Command`).
+    """
+
+    async def __call__(self, message: Message) -> bool | dict[str, Any]:
+        command = parse_command(message.text or "")
+        return {"command": command} if command is not None else False
+
+
+class NotCommand(Filter):
+    async def __call__(self, message: Message) -> bool:
+        return parse_command(message.text or "") is None

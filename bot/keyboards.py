@@ -24,6 +24,7 @@ _ROLE_TITLES = {
     "ru": {"assistant": "Ассистент", "lawyer": "Юрист", "doctor": "Врач", "financial_analyst": "Финансовый аналитик"},
 }
 BASE = "-"  # callback value meaning "no adapter"
+SECTION = "?"  # callback value of a section title: pressing it explains the section
 
 
 class ModeCB(CallbackData, prefix="mode"):
@@ -39,6 +40,10 @@ class LangCB(CallbackData, prefix="lang"):
 class FeedbackCB(CallbackData, prefix="fb"):
     message_id: int  # the stored assistant message
     rating: int  # 1 or -1
+
+
+class ContinueCB(CallbackData, prefix="cont"):
+    message_id: int  # the stored assistant message that was cut at the length limit
 
 
 def domain_title(name: str | None, lang: str) -> str:
@@ -76,7 +81,7 @@ def mode_keyboard(
         sizes.append(1)
     if view in ("all", "domain"):
         if view == "all":
-            kb.button(text=t(lang, "section_domain"), callback_data=ModeCB(kind="a", value="?", view=view))
+            kb.button(text=t(lang, "section_domain"), callback_data=ModeCB(kind="a", value=SECTION, view=view))
             sizes.append(1)
         names: list[str | None] = [a.name for a in catalog.adapters if a.current] + [None]
         for name in names:
@@ -87,7 +92,7 @@ def mode_keyboard(
         sizes.extend(_rows(len(names), 2))
     if view in ("all", "role"):
         if view == "all":
-            kb.button(text=t(lang, "section_role"), callback_data=ModeCB(kind="r", value="?", view=view))
+            kb.button(text=t(lang, "section_role"), callback_data=ModeCB(kind="r", value=SECTION, view=view))
             sizes.append(1)
         for role in catalog.roles:
             kb.button(
@@ -107,10 +112,14 @@ def language_keyboard(current: str) -> InlineKeyboardMarkup:
     return kb.as_markup()
 
 
-def feedback_keyboard(message_id: int, rated: int | None = None) -> InlineKeyboardMarkup:
+def feedback_keyboard(message_id: int, rated: int | None = None, *, cut_lang: str | None = None) -> InlineKeyboardMarkup:
+    """👍/👎 under an answer; `cut_lang` adds a "Continue" button (the answer was cut at the length limit)."""
     kb = InlineKeyboardBuilder()
     kb.button(text="👍" + (" ✓" if rated == 1 else ""), callback_data=FeedbackCB(message_id=message_id, rating=1))
     kb.button(text="👎" + (" ✓" if rated == -1 else ""), callback_data=FeedbackCB(message_id=message_id, rating=-1))
+    if cut_lang is not None:
+        kb.button(text=t(cut_lang, "continue_button"), callback_data=ContinueCB(message_id=message_id))
+        kb.adjust(2, 1)
     return kb.as_markup()
 
 

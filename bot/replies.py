@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from aiogram import Bot
-from aiogram.types import Message
+from aiogram.types import Message, User
 
 from engine.types import UserContext
 
@@ -38,8 +38,12 @@ class TelegramSink:
         await self.stream.abort()
 
     async def complete(self, answer: Answer) -> None:
-        suffix = t(self.lang, "stopped") if answer.outcome in (Outcome.STOPPED, Outcome.CANCELLED) else None
-        markup = feedback_keyboard(answer.message_id) \
+        suffix = None
+        if answer.outcome in (Outcome.STOPPED, Outcome.CANCELLED):
+            suffix = t(self.lang, "stopped")
+        elif answer.cut:
+            suffix = t(self.lang, "cut")
+        markup = feedback_keyboard(answer.message_id, cut_lang=self.lang if answer.cut else None) \
             if answer.outcome is Outcome.DONE and answer.message_id is not None else None
         ids = await self.stream.finish(suffix, markup)
         if answer.message_id is not None and ids:
@@ -48,11 +52,14 @@ class TelegramSink:
 
 async def answer_question(
     message: Message, question: str | None, *, bot: Bot, chat: ChatService, store: Store, pacer: ChatPacer,
-    settings: BotSettings, metrics: BotMetrics, lang: str,
+    settings: BotSettings, metrics: BotMetrics, lang: str, user: User | None = None,
 ) -> Answer:
-    """Answer `question` (None: the last one again) in the message's chat, streamed."""
+    """Answer `question` (None: the last one again) in the message's chat, streamed.
+
+    `user` is who asks when it is not the message's sender (a button under the bot's message).
+    """
     started = time.monotonic()
-    user = message.from_user
+    user = user or message.from_user
     assert user is not None
     in_group = message.chat.type != "private"
     stream = ReplyStream(
@@ -69,7 +76,7 @@ async def answer_question(
         user=UserContext(first_name=user.first_name, language=lang), on_queued=on_queued, started_at=started,
     )
     notes = {Outcome.TOO_MANY: "too_many_pending", Outcome.CLOSED: "shutting_down",
-             Outcome.NOTHING: "nothing_to_retry"}
+             Outcome.NOTHING: "nothing_to_retry", Outcome.UNREADABLE: "unreadable"}
     if answer.outcome in notes:
         await message.answer(t(lang, notes[answer.outcome]))
     return answer

@@ -7,6 +7,9 @@ an old database file are handled the same way. Migrations are never edited, only
 Calls are synchronous and made from the event loop thread: each is a sub-millisecond local
 query in WAL mode (readers never wait for the writer), cheaper than a thread hop, and the
 sqlite3 connection stays on the thread that created it.
+
+Every string is passed through `bot.text.clean` on the way in: whatever a front end hands
+over (a lone surrogate from a terminal, NUL from a forged update) is stored, never raised on.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from engine.types import Message
+
+from bot.text import clean
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,14 @@ def m001_initial(db: Database) -> None:
     db["health"].create({"id": int, "checked_at": str}, pk="id")
 
 
+def _clean(value: Any) -> Any:
+    return clean(value) if isinstance(value, str) else value
+
+
+def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: _clean(v) for k, v in row.items()}
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -150,6 +163,7 @@ class Store:
     ) -> UserRecord:
         """Create the user on first sight (language from Telegram) or refresh name and last seen."""
         now = _now()
+        name, username = _clean(name), _clean(username)
         users = self.db["users"]
         if self.get_user(user_id) is None:
             users.insert(
@@ -192,10 +206,10 @@ class Store:
             "user_id": user_id, "chat_id": chat_id, "conversation": conversation, "role": role,
             "text": text, "created_at": _now(), **meta,
         }
-        return int(self.db["messages"].insert(row).last_pk)
+        return int(self.db["messages"].insert(_clean_row(row)).last_pk)
 
     def update_message(self, message_id: int, **fields: Any) -> None:
-        self.db["messages"].update(message_id, fields)
+        self.db["messages"].update(message_id, _clean_row(fields))
 
     def get_message(self, message_id: int) -> StoredMessage | None:
         row = next(self.db["messages"].rows_where("id = ?", [message_id]), None)
@@ -221,6 +235,20 @@ class Store:
             )
         )
         return [Message(r["role"], r["text"]) for r in reversed(rows)]
+
+    def last_answer(self, user_id: int, chat_id: int | None = None) -> tuple[int, str | None] | None:
+        """(id, finish_reason) of the newest answer of the user's current conversation in that chat."""
+        user = self.get_user(user_id)
+        if user is None:
+            return None
+        row = next(
+            self.db["messages"].rows_where(
+                "user_id = ? and conversation = ? and chat_id is ? and role = 'assistant' and superseded = 0",
+                [user_id, user.conversation, chat_id], order_by="id desc", limit=1,
+            ),
+            None,
+        )
+        return (row["id"], row["finish_reason"]) if row else None
 
     def retry_point(self, user_id: int, chat_id: int | None = None) -> tuple[int, str] | None:
         """Supersede the answers after the last question; return (question id, text) to answer again."""
@@ -266,7 +294,11 @@ class Store:
         return list(self.db["feedback"].rows_where("message_id = ?", [message_id]))
 
     def liked_pairs(self, adapter: str, limit: int = 1000) -> list[tuple[str, str]]:
-        """(question, answer) of 👍 answers generated with `adapter`, for training data export."""
+        """(question, answer) of 👍 answers generated with `adapter`, for training data export.
+
+        Only answers the model ended itself (finish_reason 'stop'): one cut by MAX_NEW_TOKENS
+        ('length') stops mid-sentence and would teach the adapter to do the same.
+        """
         sql = """
             select q.text as question, a.text as answer
             from feedback f
@@ -275,7 +307,7 @@ class Store:
                 select max(id) from messages
                 where user_id = a.user_id and conversation = a.conversation and role = 'user' and id < a.id
             )
-            where f.rating > 0 and a.adapter = ? and a.finish_reason in ('stop', 'length')
+            where f.rating > 0 and a.adapter = ? and a.finish_reason = 'stop'
             order by a.id limit ?
         """
         return [(r[0], r[1]) for r in self.db.execute(sql, [adapter, limit]).fetchall()]
@@ -283,9 +315,9 @@ class Store:
     # ---- admin and health -----------------------------------------------------------
 
     def log_admin(self, user_id: int, action: str, args: str = "", result: str = "") -> None:
-        self.db["admin_actions"].insert(
+        self.db["admin_actions"].insert(_clean_row(
             {"user_id": user_id, "action": action, "args": args, "result": result[:2000], "created_at": _now()}
-        )
+        ))
 
     def admin_actions(self, limit: int = 50) -> list[dict[str, Any]]:
         return list(self.db["admin_actions"].rows_where(order_by="id desc", limit=limit))

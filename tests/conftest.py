@@ -73,7 +73,8 @@ async def start_bot(tg: FakeTelegram, tmp_path: Path) -> AsyncIterator[StartBot]
 
     running: list[RunningBot] = []
 
-    async def start(engine: Any, **overrides: Any) -> RunningBot:
+    async def start(engine: Any, *, connect_backoff_s: tuple[float, float] = (0.05, 0.2),
+                    **overrides: Any) -> RunningBot:
         values: dict[str, Any] = dict(
             bot_token=TEST_TOKEN, bot_api_url=tg.url, database_path=tmp_path / "bot.sqlite3",
             stream_edit_interval_s=0.02, admin_ids=str(ADMIN_ID), rate_limit_messages=0, shutdown_grace_s=0.0,
@@ -81,7 +82,7 @@ async def start_bot(tg: FakeTelegram, tmp_path: Path) -> AsyncIterator[StartBot]
         values.update(overrides)
         settings = BotSettings(_env_file=None, **values)  # type: ignore[call-arg]
         store = Store(settings.database_path)
-        app = BotApp(settings, engine, store)
+        app = BotApp(settings, engine, store, connect_backoff_s=connect_backoff_s)
         bot = RunningBot(app, asyncio.create_task(app.run(handle_signals=False)), store)
         running.append(bot)
         return bot

@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiogram import Dispatcher
 
 from bot.config import BotSettings
-from bot.handlers import admin, chat, errors, feedback, media, modes, start, training
+from bot.handlers import admin, chat, errors, fallback, feedback, media, modes, start, training
 from bot.metrics import BotMetrics
 from bot.middlewares import RateLimit, UserContext
 from bot.storage import Store
@@ -13,10 +13,11 @@ from bot.storage import Store
 def setup(dp: Dispatcher, settings: BotSettings, store: Store, metrics: BotMetrics) -> None:
     dp.update.outer_middleware(UserContext(store, settings, metrics))
     dp.message.middleware(RateLimit(settings, metrics))
-    # order matters: admin refusals before the admin-only training commands, chat text last
+    # order matters: admin refusals before the admin-only training commands, chat text, then
+    # whatever no one took (unknown commands and buttons)
     dp.include_routers(
         errors.router(), start.router(), modes.router(), admin.router(), training.router(), feedback.router(),
-        media.router(), chat.router(),
+        media.router(), chat.router(), fallback.router(),
     )
 
 

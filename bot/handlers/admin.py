@@ -9,8 +9,9 @@ from aiogram import Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
-from engine.face import EngineFace
+from engine.errors import EngineError
 
+from bot.admin_format import format_adapters, format_reload, format_status, short, training_summary
 from bot.chat import ChatService
 from bot.filters import IsAdmin
 from bot.i18n import t
@@ -21,119 +22,55 @@ log = logging.getLogger(__name__)
 ADMIN_COMMANDS = ("status", "adapters", "reload", "train", "cancel", "rollback", "promote", "export")
 
 
-def _mb(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f} MB"
+
+def domain_names(engine: Any) -> list[str]:
+    """The adapter domains the engine knows (with at least one version), for "valid ones are" replies."""
+    return [a.name for a in engine.modes().adapters]
 
 
-def _duration(s: float) -> str:
-    s = int(s)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    return (f"{d}d " if d else "") + (f"{h}h " if d or h else "") + f"{m}m {s}s"
-
-
-def format_status(status: Any, *, generating: int, waiting: int, active_24h: int, bot_uptime_s: float,
-                  training: str | None) -> str:
-    adapters = "\n".join(
-        f"  • {a.name} {a.version} — {a.state}, {_mb(a.bytes)}, {a.in_flight} in flight" for a in status.adapters
-    ) or "  (none)"
-    lines = [
-        f"Model: {status.model}",
-        f"Quantization: {status.quantization} · {status.dtype} · device {status.device}",
-        f"Memory: model {_mb(status.model_bytes)}, process {_mb(status.process_rss_bytes)}, "
-        f"GPU {_mb(status.gpu_allocated_bytes)}",
-        f"Resident adapters:\n{adapters}",
-        f"Queue: {status.queue_depth} waiting, {status.active_requests} generating, "
-        f"{status.tokens_generated} tokens so far",
-        f"Users: {generating} being answered, {waiting} queued, {active_24h} active in 24 h",
-        f"Uptime: bot {_duration(bot_uptime_s)}, engine {_duration(status.uptime_s)}",
-        f"Ready: {'yes' if status.ready else 'no'}",
-    ]
-    replicas = getattr(status, "replicas", ())
-    if replicas:
-        lines.insert(-1, format_replicas(replicas))
-    if training:
-        lines.append(f"Training: {training}")
-    return "\n".join(lines)
-
-
-def format_replicas(replicas: Any) -> str:
-    """One line per inference server (the vLLM backend): state, load, adapters, last error."""
-    ready = sum(r.state == "ready" for r in replicas)
-    lines = [f"Replicas: {ready} of {len(replicas)} ready"]
-    for r in replicas:
-        line = f"  • {r.name} — {r.state}, {r.in_flight} in flight, {r.adapters} adapters, {r.requests} requests"
-        if r.failures:
-            line += f", {r.failures} failures"
-        if r.error:
-            line += f"; {r.error}"
-        if r.retry_in_s is not None and r.state in ("down", "incompatible"):
-            line += f" (next check in {r.retry_in_s:.0f} s)"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def format_adapters(catalog: Any) -> str:
-    if not catalog.adapters:
-        return "No adapters on disk."
-    out = []
-    for a in catalog.adapters:
-        head = f"{a.name}: serving {a.current or '—'}" + (f" ⚠️ {a.error}" if a.error else "")
-        out.append(head)
-        for v in a.versions:
-            metrics = ", ".join(f"{k} {val:.4g}" for k, val in sorted(v.metrics.items())
-                                if isinstance(val, (int, float)))
-            mark = "▶" if v.is_current else "·"
-            state = f" [{v.state}]" if v.state else ""
-            out.append(f"  {mark} {v.version}{state} {v.created or ''} {metrics}".rstrip())
-    return "\n".join(out)
-
-
-def training_summary(engine: EngineFace) -> str | None:
-    try:
-        job = engine.training.current()
-    except Exception:
-        return None
-    if job is None:
-        return "idle"
-    ev = getattr(job, "last_event", None)
-    if ev is None:
-        return f"{getattr(job, 'domain', '?')} running"
-    return f"{ev.domain} {ev.kind} {ev.step}/{ev.total_steps}"
+def unknown_domain(lang: str, domain: str, engine: Any) -> str:
+    return t(lang, "unknown_domain", domain=domain, domains=", ".join(domain_names(engine)) or t(lang, "none"))
 
 
 async def refuse(message: Message, lang: str) -> None:
     await message.answer(t(lang, "admin_only"))
 
 
-async def on_status(message: Message, engine: EngineFace, chat: ChatService, store: Store, started_at: float) -> None:
+async def on_status(message: Message, engine: Any, chat: ChatService, store: Store, started_at: float,
+                    lang: str) -> None:
     text = format_status(
         engine.status(), generating=chat.generating(), waiting=chat.waiting(), active_24h=store.active_users(),
-        bot_uptime_s=time.monotonic() - started_at, training=training_summary(engine),
+        bot_uptime_s=time.monotonic() - started_at, training=training_summary(engine, lang), lang=lang,
     )
     await message.answer(text)
 
 
-async def on_adapters(message: Message, engine: EngineFace) -> None:
-    await message.answer(format_adapters(engine.modes()))
+async def on_adapters(message: Message, engine: Any, lang: str) -> None:
+    await message.answer(format_adapters(engine.modes(), lang))
 
 
 async def on_reload(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
     name = (command.args or "").strip() or None
-    report = await engine.reload(name)
-    parts = [f"loaded {report.loaded}" if report.loaded else "", f"unchanged {report.unchanged}" if report.unchanged else "",
-             f"failed {report.failed}" if report.failed else "", f"templates {report.templates}" if report.templates else ""]
-    summary = "; ".join(p for p in parts if p) or "nothing to do"
     assert message.from_user is not None
-    store.log_admin(message.from_user.id, "reload", name or "", summary)
-    await message.answer(t(lang, "reload_done", report=summary))
+    if name is not None and name not in domain_names(engine):
+        store.log_admin(message.from_user.id, "reload", name, "refused: unknown domain")
+        await message.answer(unknown_domain(lang, name, engine))
+        return
+    try:
+        report = await engine.reload(name)
+    except EngineError as exc:
+        log.warning("reload %s refused: %s", name or "all", exc)
+        store.log_admin(message.from_user.id, "reload", name or "", f"refused: {exc}")
+        await message.answer(t(lang, "reload_refused", reason=short(str(exc))))
+        return
+    store.log_admin(message.from_user.id, "reload", name or "", format_reload(report, "en").replace("\n", "; "))
+    await message.answer(format_reload(report, lang))
 
 
 def router() -> Router:
     r = Router(name="admin")
-    r.message.register(refuse, Command(*ADMIN_COMMANDS), ~IsAdmin())
-    r.message.register(on_status, Command("status"), IsAdmin())
-    r.message.register(on_adapters, Command("adapters"), IsAdmin())
-    r.message.register(on_reload, Command("reload"), IsAdmin())
+    r.message.register(refuse, Command(*ADMIN_COMMANDS, ignore_case=True), ~IsAdmin())
+    r.message.register(on_status, Command("status", ignore_case=True), IsAdmin())
+    r.message.register(on_adapters, Command("adapters", ignore_case=True), IsAdmin())
+    r.message.register(on_reload, Command("reload", ignore_case=True), IsAdmin())
     return r

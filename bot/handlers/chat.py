@@ -1,17 +1,18 @@
-"""Plain text -> a streamed answer; /new, /retry, /stop."""
+"""Plain text -> a streamed answer; /new, /retry, /stop; "Continue" under a cut answer."""
 from __future__ import annotations
 
 from aiogram import Bot, F, Router
+from aiogram.exceptions import TelegramBadRequest
 from aiogram.filters import Command
-from aiogram.types import Message
+from aiogram.types import CallbackQuery, Message
 
 from engine.face import EngineFace
 
 from bot.chat import ChatService, mode_of
 from bot.config import BotSettings
-from bot.filters import Addressed
+from bot.filters import Addressed, NotCommand
 from bot.i18n import t
-from bot.keyboards import describe_mode
+from bot.keyboards import ContinueCB, describe_mode, feedback_keyboard
 from bot.metrics import BotMetrics
 from bot.replies import answer_question
 from bot.storage import Store, UserRecord
@@ -35,6 +36,28 @@ async def on_retry(
                           settings=settings, metrics=metrics, lang=lang)
 
 
+async def on_continue(
+    query: CallbackQuery, callback_data: ContinueCB, bot: Bot, chat: ChatService, store: Store, pacer: ChatPacer,
+    settings: BotSettings, metrics: BotMetrics, lang: str,
+) -> None:
+    """Go on with an answer cut at the length limit: ask "Continue." as the next turn."""
+    message = query.message
+    if not isinstance(message, Message):  # too old for Telegram to show it to the bot
+        await query.answer(t(lang, "continue_stale"))
+        return
+    latest = store.last_answer(query.from_user.id, message.chat.id)
+    if latest is None or latest[0] != callback_data.message_id:
+        await query.answer(t(lang, "continue_stale"))
+        return
+    await query.answer()
+    try:  # the button did its job; 👍/👎 stay
+        await message.edit_reply_markup(reply_markup=feedback_keyboard(callback_data.message_id))
+    except TelegramBadRequest:
+        pass
+    await answer_question(message, t(lang, "continue_prompt"), bot=bot, chat=chat, store=store, pacer=pacer,
+                          settings=settings, metrics=metrics, lang=lang, user=query.from_user)
+
+
 async def on_new(message: Message, store: Store, user_record: UserRecord, lang: str, engine: EngineFace) -> None:
     store.new_conversation(user_record.id)
     await message.answer(t(lang, "new_conversation", mode=describe_mode(mode_of(user_record), lang, engine.modes())))
@@ -48,8 +71,9 @@ async def on_stop(message: Message, chat: ChatService, lang: str) -> None:
 
 def router() -> Router:
     r = Router(name="chat")
-    r.message.register(on_new, Command("new"))
-    r.message.register(on_stop, Command("stop"))
-    r.message.register(on_retry, Command("retry"))
-    r.message.register(on_text, F.text, ~F.text.startswith("/"), Addressed())
+    r.message.register(on_new, Command("new", ignore_case=True))
+    r.message.register(on_stop, Command("stop", ignore_case=True))
+    r.message.register(on_retry, Command("retry", ignore_case=True))
+    r.message.register(on_text, F.text, NotCommand(), Addressed())
+    r.callback_query.register(on_continue, ContinueCB.filter())
     return r

@@ -17,9 +17,13 @@ async def on_feedback(query: CallbackQuery, callback_data: FeedbackCB, store: St
         return
     await query.answer(t(lang, "thanks_feedback"))
     if query.message is not None:
+        # a cut answer keeps its "Continue" button while it is the newest answer
+        latest = store.last_answer(query.from_user.id, query.message.chat.id)
+        cut = latest is not None and latest == (callback_data.message_id, "length")
         try:
             await query.message.edit_reply_markup(  # type: ignore[union-attr]
-                reply_markup=feedback_keyboard(callback_data.message_id, callback_data.rating)
+                reply_markup=feedback_keyboard(callback_data.message_id, callback_data.rating,
+                                               cut_lang=lang if cut else None)
             )
         except TelegramBadRequest:  # same rating pressed twice: nothing to change
             pass

@@ -8,7 +8,7 @@ from bot.filters import Addressed
 from bot.i18n import t
 
 MEDIA = F.photo | F.voice | F.sticker | F.document | F.video | F.audio | F.video_note | F.animation | F.location \
-    | F.contact
+    | F.contact | F.dice | F.poll | F.venue | F.story
 
 
 async def on_media(message: Message, lang: str) -> None:

@@ -10,7 +10,7 @@ from engine.types import Mode
 
 from bot.chat import mode_of
 from bot.i18n import t
-from bot.keyboards import BASE, ModeCB, describe_mode, mode_keyboard
+from bot.keyboards import BASE, SECTION, ModeCB, describe_mode, mode_keyboard
 from bot.storage import Store, UserRecord
 
 _VIEWS = {"mode": ("all", "mode_choose"), "domain": ("domain", "domain_choose"), "role": ("role", "role_choose")}
@@ -32,8 +32,9 @@ async def on_mode_chosen(
     catalog = engine.modes()
     current = mode_of(user_record)
     value = callback_data.value
-    if value == "?":  # a section title
-        await query.answer()
+    if value == SECTION:  # a section title: say what the rows below it choose
+        await query.answer(t(lang, "section_domain_help" if callback_data.kind == "a" else "section_role_help"),
+                           show_alert=True)
         return
     if callback_data.kind == "p":
         new = Mode(adapter=None, role="assistant")
@@ -61,6 +62,6 @@ async def on_mode_chosen(
 
 def router() -> Router:
     r = Router(name="modes")
-    r.message.register(on_mode, Command("mode", "domain", "role"))
+    r.message.register(on_mode, Command("mode", "domain", "role", ignore_case=True))
     r.callback_query.register(on_mode_chosen, ModeCB.filter())
     return r

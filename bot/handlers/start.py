@@ -41,8 +41,8 @@ async def on_language_chosen(query: CallbackQuery, callback_data: LangCB, store:
 
 def router() -> Router:
     r = Router(name="start")
-    r.message.register(on_start, CommandStart())
-    r.message.register(on_help, Command("help"))
-    r.message.register(on_language, Command("language"))
+    r.message.register(on_start, CommandStart(ignore_case=True))
+    r.message.register(on_help, Command("help", ignore_case=True))
+    r.message.register(on_language, Command("language", ignore_case=True))
     r.callback_query.register(on_language_chosen, LangCB.filter())
     return r

@@ -14,18 +14,20 @@ from aiogram import Bot, Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
-from engine.errors import EngineError
-from engine.face import EngineFace
+from engine.errors import AdapterNotFound, EngineError
 
+from bot.admin_format import format_event, short
 from bot.background import Background
 from bot.config import BotSettings
 from bot.filters import IsAdmin
+from bot.handlers.admin import domain_names, unknown_domain
 from bot.i18n import t
 from bot.metrics import BotMetrics
 from bot.storage import Store
 from bot.streaming import ChatPacer, ReplyStream, edit_progress
 
 log = logging.getLogger(__name__)
+
 
 
 class Unavailable(Exception):
@@ -42,81 +44,64 @@ def service(engine: EngineFace) -> Any:
     return svc
 
 
-async def call_training(message: Message, lang: str, fn_name: str, *args: Any, engine: EngineFace, **kw: Any) -> Any:
-    """Call engine.training.<fn_name>; reply and return None when unavailable or refused."""
+async def call_training(
+    message: Message, lang: str, fn_name: str, *args: Any, engine: Any, refused: str,
+    words: dict[str, Any], **kw: Any,
+) -> tuple[Any, str]:
+    """Call engine.training.<fn_name>; returns (result, "") or (None, what happened for the admin log).
+
+    A refusal is answered with the command's own words (`refused`, formatted with `words` and
+    the reason); a missing or broken service with "training is not available".
+    """
     try:
-        return await getattr(service(engine), fn_name)(*args, **kw)
+        return await getattr(service(engine), fn_name)(*args, **kw), ""
     except EngineError as exc:
-        await message.answer(t(lang, "training_refused", reason=str(exc)))
+        reason = str(exc)
+        if isinstance(exc, AdapterNotFound) and "known:" not in reason:
+            reason += "; " + t(lang, "unknown_domain", domain=words.get("domain", ""),
+                               domains=", ".join(domain_names(engine)) or t(lang, "none"))
+        log.info("training %s refused: %s", fn_name, exc)
+        await message.answer(t(lang, refused, reason=short(reason), **words))
+        return None, f"refused: {exc}"
     except Exception as exc:  # missing, half-wired or broken service: not the admin's problem
         log.warning("training %s unavailable: %s", fn_name, exc, exc_info=not isinstance(exc, Unavailable))
         await message.answer(t(lang, "training_unavailable"))
-    return None
+        return None, "unavailable"
 
 
-def progress_bar(done: int, total: int, width: int = 12) -> str:
-    frac = 0.0 if total <= 0 else max(0.0, min(1.0, done / total))
-    full = round(frac * width)
-    return f"[{'█' * full}{'░' * (width - full)}] {frac * 100:3.0f}%"
+def _args(command: CommandObject) -> list[str]:
+    """Command arguments; domain names are lowercase on disk, so "/train Legal" means legal."""
+    return (command.args or "").split()
 
 
-def format_event(ev: Any) -> str:
-    domain = ev.domain
-    if ev.kind == "queued":
-        return f"🕒 Training {domain}: queued (job {ev.job_id})"
-    if ev.kind in ("started", "progress"):
-        lines = [f"🏋️ Training {domain} (job {ev.job_id})", f"{progress_bar(ev.step, ev.total_steps)}  "
-                 f"step {ev.step}/{ev.total_steps}"]
-        extra = []
-        if ev.loss is not None:
-            extra.append(f"loss {ev.loss:.4f}")
-        if ev.eta_s is not None:
-            extra.append(f"eta {int(ev.eta_s)} s")
-        if extra:
-            lines.append(" · ".join(extra))
-        return "\n".join(lines)
-    if ev.kind == "evaluating":
-        return f"🧪 Training {domain}: evaluating on the held-out split…\n{progress_bar(1, 1)}"
-    if ev.kind == "finished":
-        m = ev.metrics
-        parts = [f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""]
-        if "eval_loss_base" in m:
-            parts.append(f"base {m['eval_loss_base']:.4f}")
-        if m.get("eval_loss_previous") is not None:
-            parts.append(f"previous {m['eval_loss_previous']:.4f}")
-        if "eval_perplexity" in m:
-            parts.append(f"perplexity {m['eval_perplexity']:.3g}")
-        verdict = "promoted, now serving" if ev.promoted else \
-            f"kept as a candidate (/promote {domain} {ev.version})"
-        return f"✅ {domain} {ev.version or ''}: {', '.join(p for p in parts if p)}\n{verdict}"
-    if ev.kind == "failed":
-        return f"❌ Training {domain} failed: {ev.message or 'unknown reason'}"
-    if ev.kind == "cancelled":
-        return f"⏹ Training {domain} cancelled"
-    return f"Training {domain}: {ev.kind}"
+def _serving(engine: Any, domain: str) -> str | None:
+    info = engine.modes().adapter(domain)
+    return info.current if info else None
 
 
 async def on_train(
     message: Message, command: CommandObject, bot: Bot, engine: EngineFace, store: Store, lang: str, pacer: ChatPacer,
     metrics: BotMetrics, settings: BotSettings, background: Background,
 ) -> None:
-    domain = (command.args or "").strip().split(" ")[0]
-    if not domain:
+    args = _args(command)
+    if not args:
         await message.answer(t(lang, "usage_train"))
         return
+    domain = args[0].lower()
     assert message.from_user is not None
     admin = message.from_user.id
-    job = await call_training(message, lang, "start", domain, requested_by=f"admin:{admin}", engine=engine)
+    job, failure = await call_training(message, lang, "start", domain, requested_by=f"admin:{admin}",
+                                       engine=engine, refused="train_refused", words={"domain": domain})
     if job is None:
-        store.log_admin(admin, "train", domain, "refused")
+        store.log_admin(admin, "train", domain, failure)
         return
     store.log_admin(admin, "train", domain, f"started {getattr(job, 'id', '')}")
     stream = ReplyStream(bot, message.chat.id, pacer, metrics=metrics, typing=False, markdown=False,
                          attempts=settings.telegram_retry_attempts)
-    stream.set_text(f"🕒 Training {domain}: starting…")
+    stream.set_text(t(lang, "tr_starting", domain=domain))
 
     async def follow() -> None:
-        last = await edit_progress(stream, job.events(), format_event)
+        last = await edit_progress(stream, job.events(), lambda ev: format_event(ev, lang))
         if last is not None:
             store.log_admin(admin, "train_result", domain, f"{last.kind} {last.version or ''} {last.message}")
 
@@ -128,6 +113,11 @@ async def on_cancel(message: Message, engine: EngineFace, store: Store, lang: st
     try:
         svc = service(engine)
         job = await svc.cancel()
+    except EngineError as exc:
+        log.info("training cancel refused: %s", exc)
+        store.log_admin(message.from_user.id, "cancel", "", f"refused: {exc}")
+        await message.answer(t(lang, "cancel_refused", reason=short(str(exc))))
+        return
     except Exception as exc:
         log.warning("training cancel unavailable: %s", exc)
         await message.answer(t(lang, "training_unavailable"))
@@ -139,53 +129,84 @@ async def on_cancel(message: Message, engine: EngineFace, store: Store, lang: st
         await message.answer(t(lang, "training_cancelled", job=getattr(job, "id", "?"), domain=getattr(job, "domain", "?")))
 
 
-async def on_rollback(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
-    domain = (command.args or "").strip()
-    if not domain:
+async def on_rollback(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+    args = _args(command)
+    if len(args) != 1:
         await message.answer(t(lang, "usage_rollback"))
         return
-    version = await call_training(message, lang, "rollback", domain, engine=engine)
+    domain = args[0].lower()
     assert message.from_user is not None
-    store.log_admin(message.from_user.id, "rollback", domain, str(version))
+    if domain not in domain_names(engine):
+        store.log_admin(message.from_user.id, "rollback", domain, "refused: unknown domain")
+        await message.answer(unknown_domain(lang, domain, engine))
+        return
+    previous = _serving(engine, domain)
+    version, failure = await call_training(message, lang, "rollback", domain, engine=engine,
+                                           refused="rollback_refused", words={"domain": domain})
+    store.log_admin(message.from_user.id, "rollback", domain, version or failure)
     if version is not None:
-        await message.answer(t(lang, "rollback_done", domain=domain, version=version))
+        await message.answer(t(lang, "rollback_done", domain=domain, version=version,
+                               previous=previous or t(lang, "none")))
 
 
-async def on_promote(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
-    args = (command.args or "").split()
+async def on_promote(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+    args = _args(command)
     if len(args) != 2:
         await message.answer(t(lang, "usage_promote"))
         return
-    version = await call_training(message, lang, "promote", args[0], args[1], engine=engine)
+    domain, version = args[0].lower(), args[1].lower()
     assert message.from_user is not None
-    store.log_admin(message.from_user.id, "promote", " ".join(args), str(version))
-    if version is not None:
-        await message.answer(t(lang, "promote_done", domain=args[0], version=version))
+    info = engine.modes().adapter(domain)
+    if info is None:
+        store.log_admin(message.from_user.id, "promote", f"{domain} {version}", "refused: unknown domain")
+        await message.answer(unknown_domain(lang, domain, engine))
+        return
+    known = [v.version for v in info.versions]
+    if version not in known:
+        store.log_admin(message.from_user.id, "promote", f"{domain} {version}", "refused: unknown version")
+        listed = ", ".join(f"{v}{' ▶' if v == info.current else ''}" for v in known) or t(lang, "none")
+        await message.answer(t(lang, "unknown_version", domain=domain, version=version, versions=listed))
+        return
+    promoted, failure = await call_training(message, lang, "promote", domain, version, engine=engine,
+                                            refused="promote_refused", words={"domain": domain, "version": version})
+    store.log_admin(message.from_user.id, "promote", f"{domain} {version}", promoted or failure)
+    if promoted is not None:
+        await message.answer(t(lang, "promote_done", domain=domain, version=promoted))
 
 
-async def on_export(message: Message, command: CommandObject, engine: EngineFace, store: Store, lang: str) -> None:
-    domain = (command.args or "").strip()
-    if not domain:
+async def on_export(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+    args = _args(command)
+    if len(args) != 1:
         await message.answer(t(lang, "usage_export"))
         return
-    pairs = store.liked_pairs(domain)
+    domain = args[0].lower()
     assert message.from_user is not None
+    admin = message.from_user.id
+    if domain not in domain_names(engine):
+        store.log_admin(admin, "export", domain, "refused: unknown domain")
+        await message.answer(unknown_domain(lang, domain, engine))
+        return
+    pairs = store.liked_pairs(domain)
     if not pairs:
+        store.log_admin(admin, "export", domain, "no liked answers")
         await message.answer(t(lang, "export_none", domain=domain))
         return
-    rows = await call_training(message, lang, "export_examples", domain, pairs, engine=engine)
-    store.log_admin(message.from_user.id, "export", domain, f"{rows} rows from {len(pairs)} pairs")
-    if rows is not None:
-        await message.answer(t(lang, "export_done", domain=domain, rows=rows, pairs=len(pairs)))
+    rows, failure = await call_training(message, lang, "export_examples", domain, pairs, engine=engine,
+                                        refused="export_refused", words={"domain": domain})
+    store.log_admin(admin, "export", domain, f"{rows} rows from {len(pairs)} pairs" if rows is not None else failure)
+    if rows is None:
+        return
+    key = "export_done" if rows else "export_nothing_new"
+    await message.answer(t(lang, key, domain=domain, rows=rows, pairs=len(pairs)))
 
 
 def router() -> Router:
     """Attach after the admin router: its refusal handler keeps non-admins out of these."""
     r = Router(name="training")
     r.message.filter(IsAdmin())
-    r.message.register(on_train, Command("train"))
-    r.message.register(on_cancel, Command("cancel"))
-    r.message.register(on_rollback, Command("rollback"))
-    r.message.register(on_promote, Command("promote"))
-    r.message.register(on_export, Command("export"))
+    r.message.register(on_train, Command("train", ignore_case=True))
+    r.message.register(on_cancel, Command("cancel", ignore_case=True))
+    r.message.register(on_rollback, Command("rollback", ignore_case=True))
+    r.message.register(on_promote, Command("promote", ignore_case=True))
+    r.message.register(on_export, Command("export", ignore_case=True))
     return r

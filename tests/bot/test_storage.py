@@ -109,3 +109,30 @@ def test_history_is_per_chat(store):
     store.add_message(5, "user", "group question", conversation=1, chat_id=-100)
     assert store.history(5, 10, chat_id=5) == [Message("user", "private question")]
     assert store.history(5, 10, chat_id=-100) == [Message("user", "group question")]
+
+
+def test_cut_and_cancelled_answers_are_not_exported(store):
+    store.touch_user(5)
+    for reason in ("stop", "length", "cancelled", "error"):
+        store.add_message(5, "user", f"q-{reason}", conversation=1)
+        a = store.add_message(5, "assistant", f"a-{reason}", conversation=1, adapter="legal", finish_reason=reason)
+        store.add_feedback(a, 5, 1)
+    assert store.liked_pairs("legal") == [("q-stop", "a-stop")]
+
+
+@pytest.mark.parametrize("raw", [
+    "\x00\udcff\udcfe",  # what `printf '\x00\xff\xfe'` reaches Python as through a UTF-8 terminal
+    "half an emoji \ud83d",  # a lone surrogate from a JSON escape
+    "tab\tnew\nline\x07bell\x1b[31m",
+])
+def test_any_text_is_stored_and_read_back_without_a_crash(store, raw):
+    store.touch_user(5, name=raw, username=raw)
+    q = store.add_message(5, "user", raw, conversation=1)
+    a = store.add_message(5, "assistant", raw, conversation=1, template=raw)
+    store.update_message(a, text=raw + "!")
+    store.log_admin(5, "reload", raw, raw)
+    texts = [m.content for m in store.history(5, 10)]
+    assert len(texts) == 2 and all(t.encode("utf-8") for t in texts)  # encodable: no surrogate left
+    assert "\x00" not in texts[0] and "\x07" not in texts[0]
+    assert store.get_message(q).text == texts[0]
+    assert store.get_user(5).name == texts[0]

@@ -301,7 +301,7 @@ async def test_feedback_is_stored_with_mode_and_adapter_version(tg, engine, star
     await tg.wait_for(lambda: [r["rating"] for r in bot.store.db["feedback"].rows] == [-1])
 
 
-@pytest.mark.parametrize("kind", ["photo", "voice", "sticker", "document"])
+@pytest.mark.parametrize("kind", ["photo", "voice", "sticker", "document", "dice"])
 async def test_media_gets_a_polite_text_only_reply(tg, engine, start_bot, kind):
     await start_bot(engine)
     tg.send_media(7, kind)
@@ -375,8 +375,8 @@ async def test_status_and_adapters_for_admins(tg, engine, start_bot):
     for part in ("Model: fake/SmolLM2", "legal v1", "Queue:", "active in 24 h", "Uptime:"):
         assert part in status.text
     tg.send_text(ADMIN_ID, "/adapters")
-    adapters = await tg.wait_for_text(ADMIN_ID, "legal: serving v1")
-    assert "eval_loss 1.25" in adapters.text
+    adapters = await tg.wait_for_text(ADMIN_ID, "legal · serving v1")
+    assert "▶ v1 · loss 1.250" in adapters.text
 
 
 async def test_train_streams_progress_into_one_message(tg, engine, start_bot):
@@ -401,7 +401,7 @@ async def test_train_while_training_is_refused_with_what_is_running(tg, engine, 
     tg.send_text(ADMIN_ID, "/train legal")
     await tg.wait_for_text(ADMIN_ID, "Training legal")
     tg.send_text(ADMIN_ID, "/train medical")
-    await tg.wait_for_text(ADMIN_ID, "Cannot start training: training legal is running")
+    await tg.wait_for_text(ADMIN_ID, "Cannot start training medical: training legal is running")
     tg.send_text(ADMIN_ID, "/cancel")
     await tg.wait_for_text(ADMIN_ID, "Cancelled the training job")
     await tg.wait_for_text(ADMIN_ID, "⏹ Training legal cancelled")

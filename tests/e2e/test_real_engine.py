@@ -124,3 +124,13 @@ async def test_restart_keeps_mode_and_history_with_the_real_model(tg, real_engin
     assert (a2["adapter"], a2["template"]) == ("legal", "lawyer")  # the mode survived the restart
     # the follow-up was asked with the first turn in its prompt
     assert a2["prompt_tokens"] > a1["prompt_tokens"] + a1["completion_tokens"]
+
+
+async def test_an_answer_cut_by_max_new_tokens_is_marked_with_a_continue_button(tg, real_engine, start_bot):
+    bot = await start_bot(real_engine)  # MAX_NEW_TOKENS=24: a long story does not fit
+    tg.send_text(7, "Tell me a long story about a cat who travels around the world.")
+    final = await tg.wait_for(lambda: next(iter(_answers(tg)), None), timeout=300)
+    await tg.wait_for(lambda: len(_rows(bot.store)) == 1)
+    assert _rows(bot.store)[0]["finish_reason"] == "length"
+    assert final.text.endswith("✂️ Cut off at the length limit.")
+    assert [b["text"] for b in final.buttons] == ["👍", "👎", "▶ Continue"]

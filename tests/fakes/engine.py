@@ -11,6 +11,7 @@ in subprocess tests of `python -m bot`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ from engine.types import (
     AdapterInfo, AdapterVersionInfo, EngineStatus, GenerationParams, GenerationResult, Message, Mode,
     ModeCatalog, ReloadReport, ResidentAdapter, RoleInfo, TrainingEvent, UserContext,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROLES = (
     RoleInfo("assistant", "Assistant", "A helpful assistant", ("en", "ru")),
@@ -172,6 +175,11 @@ class FakeTraining:
         self.exported: list[tuple[str, list[tuple[str, str]]]] = []
         self.rollbacks: list[str] = []
         self.events: list[TrainingEvent] | None = None
+        self.errors: dict[str, BaseException] = {}  # method name -> what it raises (a refusal)
+
+    def _refuse(self, method: str) -> None:
+        if method in self.errors:
+            raise self.errors[method]
 
     def default_events(self, job_id: str, domain: str, steps: int = 4) -> list[TrainingEvent]:
         evs = [TrainingEvent(job_id, domain, "queued"), TrainingEvent(job_id, domain, "started", total_steps=steps)]
@@ -208,18 +216,21 @@ class FakeTraining:
         return job
 
     async def rollback(self, domain: str) -> str:
+        self._refuse("rollback")
         if domain not in self._engine.versions:
             raise AdapterNotFound(f"no adapter {domain!r}")
         self.rollbacks.append(domain)
         return "v1"
 
     async def promote(self, domain: str, version: str) -> str:
+        self._refuse("promote")
         if domain not in self._engine.versions:
             raise AdapterNotFound(f"no adapter {domain!r}")
         self._engine.versions[domain] = version
         return version
 
     async def export_examples(self, domain: str, pairs: list[tuple[str, str]]) -> int:
+        self._refuse("export_examples")
         self.exported.append((domain, list(pairs)))
         return len(pairs)
 
@@ -235,9 +246,12 @@ class FakeEngine:
     def __init__(
         self, adapters: tuple[str, ...] = ("legal", "medical", "finance"),
         roles: tuple[RoleInfo, ...] = DEFAULT_ROLES, *, training: str = "fake",
-        default_delay: float = 0.0, default_pieces: list[str] | None = None,
+        default_delay: float = 0.0, default_pieces: list[str] | None = None, start_s: float = 0.0,
     ) -> None:
         self.versions: dict[str, str] = {a: "v1" for a in adapters}
+        #: domains on disk whose current version does not serve: name -> the engine's reason
+        self.broken: dict[str, str] = {}
+        self.start_s = start_s  # start() blocks a worker thread this long, like loading a model
         self.roles = roles
         self.calls: list[Call] = []
         self.scripts: deque[Script] = deque()
@@ -266,6 +280,9 @@ class FakeEngine:
         return s
 
     async def start(self) -> None:
+        if self.start_s:
+            log.info("fake engine: loading for %.1f s", self.start_s)
+            await asyncio.to_thread(time.sleep, self.start_s)
         self.started = True
 
     async def close(self) -> None:
@@ -276,6 +293,9 @@ class FakeEngine:
             AdapterInfo(name, v, (AdapterVersionInfo(name, v, metrics={"eval_loss": 1.25}, is_current=True,
                                                      state="ready"),))
             for name, v in sorted(self.versions.items())
+        ) + tuple(
+            AdapterInfo(name, None, (AdapterVersionInfo(name, "v1", state="failed"),), error)
+            for name, error in sorted(self.broken.items())
         )
         return ModeCatalog(adapters=adapters, roles=self.roles)
 
@@ -297,11 +317,11 @@ class FakeEngine:
         return stream
 
     async def reload(self, name: str | None = None) -> ReloadReport:
-        names = [name] if name else list(self.versions)
+        names = [name] if name else list(self.versions) + list(self.broken)
         report = ReloadReport()
         for n in names:
             if n not in self.versions:
-                report.failed[n] = "not found"
+                report.failed[n] = self.broken.get(n, "not found")
                 continue
             report.unchanged[n] = self.versions[n]
         return report
@@ -320,9 +340,11 @@ class FakeEngine:
 
 def factory(settings: object = None) -> FakeEngine:
     """ENGINE_FACTORY target: FAKE_ENGINE_DELAY_S per piece, FAKE_ENGINE_PIECES pieces per answer,
-    FAKE_ENGINE_NO_ROLES=1 for an engine whose templates all failed."""
+    FAKE_ENGINE_NO_ROLES=1 for an engine whose templates all failed, FAKE_ENGINE_START_S of loading in
+    start()."""
     delay = float(os.environ.get("FAKE_ENGINE_DELAY_S", "0"))
     n = os.environ.get("FAKE_ENGINE_PIECES")
     pieces = [f" word{i}" for i in range(int(n))] if n else None
     roles = () if os.environ.get("FAKE_ENGINE_NO_ROLES") else DEFAULT_ROLES
-    return FakeEngine(roles=roles, default_delay=delay, default_pieces=pieces)
+    return FakeEngine(roles=roles, default_delay=delay, default_pieces=pieces,
+                      start_s=float(os.environ.get("FAKE_ENGINE_START_S", "0")))

@@ -97,12 +97,13 @@ class FakeTelegram:
 
     # ---- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
+        """Listen on `port` (0: any free one); returns the base URL for BOT_API_URL."""
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
@@ -201,7 +202,7 @@ class FakeTelegram:
 
     def send_media(self, user_id: int, kind: str, *, chat_type: str = "private", chat_id: int | None = None,
                    language_code: str | None = "en", reply_to: int | None = None) -> dict[str, Any]:
-        """A photo, voice, sticker, document or video from a user."""
+        """A photo, voice, sticker, document, video or dice from a user."""
         file = {"file_id": f"{kind}-file", "file_unique_id": f"{kind}-u"}
         content: dict[str, Any] = {
             "photo": {"photo": [{**file, "width": 10, "height": 10}]},
@@ -210,6 +211,7 @@ class FakeTelegram:
                                     "is_animated": False, "is_video": False}},
             "document": {"document": {**file, "file_name": "a.pdf"}},
             "video": {"video": {**file, "width": 10, "height": 10, "duration": 1}},
+            "dice": {"dice": {"emoji": "🎲", "value": 3}},
         }[kind]
         msg = self._user_message(user_id, chat_id=chat_id, chat_type=chat_type, first_name=None,
                                  language_code=language_code, reply_to=reply_to, **content)

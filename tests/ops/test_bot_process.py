@@ -208,3 +208,37 @@ async def test_sigterm_during_a_stream_stops_in_time_and_saves_the_conversation(
     shown = tg.bot_messages(USER)[-1].text
     assert saved.strip().split()[-1] in shown
     print(f"stopped {seconds:.2f} s after SIGTERM with {len(saved.split())} of 400 pieces saved")
+
+
+async def test_no_network_at_start_is_retried_with_one_line_per_attempt(
+    tg: FakeTelegram, tmp_path: Path, unused_tcp_port: int,
+) -> None:
+    # nothing listens on that port: every call fails the way a missing network does
+    bot = await start_bot(tg, tmp_path, BOT_API_URL=f"http://127.0.0.1:{unused_tcp_port}")
+    try:
+        await bot.wait_log(lambda e: "attempt 2" in e.get("msg", ""))
+        status, health = await get_health(bot.ops_url)
+        assert status == 503 and "bot" in health["failed"]  # not reachable: not healthy
+        assert bot.proc.returncode is None  # still up, still trying; the model stays loaded
+    finally:
+        await stop_bot(bot)
+    assert bot.proc.returncode == 0
+    retries = [e for e in bot.log_events() if "not reachable" in e.get("msg", "")]
+    assert len(retries) >= 2 and all(e["level"] == "WARNING" and "exc" not in e for e in retries)
+    assert not any("Traceback" in line for line in bot.log_lines())
+
+
+async def test_a_malformed_token_stops_the_start_before_anything_loads(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPS_", "LOG_", "WEBHOOK_"))}
+    env.update(PYTHONPATH=str(REPO), BOT_TOKEN="my-bot-token with blanks", DATABASE_PATH=str(tmp_path / "b.sqlite3"),
+               ENGINE_FACTORY="tests.fakes.nosuch:factory")  # would fail if the engine were built
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 2, text
+    assert "BOT_TOKEN" in text and "@BotFather" in text
+    assert "my-bot-token" not in text  # a secret is never echoed
+    assert "ENGINE_FACTORY" not in text and "Traceback" not in text
