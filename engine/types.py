@@ -53,6 +53,9 @@ class GenerationParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    #: Keep generating through end-of-sequence tokens until max_new_tokens (benchmarks: a fixed
+    #: amount of work per request whatever the model would say). Never set by the bot.
+    ignore_eos: bool = False
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "context"]
