@@ -74,8 +74,6 @@ LONG_STREAM_TOKENS = {"cpu": 400, "cuda": 1000}
 PROFILE_STEPS = 24
 PROFILE_MAX_S = 4.0
 
-log = logging.getLogger("bench.serving")
-
 
 class BenchError(Exception):
     """A path could not be measured; the message says why (shown, then the next path runs)."""
@@ -317,11 +315,12 @@ class EnginePath:
 
     async def warm_up(self, sizes: Sequence[int], deadline: float) -> None:
         """Compile, capture, touch every adapter once: none of that belongs in the timed rows."""
-        warm = workloads([])
+        warm, tokens = workloads([]), 2
         if self.device.startswith("cuda"):  # every batch size the rows use (graph capture, kernel choice)
             warm += [Workload("warm", "warm", tuple(MODES[i % 4] for i in range(n))) for n in sorted(set(sizes)) if n > 1]
+            tokens = 4
         for wl in warm:
-            await self.drive(wl, 4, deadline)
+            await self.drive(wl, tokens, deadline)
 
     async def measure(self, wl: Workload, tokens: int, deadline: float) -> Row:
         with PeakMemory(self.device) as mem:
@@ -605,7 +604,8 @@ def header(plan: Plan, argv: Sequence[str]) -> dict[str, Any]:
     s = load_settings(quantization=plan.quantization, compute_dtype=plan.dtype, device=plan.device)
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
-    machine = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    machine = (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch threads "
+               f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at start")
     if plan.device.startswith("cuda"):
         p = torch.cuda.get_device_properties(torch.device(plan.device))
         machine += f"; GPU {p.name}, {p.total_memory / 2**30:.0f} GiB"
@@ -847,6 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=_positive(float), help="seconds after which a row's streams are cut")
     p.add_argument("--hotload-users", type=_at_least_zero, default=16, help="streams decoding during the hot-load (0: skip)")
     p.add_argument("--no-syncs", action="store_true", help="on CUDA, skip the torch.profiler sync count")
+    p.add_argument("--threads", type=_positive(int),
+                   help="torch CPU threads (default: torch's own choice, the cores of the machine)")
     p.add_argument("--budget", type=_positive(float),
                    help="seconds for the whole run; rows that would start later are skipped and listed")
     return p
@@ -859,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations would bury the tables
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

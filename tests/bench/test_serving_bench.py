@@ -36,8 +36,9 @@ def _adapters_snapshot() -> dict[str, object]:
 def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
     before = _adapters_snapshot()
     out = tmp_path / "serving.json"
+    # one thread: on a shared 2-core machine two OpenMP threads spin at every barrier (5-20x slower)
     proc = _bench("--device", "cpu", "--tokens", str(TOKENS), "--users", "1,2", "--hotload-users", "2",
-                  "--json", str(out))
+                  "--threads", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _adapters_snapshot() == before
 
@@ -77,7 +78,7 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
     for label in ("1 user, base", "1 user, adapter (legal)", "2 users, 4 modes", "2 users, 1 adapter (legal)"):
         got = [ln.split("|")[2].strip() for ln in lines if ln.startswith(f"| {label} ")]
         assert got == list(PATHS), label
-    for field in ("machine:", "torch 2", "device:       cpu", "quantization", "EOS ignored"):
+    for field in ("machine:", "torch threads 1", "torch 2", "device:       cpu", "quantization", "EOS ignored"):
         assert field in text
 
 
