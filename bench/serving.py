@@ -54,6 +54,8 @@ MODES: tuple[str | None, ...] = (None, *DOMAINS)
 #: The adapter of the single-adapter and the uniform rows, and the one the hot-load switches.
 ONE_ADAPTER = "legal"
 PATHS = {"new": "fast", "previous": "reference", "naive": None}
+#: How --budget is shared out: the previous path is the slow one at large N.
+BUDGET_WEIGHT = {"new": 1.0, "previous": 2.0, "naive": 1.0}
 #: Fixed questions; they ask for long answers, so even a path that stops at EOS rarely does.
 PROMPTS = (
     "Explain step by step, in detail, what I should check before signing a rental contract.",
@@ -562,17 +564,19 @@ class Plan:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     cuda = args.device.startswith("cuda")
+    budget = None
     if args.quick:
         tokens, users, naive_max, deadline = 16, [1, 4, 16], 4, 120.0
     elif cuda:  # the naive baseline is sequential: its single streams say all there is to say
         tokens, users, naive_max, deadline = 64, [1, 4, 16, 64], 1, 15.0
-    else:
-        tokens, users, naive_max, deadline = 48, [1, 4, 16, 64], 16, 240.0
+    else:  # bounded: 64 users of the previous path alone can take many minutes on 2 cores
+        tokens, users, naive_max, deadline, budget = 48, [1, 4, 16, 64], 16, 180.0, 840.0
     return Plan(
         device=args.device, tokens=args.tokens or tokens, users=args.users or users, paths=args.paths,
         naive_max_users=naive_max if args.naive_max_users is None else args.naive_max_users,
         deadline_s=args.deadline or deadline, hotload_users=args.hotload_users, quantization=args.quantization,
-        dtype=args.dtype, syncs=cuda and not args.no_syncs, json_path=args.json, budget_s=args.budget,
+        dtype=args.dtype, syncs=cuda and not args.no_syncs, json_path=args.json,
+        budget_s=args.budget or budget,
     )
 
 
@@ -692,7 +696,8 @@ class Report:
                                 [[t.target, t.new, t.previous, t.met] for t in
                                  targets(self.rows, self.hotloads, plan.device)]))
         if self.skipped:
-            out.append(f"not run (--budget {plan.budget_s:.0f} s spent): {'; '.join(self.skipped)}")
+            out.append(f"not run (the path's share of --budget {plan.budget_s:.0f} s was spent): "
+                       f"{'; '.join(self.skipped)}")
         for path, why in self.failures.items():
             out.append(f"!! {path}: {why}")
         return "\n".join(out)
@@ -703,9 +708,22 @@ def _say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+#: A row is not started with less than this left of its path's share of --budget.
+MIN_ROW_S = 10.0
+
+
 async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end: float | None) -> None:
+    """Load one path, warm it up, measure its rows and its hot-load, unload it.
+
+    With a budget, every run inside is cut at the budget's end too, and a row that would
+    start with less than MIN_ROW_S left is skipped and listed instead.
+    """
     def over_budget() -> bool:
-        return budget_end is not None and time.monotonic() > budget_end
+        return budget_end is not None and budget_end - time.monotonic() < MIN_ROW_S
+
+    def deadline() -> float:
+        left = float("inf") if budget_end is None else budget_end - time.monotonic()
+        return max(1.0, min(plan.deadline_s, left))
 
     runtime = PATHS[name]
     settings = settings_for(plan, root, runtime)
@@ -717,15 +735,15 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
         report.paths[name] = runner.describe()
         _say(report.paths[name])
         chosen = [w for w in workloads(plan.users) if name != "naive" or w.users <= plan.naive_max_users]
-        await runner.warm_up([w.users for w in chosen], plan.deadline_s)
+        await runner.warm_up([w.users for w in chosen], deadline())
         for wl in chosen:
             if over_budget():
                 report.skipped.append(f"{name}: {wl.label}")
                 continue
-            row = await runner.measure(wl, plan.tokens, plan.deadline_s)
+            row = await runner.measure(wl, plan.tokens, deadline())
             if plan.profiles(name, wl) and not over_budget():
                 try:
-                    got = await runner.syncs(wl, plan.deadline_s)
+                    got = await runner.syncs(wl, deadline() / 2)
                 except Exception as exc:  # the profiler is a guest here: its failure is a note, not a crash
                     got = f"profile failed: {type(exc).__name__}: {exc}"
                 if isinstance(got, tuple):
@@ -739,7 +757,7 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
             if over_budget():
                 report.skipped.append(f"{name}: hot-load")
             else:
-                hot = await runner.hot_load(plan.hotload_users, plan.deadline_s)
+                hot = await runner.hot_load(plan.hotload_users, deadline() / 2)
                 report.hotloads.append(hot)
                 _say(f"{name:<8} hot-load: reload {hot.reload_ms or 0:.0f} ms, median step "
                      f"{hot.median_step_ms or 0:.1f} ms, longest gap {hot.longest_reload_ms or 0:.1f} ms {hot.note}")
@@ -767,12 +785,17 @@ async def run(plan: Plan, argv: Sequence[str]) -> int:
         pass
     code = 0
     try:
-        for name in plan.paths:
-            if budget_end is not None and time.monotonic() > budget_end:
-                report.skipped.append(f"{name}: the whole path")
-                continue
+        for i, name in enumerate(plan.paths):
+            share = None  # each path gets its weight's part of what is left; one that ends early leaves more
+            if budget_end is not None:
+                left = budget_end - time.monotonic()
+                if left < MIN_ROW_S:
+                    report.skipped.append(f"{name}: the whole path")
+                    continue
+                weights = [BUDGET_WEIGHT[p] for p in plan.paths[i:]]
+                share = time.monotonic() + left * weights[0] / sum(weights)
             try:
-                await run_path(name, plan, root, report, budget_end)
+                await run_path(name, plan, root, report, share)
             except Exception as exc:  # one broken path must not hide the others' numbers
                 traceback.print_exc()
                 report.failures[name] = f"{type(exc).__name__}: {exc}"
@@ -850,7 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive(int),
                    help="torch CPU threads (default: torch's own choice, the cores of the machine)")
     p.add_argument("--budget", type=_positive(float),
-                   help="seconds for the whole run; rows that would start later are skipped and listed")
+                   help="seconds for the whole run, shared out between the paths; runs are cut at the end of "
+                   "their path's share and rows that would start later are skipped and listed (default: "
+                   "840 for the full CPU run, none otherwise)")
     return p
 
 

@@ -190,3 +190,14 @@ def test_sync_count_reads_the_cuda_runtime_calls_of_a_profile() -> None:
              "Memcpy DtoH (Device -> Pageable)", "cudaStreamSynchronize", "Memcpy HtoD (Pageable -> Device)",
              "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize"]
     assert rep.count_syncs(names) == (5, 1)
+
+
+def test_a_spent_budget_lists_what_was_not_run_and_still_prints_the_tables(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    proc = _bench("--device", "cpu", "--budget", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and data["rows"] == []
+    assert data["skipped"] == ["new: the whole path", "previous: the whole path", "naive: the whole path"]
+    assert "not run (the path's share of --budget 1 s was spent): new: the whole path" in proc.stdout
+    assert "## Issue 8 targets (CPU)" in proc.stdout
