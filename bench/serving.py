@@ -234,7 +234,14 @@ class Profile:
 
     def __exit__(self, *exc: object) -> None:
         self._prof.__exit__(None, None, None)
-        self.syncs, self.dtoh = count_syncs(e.name for e in self._prof.events())
+        names = [e.name for e in self._prof.events()]
+        self.syncs, self.dtoh = count_syncs(names)
+        #: CUDA runtime calls seen at all: 0 on a GPU means the profiler missed them (not "no syncs")
+        self.runtime_calls = sum(1 for n in names if n.startswith("cuda"))
+
+    def check(self, device: str) -> None:
+        if device.startswith("cuda") and self.runtime_calls == 0:
+            raise BenchError("torch.profiler recorded no CUDA runtime call in the window")
 
 
 Hook = Callable[[list[Trace], Callable[[], None], Progress], Awaitable[Any]]
@@ -349,6 +356,7 @@ class EnginePath:
                     await progress.until(lambda: steps() >= PROFILE_STEPS
                                 or (steps() >= 4 and time.perf_counter() - began > PROFILE_MAX_S), deadline)
                     n = steps()
+                prof.check(self.device)
                 return prof.syncs, prof.dtoh, n
             finally:
                 stop()
@@ -528,6 +536,7 @@ class NaivePath:
             with Profile() as prof:
                 for i, a in enumerate(firsts):
                     self._generate(i, a, tokens, None)
+            prof.check(self.device)
             return prof.syncs, prof.dtoh
 
         syncs, dtoh = await asyncio.to_thread(run)
@@ -575,7 +584,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         device=args.device, tokens=args.tokens or tokens, users=args.users or users, paths=args.paths,
         naive_max_users=naive_max if args.naive_max_users is None else args.naive_max_users,
         deadline_s=args.deadline or deadline, hotload_users=args.hotload_users, quantization=args.quantization,
-        dtype=args.dtype, syncs=cuda and not args.no_syncs, json_path=args.json,
+        dtype=args.dtype, syncs=(cuda or args.syncs) and not args.no_syncs, json_path=args.json,
         budget_s=args.budget or budget,
     )
 
@@ -869,7 +878,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-max-users", type=_at_least_zero, help="largest N the naive baseline runs (it is sequential)")
     p.add_argument("--deadline", type=_positive(float), help="seconds after which a row's streams are cut")
     p.add_argument("--hotload-users", type=_at_least_zero, default=16, help="streams decoding during the hot-load (0: skip)")
-    p.add_argument("--no-syncs", action="store_true", help="on CUDA, skip the torch.profiler sync count")
+    syncs = p.add_mutually_exclusive_group()
+    syncs.add_argument("--no-syncs", action="store_true", help="on CUDA, skip the torch.profiler sync count")
+    syncs.add_argument("--syncs", action="store_true",
+                       help="run the sync profile on CPU too (it counts 0 there; checks the profiling itself)")
     p.add_argument("--threads", type=_positive(int),
                    help="torch CPU threads (default: torch's own choice, the cores of the machine)")
     p.add_argument("--budget", type=_positive(float),

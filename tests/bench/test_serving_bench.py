@@ -82,6 +82,25 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
         assert field in text
 
 
+@pytest.mark.model
+def test_sync_profile_window_runs_on_a_live_engine(tmp_path: Path) -> None:
+    """The CUDA-only column's machinery (profile window over a running batch, steps counted by the
+    engine's step histogram), forced on CPU: no CUDA syncs there, but real steps and no error."""
+    out = tmp_path / "serving.json"
+    proc = _bench("--device", "cpu", "--paths", "new", "--users", "1", "--tokens", "2", "--hotload-users", "0",
+                  "--threads", "1", "--syncs", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workload"] for r in rows] == ["single-base", "single-adapter"]
+    for r in rows:
+        assert r["syncs_per_step"] == 0.0 and r["dtoh_per_step"] == 0.0, r["note"]
+        assert r["sync_steps"] >= 4
+
+
+def test_a_row_without_a_sync_count_shows_n_a() -> None:
+    assert rep.Row("single-base", "1 user", "new", 1, 2, 2, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0).cells()[9] == "n/a"
+
+
 @pytest.mark.parametrize("args, message", [
     (("--users", "0,4"), "between 1 and 512"),
     (("--users", "a,b"), "numbers separated by commas"),
