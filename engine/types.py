@@ -53,7 +53,9 @@ class GenerationParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    ignore_eos: bool = False  # keep going past end-of-sequence (benchmarks: a fixed token count)
+    #: Keep generating through end-of-sequence tokens until max_new_tokens (benchmarks: a fixed
+    #: amount of work per request whatever the model would say). Never set by the bot.
+    ignore_eos: bool = False
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "context"]
