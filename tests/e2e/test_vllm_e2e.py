@@ -116,7 +116,7 @@ async def test_reload_puts_a_new_version_on_every_replica_and_answers_use_it(tg,
     bot.store.set_mode(7, "legal", "lawyer")
     write_adapter(adapters_dir, "legal", "v2", seed=9)
     tg.send_text(ADMIN_ID, "/reload legal")
-    await tg.wait_for_text(ADMIN_ID, "'legal': 'v2'")
+    await tg.wait_for_text(ADMIN_ID, "legal: v2 loaded")
     assert "legal__v2" in a.adapters and "legal__v2" in b.adapters
     assert "legal__v1" not in a.adapters and "legal__v1" not in b.adapters
     tg.send_text(7, "and now?")
@@ -125,7 +125,7 @@ async def test_reload_puts_a_new_version_on_every_replica_and_answers_use_it(tg,
     await tg.wait_for(lambda: len(_rows(bot.store)) == 1)
     assert _rows(bot.store)[0]["adapter_version"] == "v2"
     tg.send_text(ADMIN_ID, "/adapters")
-    await tg.wait_for_text(ADMIN_ID, "legal: serving v2")
+    await tg.wait_for_text(ADMIN_ID, "legal · serving v2")
 
 
 async def test_stop_closes_the_replicas_stream_and_keeps_the_partial_answer(tg, start_bot, fakes, vllm_engine):

@@ -87,6 +87,7 @@ async def test_the_bot_process_answers_through_vllm_and_re_registers_a_restarted
     ({"ENGINE_FACTORY": "tests.fakes.engine:factory"}, 2, "ENGINE_FACTORY"),
 ])
 async def test_a_vllm_setup_that_cannot_work_stops_the_start_naming_the_setting(tg, tmp_path, extra, code, expected):
+    (tmp_path / "adapters").mkdir()  # an empty adapters folder is legitimate; only the vLLM setting is wrong
     bot = await spawn(tmp_path, bot_env(tg, tmp_path, **extra))
     await asyncio.wait_for(bot.proc.wait(), 120)
     assert bot.proc.returncode == code
