@@ -64,8 +64,9 @@ class EngineSettings(BaseSettings):
         description="Decode path: fast (our batched Llama-family runner), reference (transformers + peft), "
         "auto = fast when the architecture is supported.",
     )
-    max_lora_rank: int = Field(
-        16, ge=1, le=256, description="Largest LoRA rank the fast path serves; a version above it is refused."
+    max_lora_rank: int | None = Field(
+        None, ge=1, le=256,
+        description="Largest LoRA rank the fast path serves (slots are preallocated at it); empty = LORA_R.",
     )
     prefill_chunk_tokens: int = Field(
         512, ge=16, le=65536,
@@ -106,6 +107,10 @@ class EngineSettings(BaseSettings):
                 f"MAX_NEW_TOKENS={self.max_new_tokens} must be below CONTEXT_TOKENS={self.context_tokens}"
             )
         return self
+
+    def served_lora_rank(self) -> int:
+        """MAX_LORA_RANK, or the rank training creates (LORA_R): every slot pays for this rank."""
+        return self.max_lora_rank or self.lora_r
 
     def resolved_quantization(self, device: str) -> str:
         """The quantization actually used: `auto` is nf4 on CUDA (one quantized model in GPU

@@ -44,7 +44,7 @@ class FastRuntime:
 
         # every linear layer, so validation names the real problem ("not served" vs "no such module")
         self.linear_shapes = LoraRuntime._linear_shapes(model)
-        self.lora = LoraSlots(targets, settings.max_resident_adapters + 2, settings.max_lora_rank, self.dtype,
+        self.lora = LoraSlots(targets, settings.max_resident_adapters + 2, settings.served_lora_rank(), self.dtype,
                               self.device)
         self.runner = runner_cls(model, self.cache, self.lora)
         self.vocab = int(model.lm_head.out_features if hasattr(model.lm_head, "out_features")

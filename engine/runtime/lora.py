@@ -145,7 +145,8 @@ class LoraSlots:
             )
         r = int(config["r"])
         if r > self.max_rank:
-            raise AdapterIncompatible(f"{where} has rank {r}, above MAX_LORA_RANK={self.max_rank}; raise MAX_LORA_RANK")
+            raise AdapterIncompatible(f"{where} has rank {r}, above the served rank {self.max_rank} "
+                                      "(MAX_LORA_RANK, empty = LORA_R); raise MAX_LORA_RANK")
         outside = sorted(m for m in modules if m not in self.targets)
         if outside:
             raise AdapterIncompatible(

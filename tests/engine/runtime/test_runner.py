@@ -108,3 +108,34 @@ def test_base_only_batches_skip_lora_entirely(tiny: TinyModel) -> None:
     rt, _ = runtime(tiny)
     assert rt.lora.batch(torch.tensor([0, 0]), {0}) is None
     assert rt.lora.batch(torch.tensor([0, 2]), {0, 2}).mask.shape == (2, rt.lora.max_rank)
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+@pytest.mark.parametrize(("config", "modules", "words"), [
+    ({"r": 16}, frozenset(), "MAX_LORA_RANK"),
+    ({"r": 4, "use_dora": True}, frozenset(), "DoRA"),
+    ({"r": 4, "rank_pattern": {"q_proj": 2}}, frozenset(), "rank_pattern"),
+    ({"r": 4, "alpha_pattern": {"q_proj": 2}}, frozenset(), "alpha_pattern"),
+    ({"r": 4, "modules_to_save": ["lm_head"]}, frozenset(), "modules_to_save"),
+    ({"r": 4}, frozenset({"lm_head"}), "LORA_TARGET_MODULES"),
+])
+def test_versions_the_slots_cannot_hold_are_refused_with_what_to_change(tiny: TinyModel, config, modules, words) -> None:
+    from engine.errors import AdapterIncompatible
+
+    rt, _ = runtime(tiny)  # MAX_LORA_RANK=8
+    with pytest.raises(AdapterIncompatible, match=words):
+        rt.lora.check(config | {"peft_type": "LORA"}, modules, "adapter x/v1")
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_when_every_slot_is_taken_a_load_is_refused_naming_the_setting(tiny: TinyModel) -> None:
+    from engine.errors import AdapterInvalid
+
+    rt, _ = runtime(tiny)  # MAX_RESIDENT_ADAPTERS=2: 3 adapter slots, 2 taken by "a" and "b"
+    folder = tiny.adapters["a"]
+    args = (folder, folder / "adapter_model.safetensors", adapter_modules(folder))
+    rt.lora.load("third", *args, "third")
+    with pytest.raises(AdapterInvalid, match="MAX_RESIDENT_ADAPTERS"):
+        rt.lora.load("fourth", *args, "fourth")
+    assert rt.lora.free("third")
+    assert rt.lora.load("fourth", *args, "fourth") >= 1
