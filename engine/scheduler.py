@@ -213,27 +213,38 @@ class Scheduler(threading.Thread):
         for req in list(self._waiting):
             if len(self.rows) >= self.settings.max_batch_size or (admitted and budget <= 0):
                 break
-            if req.cancelled.is_set():
-                self._remove_waiting(req)
-                req.result.finish_reason = "cancelled"
-                req.emit(StreamEnd())
+            key = self._claim(req)
+            if key is None:
                 continue
-            try:
-                got = self.registry.acquire(req.domain)
-            except EngineError as exc:
-                self._remove_waiting(req)
-                req.result.finish_reason = "error"
-                self.metrics.requests.labels(req.domain or "base", "error").inc()
-                req.emit(exc)
-                continue
-            if got is None:
-                continue  # its adapter is loading; others go ahead
-            self._remove_waiting(req)
-            key, version = got
-            req.result.adapter_version = version
             admitted += 1
             budget -= len(req.prompt_ids)
             self._prefill(req, key)
+
+    def _claim(self, req: Request) -> str | None:
+        """Take a waiting request off the queue with its adapter; returns the adapter key.
+
+        None when it was cancelled or refused (it has been answered) or when its adapter is
+        still loading (it keeps its place; others go ahead).
+        """
+        if req.cancelled.is_set():
+            self._remove_waiting(req)
+            req.result.finish_reason = "cancelled"
+            req.emit(StreamEnd())
+            return None
+        try:
+            got = self.registry.acquire(req.domain)
+        except EngineError as exc:
+            self._remove_waiting(req)
+            req.result.finish_reason = "error"
+            self.metrics.requests.labels(req.domain or "base", "error").inc()
+            req.emit(exc)
+            return None
+        if got is None:
+            return None
+        self._remove_waiting(req)
+        key, version = got
+        req.result.adapter_version = version
+        return key
 
     def _remove_waiting(self, req: Request) -> None:
         with self._wake:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from engine.config import EngineSettings
-from engine.errors import EngineError
 from engine.metrics import EngineMetrics
 from engine.sampling import IncrementalDecoder
 from engine.scheduler import Request, Scheduler, StreamEnd
@@ -160,27 +159,11 @@ class SlotScheduler(Scheduler):
     # ---- admission and prefill ------------------------------------------------------------
     def _admit(self) -> None:
         for req in list(self._waiting):
-            if req.cancelled.is_set():
-                self._remove_waiting(req)
-                req.result.finish_reason = "cancelled"
-                req.emit(StreamEnd())
-                continue
             if self.rt.cache.in_use() >= self.rt.cache.slots or len(self.rows) >= self.settings.max_batch_size:
                 break
-            try:
-                got = self.registry.acquire(req.domain)
-            except EngineError as exc:
-                self._remove_waiting(req)
-                req.result.finish_reason = "error"
-                self.metrics.requests.labels(req.domain or "base", "error").inc()
-                req.emit(exc)
-                continue
-            if got is None:
-                continue  # its adapter is loading; others go ahead
-            self._remove_waiting(req)
-            key, version = got
-            req.result.adapter_version = version
-            self._place(req, key)
+            key = self._claim(req)
+            if key is not None:
+                self._place(req, key)
         self._prefill_turn()
         self._flush()
 
