@@ -64,6 +64,16 @@ class ValidatedAdapter:
     file_bytes: int
 
 
+def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear layer by module path: what validation checks against."""
+    shapes = {}
+    for name, module in model.named_modules():
+        inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if isinstance(inf, int) and isinstance(outf, int):
+            shapes[name] = (inf, outf)
+    return shapes
+
+
 class LoraRuntime:
     """Owns the peft wrapping of the base model and routes each row to its adapter.
 
@@ -80,16 +90,8 @@ class LoraRuntime:
         self._hooked: set[int] = set()
         self._hooks: list[Any] = []
         self.wrapped: frozenset[str] = frozenset()
-        self.linear_shapes = self._linear_shapes(base_model)
+        self.linear_shapes = linear_shapes(base_model)
 
-    @staticmethod
-    def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
-        shapes = {}
-        for name, module in model.named_modules():
-            inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
-            if isinstance(inf, int) and isinstance(outf, int):
-                shapes[name] = (inf, outf)
-        return shapes
 
     @property
     def forward_model(self) -> Any:
@@ -146,8 +148,10 @@ class LoraRuntime:
         # Read again rather than reuse validation's tensors: reusing them made the model
         # thread wait for the whole load in bench.engine (434 ms gap vs 134 ms); not yet understood.
         config = json.loads((adapter.version.path / CONFIG_FILE).read_text(encoding="utf-8"))
+        from engine.runtime.lora import lora_scaling
+
         r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
-        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        scaling = lora_scaling(config)
         tensors = load_file(str(adapter.version.weights))
         modules = dict(self.base_model.named_modules())
         for path in sorted(adapter.modules):

@@ -25,6 +25,7 @@ from engine.config import EngineSettings
 from engine.metrics import EngineMetrics
 from engine.sampling import IncrementalDecoder
 from engine.scheduler import Request, Scheduler, StreamEnd
+from engine.types import BASE_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ class SlotScheduler(Scheduler):
         self._flush()
 
     def _place(self, req: Request, key: str) -> None:
-        from engine.types import BASE_ADAPTER
-
         slot = self.rt.cache.allocate()
         assert slot is not None
         lora_slot = 0 if key == BASE_ADAPTER else self.rt.slot_of(key)

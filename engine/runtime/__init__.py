@@ -8,13 +8,11 @@ talks to this object exactly as it talks to the reference path's `LoraRuntime`.
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import torch
 
-from engine.adapter_store import CONFIG_FILE
 from engine.config import EngineSettings
 from engine.runtime.graphs import DecodeGraphs, powers_of_two
 from engine.runtime.kv_cache import SlotKVCache
@@ -40,10 +38,10 @@ class FastRuntime:
         layers, kv_heads, head_dim = runner_cls.cache_shape(model)
         self.cache = SlotKVCache(layers, slots, kv_heads, head_dim, settings.context_tokens, self.dtype, self.device)
         targets = serving_targets(model, settings.lora_target_modules)
-        from engine.adapters import LoraRuntime
+        from engine.adapters import linear_shapes
 
         # every linear layer, so validation names the real problem ("not served" vs "no such module")
-        self.linear_shapes = LoraRuntime._linear_shapes(model)
+        self.linear_shapes = linear_shapes(model)
         self.lora = LoraSlots(targets, settings.max_resident_adapters + 2, settings.served_lora_rank(), self.dtype,
                               self.device)
         self.runner = runner_cls(model, self.cache, self.lora)
@@ -140,16 +138,8 @@ class FastRuntime:
         self.lora.load(key, v.path, v.weights, adapter.modules, f"adapter {v.domain}/{v.version} ({v.path})")
         return self.lora.slot_bytes
 
-    def check(self, adapter: Any) -> None:
-        v = adapter.version
-        config = json.loads((v.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        self.lora.check(config, adapter.modules, f"adapter {v.domain}/{v.version} ({v.path})")
-
     def delete(self, name: str) -> None:
         self.lora.free(name)
-
-    def adapter_bytes(self, name: str) -> int:
-        return self.lora.slot_bytes
 
     def slot_of(self, key: str) -> int:
         return self.lora.slot_of(key)

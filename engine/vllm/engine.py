@@ -47,15 +47,12 @@ def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from engine import adapters
+
     config = AutoConfig.from_pretrained(load_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {}
-    for name, module in model.named_modules():
-        inf, outf = getattr(module, "in_features", None), getattr(module, "out_features", None)
-        if isinstance(inf, int) and isinstance(outf, int):
-            shapes[name] = (inf, outf)
-    return shapes
+    return adapters.linear_shapes(model)
 
 
 def stop_token_ids(tokenizer: Any, load_path: str) -> list[int]:
