@@ -19,6 +19,9 @@ class EngineMetrics:
         )
         self.tokens = Counter("llm_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "llm_prompt_cached_tokens", "Prompt tokens whose keys and values came from the prefix cache", registry=r
+        )
         self.tokens_per_second = Histogram(
             "llm_request_tokens_per_second", "Decode speed of each finished request",
             buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640), registry=r,

@@ -8,6 +8,12 @@ text is made from them by the stream writer thread, off the forward's critical p
 
 A long prompt is prefilled over several turns, each followed by a decode step, so running
 streams never wait longer than one chunk. A row joining or leaving touches only its own slot.
+
+With the prefix cache (`PREFIX_CACHE_TOKENS`), a row's prefill starts by copying the longest
+cached start of its prompt into its slot; every finished block of a prompt, and at the end
+the whole conversation so far, is offered to the cache. A row whose start another row of the
+same adapter is computing right now waits for it (rows of a burst in one role share their
+system prompt), then takes it from the cache.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 
 from engine.config import EngineSettings
 from engine.metrics import EngineMetrics
+from engine.runtime.prefix_cache import BLOCK_TOKENS, chain
 from engine.sampling import IncrementalDecoder
 from engine.scheduler import Request, Scheduler, StreamEnd
 from engine.types import BASE_ADAPTER
@@ -44,6 +51,10 @@ class SlotRow:
     finished: bool = False
     decoder: Any = None
     text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # generated tokens (offered to the prefix cache at the end)
+    started: bool = False  # prefill begun (a cached start, if any, restored)
+    digests: list[int] = field(default_factory=list)  # the prompt's block chain (prefix cache)
+    stored: int = 0  # prompt blocks offered to the prefix cache so far
 
 
 class StreamWriter(threading.Thread):
@@ -107,7 +118,7 @@ class SlotScheduler(Scheduler):
                  eos_ids: set[int]) -> None:
         super().__init__(runtime, tokenizer, settings, metrics, eos_ids)
         self.rt = runtime  # engine.runtime.FastRuntime
-        self.chunk_tokens = settings.prefill_chunk_tokens
+        self.chunk_tokens = settings.resolved_prefill_chunk(str(runtime.device))
         self.writer = StreamWriter(tokenizer, metrics)
         self.rows: list[SlotRow] = []  # type: ignore[assignment]
         self.steps = 0
@@ -132,10 +143,12 @@ class SlotScheduler(Scheduler):
         self.writer.put(out)
 
     # ---- finishing ----------------------------------------------------------------------
-    def _release(self, row: SlotRow) -> None:
+    def _release(self, row: SlotRow, keep: bool = False) -> None:
         if row.finished:
             return
         row.finished = True
+        if keep:
+            self._offer_conversation(row)
         if row in self.rows:
             self.rows.remove(row)
         self.rt.active[row.kv_slot] = False
@@ -144,7 +157,7 @@ class SlotScheduler(Scheduler):
         self.registry.release(row.key)
 
     def _finish(self, row: SlotRow, reason: str, error: Exception | None = None) -> None:  # type: ignore[override]
-        self._release(row)
+        self._release(row, keep=error is None)
         label = row.req.domain or "base"
         self.metrics.requests.labels(label, reason).inc()
         self.metrics.tokens.labels(label).inc(row.generated)
@@ -189,9 +202,15 @@ class SlotScheduler(Scheduler):
         """Prefill up to `chunk_tokens` prompt tokens of the rows still prefilling."""
         budget = self.chunk_tokens
         chunks, rows = [], []
+        pending = self._pending_blocks()
         for row in self.rows:
             if row.decoding or budget <= 0:
                 continue
+            if not row.started:
+                if self._waits_for_shared_start(row, pending):
+                    continue
+                self._start(row)
+                pending.update(row.digests[row.done // BLOCK_TOKENS:])
             take = min(len(row.prompt) - row.done, budget)
             chunks.append((row.kv_slot, row.lora_slot, row.prompt[row.done:row.done + take], row.done))
             rows.append(row)
@@ -202,6 +221,7 @@ class SlotScheduler(Scheduler):
         ready = []
         for i, (row, chunk) in enumerate(zip(rows, chunks)):
             row.done += len(chunk[2])
+            self._offer_prompt(row)
             if row.done == len(row.prompt):
                 ready.append(i)
         if not ready:
@@ -218,6 +238,62 @@ class SlotScheduler(Scheduler):
             row = rows[i]
             row.decoding, row.pos = True, len(row.prompt)
             self._accept(row, tok)
+
+    # ---- the prefix cache ---------------------------------------------------------------
+    def _pending_blocks(self) -> set[int]:
+        """The blocks that rows prefilling now will have computed when their prompts are done."""
+        out: set[int] = set()
+        if self.rt.prefix is not None:
+            for row in self.rows:
+                if row.started and not row.decoding:
+                    out.update(row.digests[row.done // BLOCK_TOKENS:])
+        return out
+
+    def _waits_for_shared_start(self, row: SlotRow, pending: set[int]) -> bool:
+        """True while another row computes the next block of this row's prompt start (so this
+        one takes it from the cache in a turn or two instead of computing it again)."""
+        prefix = self.rt.prefix
+        if prefix is None:
+            return False
+        if not row.digests:
+            row.digests = chain(row.key, row.prompt)
+        usable = (len(row.prompt) - 1) // BLOCK_TOKENS
+        cached = prefix.cached_blocks(row.key, row.digests[:usable])
+        return cached < usable and row.digests[cached] in pending
+
+    def _start(self, row: SlotRow) -> None:
+        row.started = True
+        prefix = self.rt.prefix
+        if prefix is None:
+            return
+        if not row.digests:
+            row.digests = chain(row.key, row.prompt)
+        hit = prefix.lookup(row.key, row.prompt, row.digests, len(row.prompt) - 1)
+        if hit.tokens:
+            prefix.restore(hit, row.kv_slot)
+            row.done = hit.tokens
+            row.req.result.cached_prompt_tokens = hit.tokens
+            self.metrics.cached_prompt_tokens.inc(hit.tokens)
+
+    def _offer_prompt(self, row: SlotRow) -> None:
+        """Hand the prompt's newly finished blocks to the cache (rows waiting for them go next)."""
+        prefix = self.rt.prefix
+        if prefix is not None and row.done // BLOCK_TOKENS > row.stored:
+            prefix.store(row.key, row.prompt, row.digests, row.kv_slot, row.done)
+            row.stored = row.done // BLOCK_TOKENS
+
+    def _offer_conversation(self, row: SlotRow) -> None:
+        """At the end of a row: its prompt and answer so far, for the conversation's next message."""
+        prefix = self.rt.prefix
+        if prefix is None or not row.started:
+            return
+        valid = row.pos if row.decoding else row.done  # positions whose keys and values are in the slot
+        tokens = (row.prompt + row.ids)[:valid]
+        if valid // BLOCK_TOKENS > row.stored:
+            try:
+                prefix.store(row.key, tokens, chain(row.key, tokens), row.kv_slot, valid)
+            except Exception:  # a cache is an optimisation: never fail a finished answer for it
+                log.exception("storing a finished row in the prefix cache failed")
 
     # ---- decoding ---------------------------------------------------------------------
     def _step(self) -> None:
@@ -252,6 +328,7 @@ class SlotScheduler(Scheduler):
             return
         row.generated += 1
         self.tokens_generated += 1
+        row.ids.append(tok)
         self._out.append((row, tok, None, None))
         if row.req.cancelled.is_set():
             self._finish(row, "cancelled")

@@ -70,6 +70,7 @@ class GenerationResult:
     adapter_version: str | None = None
     role: str = "assistant"
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, taken from the prefix cache instead of computed
     completion_tokens: int = 0
     trimmed_turns: int = 0  # oldest history turns dropped to fit the context budget
     finish_reason: FinishReason | None = None

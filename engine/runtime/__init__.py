@@ -16,8 +16,9 @@ import torch
 from engine.config import EngineSettings
 from engine.runtime.graphs import DecodeGraphs, powers_of_two
 from engine.runtime.kv_cache import SlotKVCache
-from engine.runtime.llama import ARCHITECTURES, unsupported_reason
+from engine.runtime.llama import ARCHITECTURES, Packing, unsupported_reason
 from engine.runtime.lora import LoraSlots, serving_targets
+from engine.runtime.prefix_cache import PrefixCache
 from engine.runtime.sampler import BatchSampler
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class FastRuntime:
         self.vocab = int(model.lm_head.out_features if hasattr(model.lm_head, "out_features")
                          else model.lm_head.weight.shape[0])
         self.sampler = BatchSampler(slots, self.vocab, self.device)
+        self.prefix = PrefixCache(self.cache, settings.prefix_cache_tokens) if settings.prefix_cache_tokens else None
         # the decode state: one entry per cache slot, read by the (captured) decode step
         i64 = dict(dtype=torch.int64, device=self.device)
         self.tok = torch.zeros(slots, **i64)
@@ -59,10 +61,12 @@ class FastRuntime:
         use_graphs = is_cuda if cuda_graphs is None else (cuda_graphs and is_cuda)
         self.graphs = DecodeGraphs(self._decode_logits, slots, settings.context_tokens) if use_graphs else None
         log.info(
-            "fast runtime: %s, %d cache slots x %d tokens (%.0f MB), %d LoRA slots x rank %d on %d modules (%.0f MB)%s",
+            "fast runtime: %s, %d cache slots x %d tokens (%.0f MB), %d LoRA slots x rank %d on %d modules (%.0f MB), "
+            "prefix cache %d tokens (%.0f MB)%s",
             model.config.model_type, slots, settings.context_tokens, self.cache.bytes / 2**20,
             self.lora.num_slots - 1, self.lora.max_rank, len(targets),
-            self.lora.slot_bytes * self.lora.num_slots / 2**20, ", CUDA graphs" if self.graphs else "",
+            self.lora.slot_bytes * self.lora.num_slots / 2**20, settings.prefix_cache_tokens,
+            (self.prefix.bytes if self.prefix else 0) / 2**20, ", CUDA graphs" if self.graphs else "",
         )
 
     def warm_up(self) -> None:
@@ -85,10 +89,8 @@ class FastRuntime:
         write_pos = torch.where(active, self.pos[:rows], self.cache.scratch)
         mask = (self._key_ids[:key_len].unsqueeze(0) <= pos.unsqueeze(1)).view(rows, 1, 1, key_len)
         lora = self.lora.batch(self.lora_idx[:rows], used)
-        return self.runner.forward(
-            self.tok[:rows].unsqueeze(1), pos.unsqueeze(1), self._slot_ids[:rows], write_pos,
-            slice(0, rows), key_len, mask, lora,
-        )
+        return self.runner.forward(self.tok[:rows], pos, self._slot_ids[:rows], write_pos, slice(0, rows), key_len,
+                                   mask, lora)
 
     def decode(self, rows: int, key_len: int, used: set[int]) -> tuple[torch.Tensor, int]:
         """Logits for slots [0, rows) and the number of rows they cover (a bucket on CUDA)."""
@@ -101,30 +103,47 @@ class FastRuntime:
     def prefill(self, chunks: list[tuple[int, int, list[int], int]]) -> torch.Tensor:
         """Prefill several rows' prompt chunks together; returns each row's last logits [n, V].
 
-        `chunks`: (cache slot, LoRA slot, token ids, start position) per row.
+        `chunks`: (cache slot, LoRA slot, token ids, start position) per row. The tokens are
+        packed (see `Packing`): a long chunk beside short ones costs no padding compute. The
+        index tensors are built on the host and go to the device in one copy.
         """
-        n, t = len(chunks), max(len(c[2]) for c in chunks)
+        n = len(chunks)
+        lengths = [len(c[2]) for c in chunks]
+        t, m = max(lengths), sum(lengths)
         key_len = max(start + len(ids) for _s, _l, ids, start in chunks)
-        dev = self.device
-        tokens = torch.zeros(n, t, dtype=torch.int64)
-        positions = torch.zeros(n, t, dtype=torch.int64)
-        write_pos = torch.full((n, t), self.cache.scratch, dtype=torch.int64)
-        lengths = torch.tensor([len(c[2]) for c in chunks])
+        tokens: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []  # the row of each packed token
+        pad = [0] * (n * t)  # padded place -> packed token
+        pad_pos = [0] * (n * t)  # padded place -> position (padding: 0)
+        valid = [0] * (n * t)
+        unpad: list[int] = []
+        last: list[int] = []
         for i, (_slot, _lslot, ids, start) in enumerate(chunks):
-            tokens[i, :len(ids)] = torch.tensor(ids)
-            positions[i, :len(ids)] = torch.arange(start, start + len(ids))
-            write_pos[i, :len(ids)] = positions[i, :len(ids)]
-        valid = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)  # [n, t]
-        keys = torch.arange(key_len)
-        mask = (keys.view(1, 1, key_len) <= positions.unsqueeze(2)) & valid.unsqueeze(2)
-        mask |= (~valid).unsqueeze(2) & (keys.view(1, 1, key_len) == 0)  # padding looks at key 0: no NaN
-        slots = torch.tensor([c[0] for c in chunks], dtype=torch.int64)
-        lslots = torch.tensor([c[1] for c in chunks], dtype=torch.int64)
-        lora = self.lora.batch(lslots.to(dev), {c[1] for c in chunks})
-        return self.runner.forward(
-            tokens.to(dev), positions.to(dev), slots.repeat_interleave(t).to(dev), write_pos.view(-1).to(dev),
-            slots.to(dev), key_len, mask.unsqueeze(1).to(dev), lora, last=(lengths - 1).to(dev),
-        )
+            base = len(tokens)
+            tokens += ids
+            positions += range(start, start + len(ids))
+            rows += [i] * len(ids)
+            lo, hi = i * t, i * t + len(ids)
+            pad[lo:hi], pad_pos[lo:hi], valid[lo:hi] = range(base, base + len(ids)), range(start, start + len(ids)), [1] * len(ids)
+            unpad += range(i * t, i * t + len(ids))
+            last.append(base + len(ids) - 1)
+        slots = [c[0] for c in chunks]
+        lslots = [c[1] for c in chunks]
+        host = torch.tensor(tokens + positions + rows + pad + pad_pos + valid + unpad + last + slots + lslots,
+                            dtype=torch.int64)
+        flat = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        sizes = [m, m, m, n * t, n * t, n * t, m, n, n, n]
+        tok_d, pos_d, row_d, pad_d, pad_pos_d, valid_d, unpad_d, last_d, slot_d, lslot_d = flat.split(sizes)
+        keys = torch.arange(key_len, device=self.device).view(1, 1, key_len)
+        pad_pos_d, valid_d = pad_pos_d.view(n, t, 1), valid_d.view(n, t, 1).bool()
+        # a real place attends to the keys up to its position; padding looks at key 0 (no NaN)
+        mask = torch.where(valid_d, keys <= pad_pos_d, keys == 0)
+        write_rows = slot_d.index_select(0, row_d)
+        batch = self.lora.batch(lslot_d, set(lslots))
+        lora = None if batch is None else batch.for_tokens(row_d)
+        return self.runner.forward(tok_d, pos_d, write_rows, pos_d, slot_d, key_len, mask.unsqueeze(1), lora,
+                                   Packing(pad_d, unpad_d, last_d))
 
     # ---- the adapter registry's side (same face as engine.adapters.LoraRuntime) ---------------
     def needs_exclusive(self, adapter: Any) -> bool:
@@ -140,6 +159,8 @@ class FastRuntime:
 
     def delete(self, name: str) -> None:
         self.lora.free(name)
+        if self.prefix is not None:
+            self.prefix.drop(name)  # its slot may hold another version next: its blocks mean nothing
 
     def slot_of(self, key: str) -> int:
         return self.lora.slot_of(key)

@@ -1,6 +1,8 @@
 """The KV cache, preallocated by slot: one slot per batch row, for the whole context.
 
-Per layer, keys and values are [slots, kv_heads, context + 1, head_dim]. A row is prefilled
+Keys and values of every layer live in one tensor [layers, 2, slots, kv_heads, context + 1,
+head_dim]; `k[layer]` and `v[layer]` are views of it. One tensor means one copy moves a row's
+prefix (all layers, keys and values) in or out of the prefix cache. A row is prefilled
 into a free slot and decodes at its own position, so a row joining or leaving never copies
 another row's cache (the old path re-padded the whole batch's cache on every admission and
 compacted it on every finish). The extra last position is a scratch column: rows that are
@@ -19,9 +21,9 @@ import torch
 class SlotKVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, context: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (slots, kv_heads, context + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.kv = torch.zeros(layers, 2, slots, kv_heads, context + 1, head_dim, dtype=dtype, device=device)
+        self.k = [self.kv[layer, 0] for layer in range(layers)]
+        self.v = [self.kv[layer, 1] for layer in range(layers)]
         self.slots, self.context = slots, context
         self.scratch = context  # index of the scratch column
         self._free = list(range(slots))
@@ -30,7 +32,11 @@ class SlotKVCache:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return self.kv.numel() * self.kv.element_size()
+
+    def row(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """Keys and values of positions [start, end) of a slot, every layer: [layers, 2, kv_heads, n, head_dim]."""
+        return self.kv[:, :, slot, :, start:end]
 
     def allocate(self) -> int | None:
         """The lowest free slot, or None when every slot holds a row."""

@@ -67,6 +67,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+#: Rows of the output head's weight per block of the CPU's chunked head (see `_logits`).
+HEAD_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a prefill's packed tokens [M] map onto the padded [N, T] layout attention reads.
+
+    Linear layers, norms and the cache writes run on the packed tokens only, so a batch that
+    mixes a 500-token prompt with short ones computes no padding; only attention, which is
+    per row, sees the padded layout.
+    """
+
+    pad: torch.Tensor  # [N*T]: for each padded place, the packed token it shows (padding: token 0)
+    unpad: torch.Tensor  # [M]: for each packed token, its place in the padded [N*T] layout
+    last: torch.Tensor  # [N]: the packed index of each row's last token (its logits are returned)
+
+
 @dataclass
 class _Layer:
     attn_norm: Any
@@ -134,7 +152,7 @@ class LlamaRunner:
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Logits [N, vocab] of one token per row; writes every token's K/V into the cache."""
+        """Logits [N, vocab], one row per sequence; writes every token's K/V into the cache."""
         from torch.nn.attention import sdpa_kernel
 
         with torch.inference_mode(), sdpa_kernel(self.sdpa_backends):
@@ -142,47 +160,68 @@ class LlamaRunner:
 
     def _forward(
         self,
-        tokens: torch.Tensor,  # [N, T]
-        positions: torch.Tensor,  # [N, T]: the position of each token (padding: any valid one)
-        write_rows: torch.Tensor,  # [N*T]: the cache slot each token's K/V goes to
-        write_pos: torch.Tensor,  # [N*T]: the position it goes to (padding: the scratch column)
+        tokens: torch.Tensor,  # [M]: the tokens of every row, packed (no padding)
+        positions: torch.Tensor,  # [M]: the position of each token
+        write_rows: torch.Tensor,  # [M]: the cache slot each token's K/V goes to
+        write_pos: torch.Tensor,  # [M]: the position it goes to (idle decode rows: the scratch column)
         read_rows: slice | torch.Tensor,  # the cache slots of the N rows, in order
         key_len: int,  # keys [0, key_len) are read
         mask: torch.Tensor,  # [N, 1, T, key_len] bool: True = attend
-        lora: LoraBatch | None,  # per-token LoRA routing (rows already expanded to tokens)
-        last: torch.Tensor | None = None,  # [N]: which token's logits to return (None: T == 1)
+        lora: LoraBatch | None,  # LoRA routing per token
+        packing: Packing | None = None,  # prefill: how the packed tokens map onto [N, T]; None: decode, T == 1
     ) -> torch.Tensor:
-        n, t = tokens.shape
-        if lora is not None:
-            lora = lora.per_token(t)
-        h = self.embed(tokens)  # [N, T, hidden]
-        cos, sin = self.rotary(h, positions)  # [N, T, head_dim]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        n, t = mask.shape[0], mask.shape[2]
+        m = tokens.shape[0]
+        h = self.embed(tokens)  # [M, hidden]
+        cos, sin = self.rotary(h, positions.view(1, m))  # [1, M, head_dim]
+        cos, sin = cos.view(m, 1, -1), sin.view(m, 1, -1)
         # GQA without copying keys: the query heads that share a KV head become its query
         # length, so any SDPA backend can run it and the cache is read once.
         gmask = mask if self.groups == 1 else mask.unsqueeze(2).expand(n, 1, self.groups, t, key_len).reshape(
             n, 1, self.groups * t, key_len)
         for li, L in enumerate(self.layers):
-            x2 = L.attn_norm(h).reshape(n * t, -1)
-            q = self._linear(L.q, L.names["q"], x2, lora).view(n, t, self.heads, self.head_dim).transpose(1, 2)
-            k = self._linear(L.k, L.names["k"], x2, lora).view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = self._linear(L.v, L.names["v"], x2, lora).view(n, t, self.kv_heads, self.head_dim)
+            x = L.attn_norm(h)
+            q = self._linear(L.q, L.names["q"], x, lora).view(m, self.heads, self.head_dim)
+            k = self._linear(L.k, L.names["k"], x, lora).view(m, self.kv_heads, self.head_dim)
+            v = self._linear(L.v, L.names["v"], x, lora).view(m, self.kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kc, vc = self.cache.k[li], self.cache.v[li]
-            kc[write_rows, :, write_pos] = k.transpose(1, 2).reshape(n * t, self.kv_heads, self.head_dim)
-            vc[write_rows, :, write_pos] = v.reshape(n * t, self.kv_heads, self.head_dim)
+            kc[write_rows, :, write_pos] = k
+            vc[write_rows, :, write_pos] = v
             keys, values = kc[read_rows, :, :key_len], vc[read_rows, :, :key_len]
-            qg = q.reshape(n, self.kv_heads, self.groups * t, self.head_dim)
+            if packing is None:  # one token per row: the packed layout is the padded one
+                qg = q.view(n, self.kv_heads, self.groups, self.head_dim)
+            else:
+                qg = q.reshape(m, -1).index_select(0, packing.pad).view(
+                    n, t, self.kv_heads, self.groups, self.head_dim).permute(0, 2, 3, 1, 4).reshape(
+                    n, self.kv_heads, self.groups * t, self.head_dim)
             att = F.scaled_dot_product_attention(qg, keys, values, attn_mask=gmask, scale=self.scale)
-            att = att.reshape(n, self.heads, t, self.head_dim).transpose(1, 2).reshape(n * t, -1)
-            h = h + self._linear(L.o, L.names["o"], att, lora).view(n, t, -1)
-            x2 = L.mlp_norm(h).reshape(n * t, -1)
-            gate = self._linear(L.gate, L.names["gate"], x2, lora)
-            up = self._linear(L.up, L.names["up"], x2, lora)
-            h = h + self._linear(L.down, L.names["down"], L.act(gate) * up, lora).view(n, t, -1)
-        if last is None:
-            h = h[:, -1]
-        else:
-            h = h[torch.arange(n, device=h.device), last]
-        return self.head(self.norm(h)).float()
+            if packing is None:
+                att = att.reshape(m, -1)
+            else:
+                att = att.view(n, self.kv_heads, self.groups, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(
+                    n * t, -1).index_select(0, packing.unpad)
+            h = h + self._linear(L.o, L.names["o"], att, lora)
+            x = L.mlp_norm(h)
+            gate = self._linear(L.gate, L.names["gate"], x, lora)
+            up = self._linear(L.up, L.names["up"], x, lora)
+            h = h + self._linear(L.down, L.names["down"], L.act(gate) * up, lora)
+        if packing is not None:
+            h = h.index_select(0, packing.last)
+        return self._logits(self.norm(h))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head in fp32. On the CPU a plain head is split into row blocks of its
+        weight: the same numbers, but a [16 x 576] x [576 x 49152] product runs ~25% faster
+        in 1024-row blocks (MKL's blocking for one very wide product is poor)."""
+        head = self.head
+        w = getattr(head, "weight", None)
+        if (x.device.type != "cpu" or x.shape[0] < 2 or type(head) is not torch.nn.Linear or head.bias is not None
+                or w.shape[0] <= HEAD_BLOCK):
+            return head(x).float()
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        for lo in range(0, w.shape[0], HEAD_BLOCK):
+            block = w[lo:lo + HEAD_BLOCK]
+            out[:, lo:lo + block.shape[0]] = F.linear(x, block)
+        return out.float()

@@ -94,10 +94,11 @@ class LoraBatch:
     mask: torch.Tensor | None  # [rows or tokens, range]
     alpha: float = 1.0
 
-    def per_token(self, tokens_per_row: int) -> "LoraBatch":
-        if self.mask is None or tokens_per_row == 1:
+    def for_tokens(self, row_of_token: torch.Tensor) -> "LoraBatch":
+        """The routing of packed tokens, from each token's row (prefill)."""
+        if self.mask is None:
             return self
-        return LoraBatch(self.views, self.mask.repeat_interleave(tokens_per_row, 0), self.alpha)
+        return LoraBatch(self.views, self.mask.index_select(0, row_of_token), self.alpha)
 
 
 class LoraSlots:

@@ -91,10 +91,12 @@ async def solo_and_together(engine: Engine) -> tuple[list[str], list[str]]:
 
 
 async def test_concurrent_mixed_adapters_match_solo_runs_exactly_in_fp32(workdir: Path) -> None:
-    """No cross-talk between rows: batched with other adapters == alone, to the character."""
+    """No cross-talk between rows: batched with other adapters == alone, to the character.
+    Without the prefix cache, so the batched rows compute their prompts again beside each other."""
     settings = load_settings(
         adapters_dir=workdir / "adapters", templates_dir=workdir / "templates",
         model_cache_dir=ROOT / "models", quantization="none", compute_dtype="float32", context_tokens=1024,
+        prefix_cache_tokens=0,
     )
     async with Engine(settings) as fp32:
         solo, together = await solo_and_together(fp32)

@@ -105,8 +105,8 @@ async def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(engines) 
                             GenerationParams(max_new_tokens=60, temperature=0, ignore_eos=True))
     await running.__anext__()
     before = fast.scheduler.steps
-    long_text, long_res = await answer(fast, Mode("legal", "lawyer"), LONG_QUESTION, 1)
-    chunks = -(-long_res.prompt_tokens // fast.settings.prefill_chunk_tokens)
+    long_text, long_res = await answer(fast, Mode("finance", "lawyer"), LONG_QUESTION, 1)  # a mode not seen yet
+    chunks = -(-(long_res.prompt_tokens - long_res.cached_prompt_tokens) // fast.scheduler.chunk_tokens)
     assert chunks >= 4
     assert fast.scheduler.steps - before >= chunks - 1  # a decode step after every chunk
     await running.aclose()
@@ -145,3 +145,38 @@ async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engines
     alone = await seeded()
     crowd = await asyncio.gather(seeded(), *(answer(fast, m, q, 12) for m, q, _n in CASES[:3]))
     assert crowd[0] == alone
+
+
+BURST = ["What should I eat before a long run?", "Is it bad to sleep after lunch?",
+         "How often should I wash my hands?", "What helps against a sore throat?"]
+
+
+async def test_a_burst_in_one_mode_computes_the_system_prompt_once(engines) -> None:
+    """Four users of one mode at once: the first prefills the role's system prompt, the others
+    wait for it, copy it from the prefix cache, and answer exactly as the reference does."""
+    fast, ref = engines
+    mode = Mode(None, "doctor")  # no earlier test used it: nothing of it is cached yet
+    expected = [(await answer(ref, mode, q))[0] for q in BURST]
+    got = await asyncio.gather(*(answer(fast, mode, q) for q in BURST))
+    assert [text for text, _ in got] == expected
+    cached = sorted(res.cached_prompt_tokens for _, res in got)
+    prompts = [res.prompt_tokens for _, res in got]
+    shared = 90  # the doctor template's system prompt: more than 90 tokens, the same for every question
+    assert cached[0] < shared  # the one that computed it (it may share a few opening tokens with other roles)
+    assert all(c >= shared for c in cached[1:]) and all(c < p for c, p in zip(cached, prompts))
+
+
+async def test_a_follow_up_message_reuses_the_conversation_so_far(engines) -> None:
+    """The next message of a conversation prefills only what is new: the earlier prompt and the
+    answer (its own tokens, kept at the end of the answer) come from the prefix cache."""
+    fast, ref = engines
+    mode = Mode("medical", "financial_analyst")
+    first = [Message("user", "I have a headache after work every day. What could it be?")]
+    text, res1 = await answer(fast, mode, first[0].content)
+    follow = first + [Message("assistant", text), Message("user", "And what if it is worse in the morning?")]
+    stream = fast.generate(follow, mode, GenerationParams(max_new_tokens=20, temperature=0))
+    got = "".join([p async for p in stream])
+    assert stream.result.cached_prompt_tokens >= res1.prompt_tokens  # at least the whole first prompt
+    ref_stream = ref.generate(follow, mode, GenerationParams(max_new_tokens=20, temperature=0))
+    assert got == "".join([p async for p in ref_stream])
+    assert fast.metrics.cached_prompt_tokens._value.get() >= stream.result.cached_prompt_tokens

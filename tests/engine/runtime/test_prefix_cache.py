@@ -1,0 +1,109 @@
+"""The prefix cache on tiny random models: a prompt whose start is restored from the cache gives
+the logits of a full prefill (transformers + peft as the reference), blocks never cross adapter
+versions, eviction keeps chains usable from the start, and a freed version is forgotten."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, chain
+from tests.engine.runtime.conftest import TinyModel
+from tests.engine.runtime.test_runner import reference_logits, runtime
+
+SHARED = [(7 * i + 3) % 90 + 1 for i in range(2 * BLOCK_TOKENS + 5)]  # two full blocks and 5 tokens more
+TAIL_A = [11 + i for i in range(16)]  # so the block holding the end of SHARED is full
+TAIL_B = [40, 41, 42, 43, 44, 45]
+
+
+def prefill(rt, slot: int, lslot: int, seq: list[int], start: int = 0) -> torch.Tensor:
+    rt.lora_idx[slot] = lslot
+    return rt.prefill([(slot, lslot, seq[start:], start)])[0]
+
+
+def stored(rt, key: str, seq: list[int], slot: int) -> None:
+    assert rt.prefix.store(key, seq, chain(key, seq), slot, len(seq)) == len(seq) // BLOCK_TOKENS
+
+
+@pytest.mark.parametrize("mode", [None, "a", "b"])
+def test_a_restored_start_gives_the_logits_of_a_full_prefill(tiny: TinyModel, mode: str | None) -> None:
+    first, second = SHARED + TAIL_A, SHARED + TAIL_B
+    ref = reference_logits(tiny, mode, second)
+    rt, slots = runtime(tiny)
+    key = mode or "base"
+    k1, k2 = rt.cache.allocate(), rt.cache.allocate()
+    prefill(rt, k1, slots[mode], first)
+    stored(rt, key, first, k1)
+    hit = rt.prefix.lookup(key, second, chain(key, second), len(second) - 1)
+    assert (len(hit.blocks), hit.partial_tokens, hit.tokens) == (2, 5, len(SHARED))  # ends inside block 3
+    rt.prefix.restore(hit, k2)
+    logits = prefill(rt, k2, slots[mode], second, start=hit.tokens)
+    torch.testing.assert_close(logits, ref[-1], atol=1e-4, rtol=1e-4)
+    # and decoding on from the restored slot stays exact
+    rt.tok[k2], rt.pos[k2], rt.active[k2] = 5, len(second), True
+    out, _ = rt.decode(rt.cache.high(), len(second) + 1, {slots[mode]})
+    torch.testing.assert_close(out[k2], reference_logits(tiny, mode, second + [5])[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tiny", ["llama-gqa"], indirect=True)
+def test_blocks_never_cross_adapter_versions(tiny: TinyModel) -> None:
+    rt, slots = runtime(tiny)
+    seq = SHARED + TAIL_A
+    k = rt.cache.allocate()
+    prefill(rt, k, slots["a"], seq)
+    stored(rt, "a", seq, k)
+    for other in ("b", "base"):
+        assert rt.prefix.lookup(other, seq, chain(other, seq), len(seq) - 1).tokens == 0
+    assert rt.prefix.lookup("a", seq, chain("a", seq), len(seq) - 1).tokens == 3 * BLOCK_TOKENS  # full blocks only
+    assert rt.prefix.lookup("a", seq[:48], chain("a", seq[:48]), 47).tokens == 47  # never the whole prompt
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_eviction_takes_the_least_recent_ends_of_chains_first(tiny: TinyModel) -> None:
+    rt, _ = runtime(tiny, prefix_cache_tokens=4 * BLOCK_TOKENS)  # room for 4 blocks
+    x = [1 + i % 50 for i in range(3 * BLOCK_TOKENS + 1)]
+    y = [60 + i % 30 for i in range(3 * BLOCK_TOKENS + 1)]
+    kx, ky = rt.cache.allocate(), rt.cache.allocate()
+    prefill(rt, kx, 0, x)
+    prefill(rt, ky, 0, y)
+    stored(rt, "base", x, kx)
+    stored(rt, "base", y, ky)  # needs 3 blocks: the free one, then x's last two
+    assert len(rt.prefix) == 4
+    assert rt.prefix.lookup("base", x, chain("base", x), len(x) - 1).tokens == BLOCK_TOKENS  # x's first block lives
+    assert rt.prefix.lookup("base", y, chain("base", y), len(y) - 1).tokens == 3 * BLOCK_TOKENS
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_a_chain_longer_than_the_pool_keeps_its_start(tiny: TinyModel) -> None:
+    rt, _ = runtime(tiny, prefix_cache_tokens=2 * BLOCK_TOKENS)
+    seq = [1 + i % 70 for i in range(4 * BLOCK_TOKENS + 3)]
+    k = rt.cache.allocate()
+    prefill(rt, k, 0, seq)
+    assert rt.prefix.store("base", seq, chain("base", seq), k, len(seq)) == 2
+    assert rt.prefix.lookup("base", seq, chain("base", seq), len(seq) - 1).tokens == 2 * BLOCK_TOKENS
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_a_freed_version_is_forgotten(tiny: TinyModel) -> None:
+    rt, slots = runtime(tiny)
+    seq = SHARED + TAIL_A
+    k = rt.cache.allocate()
+    prefill(rt, k, slots["a"], seq)
+    stored(rt, "a", seq, k)
+    rt.delete("a")  # what the registry calls, from the loader thread, when the version is freed
+    assert rt.prefix.lookup("a", seq, chain("a", seq), len(seq) - 1).tokens == 0
+    assert len(rt.prefix) == 0
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_prefix_cache_tokens_zero_turns_it_off(tiny: TinyModel) -> None:
+    rt, _ = runtime(tiny, prefix_cache_tokens=0)
+    assert rt.prefix is None
+
+
+def test_pool_memory_is_what_the_setting_asks() -> None:
+    from engine.runtime.kv_cache import SlotKVCache
+
+    cache = SlotKVCache(layers=3, slots=2, kv_heads=2, head_dim=8, context=64, dtype=torch.float32, device="cpu")
+    pc = PrefixCache(cache, 5 * BLOCK_TOKENS + 7)  # whole blocks only
+    assert pc.num_blocks == 5
+    assert pc.bytes == 3 * 2 * 2 * 5 * BLOCK_TOKENS * 8 * 4
