@@ -301,7 +301,15 @@ class EnginePath:
         for wl in warm:
             await self.drive(wl, tokens, deadline)
 
+    def cold_prefix_cache(self) -> None:
+        """Empty the new path's prefix cache: a row reuses only what its own users share (their
+        role's system prompt), never an earlier row's identical questions or answers."""
+        prefix = getattr(self.engine.runtime, "prefix", None)
+        if prefix is not None:
+            prefix.clear()
+
     async def measure(self, wl: Workload, tokens: int, deadline: float) -> Row:
+        self.cold_prefix_cache()
         with PeakMemory(self.device) as mem:
             traces, started, ended, cut, _ = await self.drive(wl, tokens, deadline)
         row = summarize(traces, workload=wl.key, label=wl.label, path=self.name, tokens_each=tokens,
@@ -398,6 +406,7 @@ async def _consume(stream: Any, trace: Trace, progress: Progress) -> None:
         trace.error = f"{type(exc).__name__}: {exc}"
     res = stream.result
     trace.finish, trace.version = res.finish_reason, res.adapter_version
+    trace.prompt_tokens, trace.cached_tokens = res.prompt_tokens, res.cached_prompt_tokens
     trace.tokens = res.completion_tokens if res.finish_reason in ("length", "stop") else len(trace.arrivals)
 
 

@@ -33,6 +33,8 @@ class Trace:
     finish: str | None = None  # the engine's finish_reason; None when cut by the deadline
     version: str | None = None  # adapter version the stream was served with
     error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, taken from the engine's prefix cache
 
     def gaps(self) -> list[float]:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
@@ -158,6 +160,9 @@ def summarize(
     errors = [t.error for t in traces if t.error]
     if errors:
         notes.append(f"{len(errors)} failed: {errors[0]}")
+    cached, prompt = sum(t.cached_tokens for t in traces), sum(t.prompt_tokens for t in traces)
+    if cached:
+        notes.append(f"prefix cache: {cached}/{prompt} prompt tokens")
     return Row(
         workload=workload, label=label, path=path, users=len(traces), tokens=total, expected_tokens=expected,
         seconds=seconds, tokens_per_s=total / seconds,

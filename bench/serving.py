@@ -13,6 +13,9 @@ The workload is fixed: eight fixed questions, greedy, a fixed number of new toke
 ignored, the `assistant` role. Rows: one user on the base model and on an adapter; N users
 spread over four modes (base + legal, medical, finance) and N users on one adapter. Every
 number is measured on the consumer side, from the arrival times of each stream's pieces.
+Each row of the new path starts with an empty prefix cache, so it reuses only what its own
+users share (their role's system prompt: a burst in one role computes it once), never an
+earlier row's identical prompts; the note column says how many prompt tokens were reused.
 A hot-load row then switches `legal` to a new version while 16 streams decode, and the
 issue's targets are printed as "target | measured | met?". Adapters are copied into a
 temporary folder; the repository's adapters/ is never written.

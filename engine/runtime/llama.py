@@ -62,11 +62,6 @@ def _fast_norm(module: Any) -> Any:
     return norm
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 #: Rows of the output head's weight per block of the CPU's chunked head (see `_logits`).
 HEAD_BLOCK = 1024
 
@@ -173,19 +168,25 @@ class LlamaRunner:
         n, t = mask.shape[0], mask.shape[2]
         m = tokens.shape[0]
         h = self.embed(tokens)  # [M, hidden]
-        cos, sin = self.rotary(h, positions.view(1, m))  # [1, M, head_dim]
+        cos, sin = self.rotary(h, positions.view(1, m))  # [1, M, head_dim], both halves alike
         cos, sin = cos.view(m, 1, -1), sin.view(m, 1, -1)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == swap_halves(x) * sin_signed, exactly (a sign flip rounds alike)
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        # an additive mask, made once per forward (SDPA would convert a boolean one in every layer)
+        bias = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
         # GQA without copying keys: the query heads that share a KV head become its query
         # length, so any SDPA backend can run it and the cache is read once.
-        gmask = mask if self.groups == 1 else mask.unsqueeze(2).expand(n, 1, self.groups, t, key_len).reshape(
+        gmask = bias if self.groups == 1 else bias.unsqueeze(2).expand(n, 1, self.groups, t, key_len).reshape(
             n, 1, self.groups * t, key_len)
         for li, L in enumerate(self.layers):
             x = L.attn_norm(h)
             q = self._linear(L.q, L.names["q"], x, lora).view(m, self.heads, self.head_dim)
             k = self._linear(L.k, L.names["k"], x, lora).view(m, self.kv_heads, self.head_dim)
             v = self._linear(L.v, L.names["v"], x, lora).view(m, self.kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk = torch.cat((q, k), dim=1)  # RoPE on queries and keys at once: 5 kernels instead of 10
+            qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
             kc, vc = self.cache.k[li], self.cache.v[li]
             kc[write_rows, :, write_pos] = k
             vc[write_rows, :, write_pos] = v

@@ -89,7 +89,7 @@ class PrefixCache:
         self._blocks: collections.OrderedDict[int, _Block] = collections.OrderedDict()  # LRU order, newest last
         self._children: dict[int, set[int]] = {}  # digest -> digests of the blocks that follow it
         self._free = list(range(self.num_blocks - 1, -1, -1))
-        self._dropped: queue.SimpleQueue[str] = queue.SimpleQueue()  # keys freed by the loader thread
+        self._dropped: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # keys freed elsewhere (None: all)
         self.hit_tokens = 0  # totals, for logs and tests
         self.stored_blocks = 0
 
@@ -217,6 +217,10 @@ class PrefixCache:
         """Forget an adapter version's blocks (its LoRA slot was freed); any thread, done lazily."""
         self._dropped.put(key)
 
+    def clear(self) -> None:
+        """Forget every block (benchmarks start each measurement cold); any thread, done lazily."""
+        self._dropped.put(None)
+
     def _forget_dropped(self) -> None:
         keys = set()
         while True:
@@ -225,5 +229,5 @@ class PrefixCache:
             except queue.Empty:
                 break
         if keys:
-            for b in [b for b in self._blocks.values() if b.key in keys]:
+            for b in [b for b in self._blocks.values() if None in keys or b.key in keys]:
                 self._evict(b)
