@@ -6,6 +6,7 @@ tables look the same whichever path produced the row.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Row:
     sync_steps: int | None = None  # decode steps the sync count was divided by
     cut: bool = False
     note: str = ""
+    runs: list[float] = field(default_factory=list)  # tok/s of every repetition (the row is their median)
 
     def cells(self) -> list[str]:
         syncs = "n/a" if self.syncs_per_step is None else f"{self.syncs_per_step:.2f}"
@@ -205,6 +207,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def median_run(runs: Sequence[Row]) -> Row:
+    """The repetition with the median tok/s (the lower middle one for an even count), with every
+    run's tok/s kept: on a shared machine a row's speed drifts by 10-20% from minute to minute."""
+    ordered = sorted(runs, key=lambda r: r.tokens_per_s)
+    row = dataclasses.replace(ordered[(len(ordered) - 1) // 2])
+    row.runs = [r.tokens_per_s for r in runs]
+    if len(runs) > 1:
+        spread = f"median of {len(runs)} runs ({fmt(ordered[0].tokens_per_s)}-{fmt(ordered[-1].tokens_per_s)} tok/s)"
+        row.note = "; ".join(filter(None, [spread, row.note]))
+    return row
 
 
 def targets(rows: Sequence[Row], hotloads: Sequence[HotLoad], device: str) -> list[Target]:

@@ -11,11 +11,12 @@
 #   3. pytest   pytest -m gpu over the test files that carry the mark (the bot's test modules
 #               need packages that are not staged, so they are not collected)
 #   4. bench    python -m bench.serving --device cuda --json (new, previous, naive paths)
+#   5. conversation  python -m bench.conversation --device cuda (TTFT per message, prefix cache on/off)
 # Everything is tee'd into $OUT (the device machine's output folder; ./gpu-check-out when
 # unset): one .log per step, serving.json, pytest-gpu.xml and summary.txt (the step verdicts
 # and the benchmark's target table). The exit code is
 # the number of steps that failed (0 = all passed). Limits (seconds) can be changed with
-# ENV_S, PREPARE_S, PYTEST_S, BENCH_S; the defaults add up to 8 minutes. BENCH_ARGS adds
+# ENV_S, PREPARE_S, PYTEST_S, BENCH_S, CONV_S; the defaults add up to 9 minutes. BENCH_ARGS adds
 # arguments to the benchmark (e.g. BENCH_ARGS="--quick").
 set -u
 cd "$(dirname "$0")/.." || exit 99
@@ -28,7 +29,7 @@ if [ ! -f /tmp/site/.ready ] && [ "${DEVICE:-cuda}" != cpu ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda}
-ENV_S=${ENV_S:-20} PREPARE_S=${PREPARE_S:-60} PYTEST_S=${PYTEST_S:-120} BENCH_S=${BENCH_S:-280}
+ENV_S=${ENV_S:-20} PREPARE_S=${PREPARE_S:-60} PYTEST_S=${PYTEST_S:-120} BENCH_S=${BENCH_S:-280} CONV_S=${CONV_S:-60}
 
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -91,6 +92,8 @@ fi
 step bench "$BENCH_S" "$PY" -m bench.serving --device "$DEVICE" --json "$OUT/serving.json" \
   --budget $(( BENCH_S - 40 )) ${BENCH_ARGS:-}
 sed -n '/^## Issue 8 targets/,/^$/p' "$OUT/bench.log" | tee -a "$summary"
+step conversation "$CONV_S" "$PY" -m bench.conversation --device "$DEVICE" --json "$OUT/conversation.json"
+sed -n '/^| message/,/median/p' "$OUT/conversation.log" | tee -a "$summary"
 
 echo "=== gpu_check: $failed step(s) failed, $(( $(date +%s) - started )) s in all; output in $OUT" | tee -a "$summary"
 exit "$failed"

@@ -46,7 +46,7 @@ from bench._serving_paths import (
     DOMAINS, ONE_ADAPTER, PROMPTS, ROLE, ROOT, BenchError, EnginePath, NaivePath, Workload, make_workdir, workloads,
 )
 from bench._serving_report import (
-    COLUMNS, HOTLOAD_COLUMNS, TARGET_COLUMNS, HotLoad, Row, render_table, targets,
+    COLUMNS, HOTLOAD_COLUMNS, TARGET_COLUMNS, HotLoad, Row, median_run, render_table, targets,
 )
 
 PATHS = {"new": "fast", "previous": "reference", "naive": None}
@@ -70,6 +70,12 @@ class Plan:
     syncs: bool
     json_path: Path | None
     budget_s: float | None = None
+    repeat: int = 1
+
+    def repeats(self, path: str, wl: Workload) -> bool:
+        """Which rows are measured `repeat` times: up to 16 users, and on the naive path only the
+        single streams (its N-user row is N requests one after another: an average already)."""
+        return wl.users == 1 if path == "naive" else wl.users <= 16
 
     def profiles(self, path: str, wl: Workload) -> bool:
         """Which rows get a sync profile (a separate short run): every row of the new path; on the
@@ -96,6 +102,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         deadline_s=args.deadline or deadline, hotload_users=args.hotload_users, quantization=args.quantization,
         dtype=args.dtype, syncs=(cuda or args.syncs) and not args.no_syncs, json_path=args.json,
         budget_s=args.budget or budget,
+        repeat=args.repeat or (1 if cuda else 3),
     )
 
 
@@ -145,7 +152,8 @@ def header(plan: Plan, argv: Sequence[str]) -> dict[str, Any]:
         "model": s.model,
         "workload": (f"greedy, EOS ignored, {plan.tokens} new tokens per request, {len(PROMPTS)} fixed questions, "
                      f"role {ROLE}, modes base + {', '.join(DOMAINS)}; users {','.join(map(str, plan.users))}; "
-                     f"naive up to {plan.naive_max_users} users; each run cut at {plan.deadline_s:.0f} s"),
+                     f"naive up to {plan.naive_max_users} users; each run cut at {plan.deadline_s:.0f} s; "
+                     f"rows up to 16 users (naive: 1) measured {plan.repeat}x round the workloads, median shown"),
     }
 
 
@@ -255,11 +263,21 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
         _say(report.paths[name])
         chosen = [w for w in workloads(plan.users) if name != "naive" or w.users <= plan.naive_max_users]
         await runner.warm_up([w.users for w in chosen], deadline())
+        runs: dict[str, list[Row]] = {}
+        # repetitions go round the workloads, so a drift of the machine's speed hits every row alike
+        for rep in range(plan.repeat):
+            for wl in chosen:
+                if rep and not plan.repeats(name, wl):
+                    continue
+                if over_budget():
+                    if not rep:
+                        report.skipped.append(f"{name}: {wl.label}")
+                    continue
+                runs.setdefault(wl.key, []).append(await runner.measure(wl, plan.tokens, deadline()))
         for wl in chosen:
-            if over_budget():
-                report.skipped.append(f"{name}: {wl.label}")
+            if wl.key not in runs:
                 continue
-            row = await runner.measure(wl, plan.tokens, deadline())
+            row = median_run(runs[wl.key])
             if plan.profiles(name, wl) and not over_budget():
                 try:
                     got = await runner.syncs(wl, deadline() / 2)
@@ -392,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     syncs.add_argument("--no-syncs", action="store_true", help="on CUDA, skip the torch.profiler sync count")
     syncs.add_argument("--syncs", action="store_true",
                        help="run the sync profile on CPU too (it counts 0 there; checks the profiling itself)")
+    p.add_argument("--repeat", type=_positive(int),
+                   help="measure each row up to 16 users this many times, round the workloads, and report the "
+                   "median (default 3 on CPU, whose speed drifts from minute to minute; 1 on CUDA)")
     p.add_argument("--threads", type=_positive(int),
                    help="torch CPU threads (default: torch's own choice, the cores of the machine)")
     p.add_argument("--budget", type=_positive(float),

@@ -38,7 +38,7 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
     out = tmp_path / "serving.json"
     # one thread: on a shared 2-core machine two OpenMP threads spin at every barrier (5-20x slower)
     proc = _bench("--device", "cpu", "--tokens", str(TOKENS), "--users", "1,2", "--hotload-users", "2",
-                  "--threads", "1", "--json", str(out))
+                  "--threads", "1", "--repeat", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _adapters_snapshot() == before
 
@@ -58,6 +58,9 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
         assert r["gap_p50_ms"] is not None and r["gap_p50_ms"] <= r["gap_p99_ms"]
         assert r["peak_mib"] is not None and r["peak_mib"] >= 0
         assert r["syncs_per_step"] is None  # CPU: n/a
+        # every row measured twice and the median kept; the naive path repeats only single streams
+        assert len(r["runs"]) == (1 if path == "naive" and users > 1 else 2), (workload, path)
+        assert min(r["runs"]) <= r["tokens_per_s"] <= max(r["runs"])
 
     hot = {h["path"]: h for h in data["hotload"]}
     assert set(hot) == {"new", "previous"}  # the naive baseline has no hot-load
@@ -143,6 +146,28 @@ def test_summary_counts_from_submission_and_pools_gaps() -> None:
     assert row.ttft_p50_ms == pytest.approx(750.0)
     assert row.gap_p50_ms == pytest.approx(150.0)
     assert row.gap_p99_ms == pytest.approx(200.0, rel=0.01)
+
+
+def test_repeated_runs_report_the_median_run_with_the_spread() -> None:
+    def run(seconds: float) -> rep.Row:
+        return rep.summarize([_trace(0.0, seconds / 2, seconds)], workload="single-base", label="1", path="new",
+                             tokens_each=2, started=0.0, ended=seconds, cut=False)
+
+    runs = [run(1.0), run(4.0), run(2.0)]  # 2, 0.5 and 1 tok/s
+    row = rep.median_run(runs)
+    assert row.tokens_per_s == pytest.approx(1.0) and row.seconds == pytest.approx(2.0)
+    assert row.runs == [pytest.approx(2.0), pytest.approx(0.5), pytest.approx(1.0)]
+    assert row.note.startswith("median of 3 runs (0.5")
+    assert rep.median_run(runs[:2]).tokens_per_s == pytest.approx(0.5)  # even count: the lower middle
+    assert rep.median_run(runs[:1]).note == ""
+
+
+def test_prefix_cache_reuse_is_noted() -> None:
+    t = _trace(0.0, 0.5, 0.6)
+    t.prompt_tokens, t.cached_tokens = 70, 47
+    row = rep.summarize([t], workload="single-base", label="1", path="new", tokens_each=2, started=0.0, ended=1.0,
+                        cut=False)
+    assert row.note == "prefix cache: 47/70 prompt tokens"
 
 
 def test_summary_notes_a_cut_run_and_streams_that_stopped_early() -> None:

@@ -1,0 +1,30 @@
+"""`python -m bench.conversation`: its smallest run on the real model. Behaviour only: the rows
+come out, the cache-on engine reuses the conversation, both engines answer alike."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.model
+def test_smallest_run_reuses_the_conversation_and_answers_alike(tmp_path: Path) -> None:
+    out = tmp_path / "conversation.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.conversation", "--device", "cpu", "--turns", "2",
+                           "--tokens", "3", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| message 2" in proc.stdout and "TTFT cache off ms" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["message 1", "message 2", "another user, same role, 1st message"]
+    first, second, other = rows
+    assert first["cached_on"] == 0  # the run starts cold
+    assert second["cached_on"] >= first["prompt_tokens"] - 16  # the whole first message, to the last full block
+    assert 0 < other["cached_on"] < other["prompt_tokens"]  # the role's system prompt only
+    assert all(r["same_answer"] for r in rows)
+    assert all(r["ttft_on_ms"] > 0 and r["ttft_off_ms"] > 0 for r in rows)
