@@ -13,7 +13,8 @@ With the prefix cache (`PREFIX_CACHE_TOKENS`), a row's prefill starts by copying
 cached start of its prompt into its slot; every finished block of a prompt, and at the end
 the whole conversation so far, is offered to the cache. A row whose start another row of the
 same adapter is computing right now waits for it (rows of a burst in one role share their
-system prompt), then takes it from the cache.
+system prompt), then takes it from the cache; on CUDA only when the prompts waiting would
+not fit in one chunk anyway (there a chunk costs about the same whatever its length).
 """
 from __future__ import annotations
 
@@ -203,11 +204,16 @@ class SlotScheduler(Scheduler):
         budget = self.chunk_tokens
         chunks, rows = [], []
         pending = self._pending_blocks()
+        # On a GPU a prefill turn costs about the same launches whatever its length: a row waits
+        # for a shared start only when the work left would not fit in this turn anyway. On a
+        # CPU every token costs: it always waits.
+        hold = self.rt.device.type != "cuda" or sum(
+            len(r.prompt) - r.done for r in self.rows if not r.decoding) > budget
         for row in self.rows:
             if row.decoding or budget <= 0:
                 continue
             if not row.started:
-                if self._waits_for_shared_start(row, pending):
+                if hold and self._waits_for_shared_start(row, pending):
                     continue
                 self._start(row)
                 pending.update(row.digests[row.done // BLOCK_TOKENS:])

@@ -59,7 +59,7 @@ class FastRuntime:
         self._slot_ids = torch.arange(slots, **i64)
         self._key_ids = torch.arange(settings.context_tokens, **i64)
         use_graphs = is_cuda if cuda_graphs is None else (cuda_graphs and is_cuda)
-        self.graphs = DecodeGraphs(self._decode_logits, slots, settings.context_tokens) if use_graphs else None
+        self.graphs = DecodeGraphs(self._graph_step, slots, settings.context_tokens) if use_graphs else None
         log.info(
             "fast runtime: %s, %d cache slots x %d tokens (%.0f MB), %d LoRA slots x rank %d on %d modules (%.0f MB), "
             "prefix cache %d tokens (%.0f MB)%s",
@@ -76,14 +76,22 @@ class FastRuntime:
             return
         key = self.graphs.key_buckets[0]
         for rows in self.graphs.batch_buckets:
-            self.graphs.run(rows, key)
+            for lora in (True, False):
+                self.graphs.run(rows, key, lora)
         torch.cuda.synchronize()
         log.info("decode graphs captured for batch %s at %d keys%s", self.graphs.batch_buckets, key,
                  f"; capture failed, decoding eagerly: {self.graphs.failed}" if self.graphs.failed else "")
 
     # ---- the decode step ----------------------------------------------------------------
+    def _graph_step(self, rows: int, key_len: int, lora: bool) -> torch.Tensor:
+        """The captured step: every LoRA slot (static shapes), or none when no row uses one."""
+        return self._decode_logits(rows, key_len, None if lora else {0})
+
     def _decode_logits(self, rows: int, key_len: int, used: set[int] | None = None) -> torch.Tensor:
-        """One token for cache slots [0, rows), from the decode state only (graph-safe)."""
+        """One token for cache slots [0, rows), from the decode state only (graph-safe).
+
+        `used`: the LoRA slots of the active rows when the host knows them (eager steps use
+        only their range); None = every slot (CUDA graphs)."""
         active = self.active[:rows]
         pos = torch.where(active, self.pos[:rows], 0)
         write_pos = torch.where(active, self.pos[:rows], self.cache.scratch)
@@ -96,7 +104,7 @@ class FastRuntime:
         """Logits for slots [0, rows) and the number of rows they cover (a bucket on CUDA)."""
         if self.graphs is not None:
             b_rows, _ = self.graphs.shape(rows, key_len)
-            return self.graphs.run(rows, key_len), b_rows
+            return self.graphs.run(rows, key_len, lora=bool(used - {0})), b_rows
         return self._decode_logits(rows, key_len, used), rows
 
     # ---- prefill ------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""CUDA graphs for the decode step, one per (batch bucket, key-length bucket).
+"""CUDA graphs for the decode step, one per (batch bucket, key-length bucket, LoRA or not).
 
 A decode step of a small model on a big GPU is tens of microseconds of GPU work behind
 milliseconds of kernel launches; replaying a captured graph launches them all at once. The
 graph reads only static buffers (the decode state's token, position, activity and LoRA-slot
 tensors, the LoRA stacks and the KV cache), so loading an adapter into a slot or a row joining
 never forces a re-capture. Buckets: batch 1, 2, 4, 8, ... up to the slot count; key length
-128, 256, ... up to the context. Graphs are captured on first use and share one memory pool.
+128, 256, ... up to the context. A step whose rows all use the base model replays a graph
+captured without the LoRA stacks (3 kernels per linear layer fewer). Graphs are captured on
+first use and share one memory pool.
 
 If capture fails (a kernel that cannot be captured), the error is logged once and the step
 runs eagerly from then on: correct, only slower.
@@ -37,11 +39,11 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, context: int) -> None:
-        self.step = step  # (rows, key_len) -> logits, reading only static buffers
+    def __init__(self, step: Callable[[int, int, bool], torch.Tensor], slots: int, context: int) -> None:
+        self.step = step  # (rows, key_len, lora) -> logits, reading only static buffers
         self.batch_buckets = powers_of_two(1, slots)
         self.key_buckets = powers_of_two(min(128, context), context)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.failed: str | None = None
         self.captures = 0
@@ -49,9 +51,10 @@ class DecodeGraphs:
     def shape(self, rows: int, key_len: int) -> tuple[int, int]:
         return bucket(rows, self.batch_buckets), bucket(key_len, self.key_buckets)
 
-    def run(self, rows: int, key_len: int) -> torch.Tensor:
-        """Logits of the bucketed step (rows past `rows` are idle padding)."""
-        shape = self.shape(rows, key_len)
+    def run(self, rows: int, key_len: int, lora: bool = True) -> torch.Tensor:
+        """Logits of the bucketed step (rows past `rows` are idle padding); `lora=False` when
+        no row uses an adapter."""
+        shape = (*self.shape(rows, key_len), lora)
         if self.failed is not None:
             return self.step(*shape)
         entry = self._graphs.get(shape)
@@ -60,8 +63,8 @@ class DecodeGraphs:
                 entry = self._capture(*shape)
             except Exception as exc:  # evidence for the log, then eager for good
                 self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graph capture failed for batch %d, keys %d; decoding eagerly: %s",
-                            shape[0], shape[1], self.failed)
+                log.warning("CUDA graph capture failed for batch %d, keys %d, LoRA %s; decoding eagerly: %s",
+                            shape[0], shape[1], shape[2], self.failed)
                 torch.cuda.synchronize()
                 return self.step(*shape)
             self._graphs[shape] = entry
@@ -69,16 +72,16 @@ class DecodeGraphs:
         graph.replay()
         return out
 
-    def _capture(self, rows: int, key_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, rows: int, key_len: int, lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
-                self.step(rows, key_len)
+                self.step(rows, key_len, lora)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.step(rows, key_len)
+            out = self.step(rows, key_len, lora)
         self.captures += 1
-        log.info("captured the decode step for batch %d, keys %d", rows, key_len)
+        log.info("captured the decode step for batch %d, keys %d%s", rows, key_len, "" if lora else ", base model only")
         return graph, out

@@ -244,6 +244,9 @@ class VllmStream:
         if self._usage:
             res.prompt_tokens = int(self._usage.get("prompt_tokens") or res.prompt_tokens)
             res.completion_tokens = int(self._usage.get("completion_tokens") or res.completion_tokens)
+            details = self._usage.get("prompt_tokens_details") or {}  # vLLM's prefix caching, when it reports it
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                res.cached_prompt_tokens = details["cached_tokens"]
         outcome = {"stop": "ok", "length": "ok"}.get(res.finish_reason or "", res.finish_reason or "error")
         self._drop_replica(outcome)
         engine = self._engine

@@ -131,6 +131,9 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == ("none", "nf4")
     assert load_settings(quantization="int8").resolved_quantization("cuda") == "int8"  # explicit wins
     assert s.serving_runtime == "auto"
+    assert (s.resolved_prefill_chunk("cpu"), s.resolved_prefill_chunk("cuda:0")) == (512, 8192)
+    assert load_settings(prefill_chunk_tokens=64).resolved_prefill_chunk("cuda") == 64  # explicit wins
+    assert s.prefix_cache_tokens == 4096
     assert s.max_new_tokens < s.context_tokens
     assert (s.adapters_dir, s.templates_dir) == (Path("adapters"), Path("templates"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU

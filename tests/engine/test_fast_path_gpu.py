@@ -49,7 +49,13 @@ def test_tiny_models_decode_through_cuda_graphs_like_peft(arch: str, tmp_path: P
         for i, (k, s) in enumerate(zip(kv, SEQS)):
             torch.testing.assert_close(out[k].cpu(), refs[i][pos[i]], atol=1e-3, rtol=1e-3)
             rt.tok[k], rt.pos[k] = s[pos[i] + 1], pos[i] + 1
-    assert rt.graphs.failed is None and rt.graphs.captures >= 1
+    # a step whose rows all use the base model replays the graph captured without the LoRA stacks
+    rt.active[kv[1]] = rt.active[kv[2]] = False
+    last = cut[0] + 2
+    out, _ = rt.decode(rt.cache.high(), last + 1, {0})
+    torch.testing.assert_close(out[kv[0]].cpu(), refs[0][last], atol=1e-3, rtol=1e-3)
+    assert rt.graphs.failed is None and rt.graphs.captures >= 2
+    assert {lora for _rows, _keys, lora in rt.graphs._graphs} == {True, False}
 
 
 async def _answers(engine: Engine, concurrent: bool) -> list[str]:

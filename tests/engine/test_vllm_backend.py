@@ -69,6 +69,18 @@ async def test_answers_stream_per_mode_from_the_same_prompt_as_the_local_engine(
     assert res.time_to_first_token_s is not None
 
 
+async def test_cached_prompt_tokens_come_from_vllms_usage_when_it_reports_them(fakes, make_engine):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    first = engine.generate([Message("user", "hi")], Mode())
+    await collect(first)
+    assert first.result.cached_prompt_tokens == 0  # no prompt_tokens_details: nothing claimed
+    replica.cached_tokens = 16
+    second = engine.generate([Message("user", "hi")], Mode())
+    await collect(second)
+    assert second.result.cached_prompt_tokens == 16 < second.result.prompt_tokens
+
+
 async def test_the_answer_cap_ends_with_length_and_defaults_come_from_the_settings(fakes, make_engine):
     (replica,) = await fakes(1)
     engine = await make_engine(replica, engine={"temperature": 0.3, "top_k": 20, "max_new_tokens": 3})

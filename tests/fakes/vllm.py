@@ -112,6 +112,7 @@ class FakeVllm:
         self.load_gate: asyncio.Event | None = None  # when set to an unset Event, adapter loads wait for it
         self.load_waiting = 0  # loads waiting for load_gate now
         self.restarts = 0
+        self.cached_tokens: int | None = None  # when set: usage.prompt_tokens_details (vLLM's prefix caching)
         self.url = ""
         self._port = 0
         self._runner: web.AppRunner | None = None
@@ -369,10 +370,12 @@ class FakeVllm:
             if not pieces:
                 await send(chunk("", finish))
             if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + len(record.sent),
+                         "completion_tokens": len(record.sent)}
+                if self.cached_tokens is not None:
+                    usage["prompt_tokens_details"] = {"cached_tokens": min(self.cached_tokens, len(prompt))}
                 await send({"id": cid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [], "usage": {"prompt_tokens": len(prompt), "total_tokens":
-                                                     len(prompt) + len(record.sent),
-                                                     "completion_tokens": len(record.sent)}})
+                            "choices": [], "usage": usage})
             await send("[DONE]")
             await response.write_eof()
             record.finished = True
