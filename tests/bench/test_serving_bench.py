@@ -58,8 +58,9 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
         assert r["gap_p50_ms"] is not None and r["gap_p50_ms"] <= r["gap_p99_ms"]
         assert r["peak_mib"] is not None and r["peak_mib"] >= 0
         assert r["syncs_per_step"] is None  # CPU: n/a
-        # every row measured twice and the median kept; the naive path repeats only single streams
-        assert len(r["runs"]) == (1 if path == "naive" and users > 1 else 2), (workload, path)
+        # the new path's rows and naive single streams measured twice, the median kept
+        repeated = path == "new" or (path == "naive" and users == 1)
+        assert len(r["runs"]) == (2 if repeated else 1), (workload, path)
         assert min(r["runs"]) <= r["tokens_per_s"] <= max(r["runs"])
 
     hot = {h["path"]: h for h in data["hotload"]}
