@@ -24,6 +24,20 @@ def stored(rt, key: str, seq: list[int], slot: int) -> None:
     assert rt.prefix.store(key, seq, chain(key, seq), slot, len(seq)) == len(seq) // BLOCK_TOKENS
 
 
+def cached(rt, key: str, seq: list[int], limit: int | None = None) -> int:
+    """Tokens of `seq` a lookup finds (at most len - 1: a row computes its last token itself)."""
+    return rt.prefix.lookup(key, seq, chain(key, seq), len(seq) - 1 if limit is None else limit).tokens
+
+
+def with_stored(tiny: TinyModel, adapter: str, seq: list[int]):
+    """A runtime whose prefix cache holds `seq`, prefilled with `adapter`."""
+    rt, slots = runtime(tiny)
+    k = rt.cache.allocate()
+    prefill(rt, k, slots[adapter], seq)
+    stored(rt, adapter, seq, k)
+    return rt
+
+
 @pytest.mark.parametrize("mode", [None, "a", "b"])
 def test_a_restored_start_gives_the_logits_of_a_full_prefill(tiny: TinyModel, mode: str | None) -> None:
     first, second = SHARED + TAIL_A, SHARED + TAIL_B
@@ -46,15 +60,11 @@ def test_a_restored_start_gives_the_logits_of_a_full_prefill(tiny: TinyModel, mo
 
 @pytest.mark.parametrize("tiny", ["llama-gqa"], indirect=True)
 def test_blocks_never_cross_adapter_versions(tiny: TinyModel) -> None:
-    rt, slots = runtime(tiny)
     seq = SHARED + TAIL_A
-    k = rt.cache.allocate()
-    prefill(rt, k, slots["a"], seq)
-    stored(rt, "a", seq, k)
-    for other in ("b", "base"):
-        assert rt.prefix.lookup(other, seq, chain(other, seq), len(seq) - 1).tokens == 0
-    assert rt.prefix.lookup("a", seq, chain("a", seq), len(seq) - 1).tokens == 3 * BLOCK_TOKENS  # full blocks only
-    assert rt.prefix.lookup("a", seq[:48], chain("a", seq[:48]), 47).tokens == 47  # never the whole prompt
+    rt = with_stored(tiny, "a", seq)
+    assert cached(rt, "b", seq) == cached(rt, "base", seq) == 0
+    assert cached(rt, "a", seq) == 3 * BLOCK_TOKENS  # full blocks only
+    assert cached(rt, "a", seq[:48]) == 47  # never the whole prompt
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
@@ -68,8 +78,8 @@ def test_eviction_takes_the_least_recent_ends_of_chains_first(tiny: TinyModel) -
     stored(rt, "base", x, kx)
     stored(rt, "base", y, ky)  # needs 3 blocks: the free one, then x's last two
     assert len(rt.prefix) == 4
-    assert rt.prefix.lookup("base", x, chain("base", x), len(x) - 1).tokens == BLOCK_TOKENS  # x's first block lives
-    assert rt.prefix.lookup("base", y, chain("base", y), len(y) - 1).tokens == 3 * BLOCK_TOKENS
+    assert cached(rt, "base", x) == BLOCK_TOKENS  # x's first block lives
+    assert cached(rt, "base", y) == 3 * BLOCK_TOKENS
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
@@ -79,19 +89,24 @@ def test_a_chain_longer_than_the_pool_keeps_its_start(tiny: TinyModel) -> None:
     k = rt.cache.allocate()
     prefill(rt, k, 0, seq)
     assert rt.prefix.store("base", seq, chain("base", seq), k, len(seq)) == 2
-    assert rt.prefix.lookup("base", seq, chain("base", seq), len(seq) - 1).tokens == 2 * BLOCK_TOKENS
+    assert cached(rt, "base", seq) == 2 * BLOCK_TOKENS
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 def test_a_freed_version_is_forgotten(tiny: TinyModel) -> None:
-    rt, slots = runtime(tiny)
     seq = SHARED + TAIL_A
-    k = rt.cache.allocate()
-    prefill(rt, k, slots["a"], seq)
-    stored(rt, "a", seq, k)
+    rt = with_stored(tiny, "a", seq)
     rt.delete("a")  # what the registry calls, from the loader thread, when the version is freed
-    assert rt.prefix.lookup("a", seq, chain("a", seq), len(seq) - 1).tokens == 0
+    assert cached(rt, "a", seq) == 0
     assert len(rt.prefix) == 0
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_clear_forgets_everything(tiny: TinyModel) -> None:
+    seq = SHARED + TAIL_A
+    rt = with_stored(tiny, "a", seq)
+    rt.prefix.clear()
+    assert cached(rt, "a", seq) == 0 and len(rt.prefix) == 0
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
