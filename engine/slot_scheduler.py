@@ -196,22 +196,26 @@ class SlotScheduler(Scheduler):
         req.result.queue_wait_s = now - req.submitted
         self.metrics.queue_wait.observe(req.result.queue_wait_s)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        self.rows.append(SlotRow(req, key, lora_slot, slot, list(req.prompt_ids)))
+        prompt = list(req.prompt_ids)
+        digests = chain(key, prompt) if self.rt.prefix is not None else []  # its block chain, hashed once
+        self.rows.append(SlotRow(req, key, lora_slot, slot, prompt, digests=digests))
         self.metrics.active.set(len(self.rows))
 
     def _prefill_turn(self) -> None:
         """Prefill up to `chunk_tokens` prompt tokens of the rows still prefilling."""
+        prefilling = [r for r in self.rows if not r.decoding]
+        if not prefilling:
+            return
         budget = self.chunk_tokens
         chunks, rows = [], []
-        pending = self._pending_blocks()
+        pending = self._pending_blocks(prefilling)
         # On a GPU a prefill turn costs about the same launches whatever its length: a row waits
         # for a shared start only when the work left would not fit in this turn anyway. On a
         # CPU every token costs: it always waits.
-        hold = self.rt.device.type != "cuda" or sum(
-            len(r.prompt) - r.done for r in self.rows if not r.decoding) > budget
-        for row in self.rows:
-            if row.decoding or budget <= 0:
-                continue
+        hold = self.rt.device.type != "cuda" or sum(len(r.prompt) - r.done for r in prefilling) > budget
+        for row in prefilling:
+            if budget <= 0:
+                break
             if not row.started:
                 if hold and self._waits_for_shared_start(row, pending):
                     continue
@@ -246,13 +250,12 @@ class SlotScheduler(Scheduler):
             self._accept(row, tok)
 
     # ---- the prefix cache ---------------------------------------------------------------
-    def _pending_blocks(self) -> set[int]:
+    def _pending_blocks(self, prefilling: list[SlotRow]) -> set[int]:
         """The blocks that rows prefilling now will have computed when their prompts are done."""
         out: set[int] = set()
-        if self.rt.prefix is not None:
-            for row in self.rows:
-                if row.started and not row.decoding:
-                    out.update(row.digests[row.done // BLOCK_TOKENS:])
+        for row in prefilling:
+            if row.started:
+                out.update(row.digests[row.done // BLOCK_TOKENS:])
         return out
 
     def _waits_for_shared_start(self, row: SlotRow, pending: set[int]) -> bool:
@@ -261,8 +264,6 @@ class SlotScheduler(Scheduler):
         prefix = self.rt.prefix
         if prefix is None:
             return False
-        if not row.digests:
-            row.digests = chain(row.key, row.prompt)
         usable = (len(row.prompt) - 1) // BLOCK_TOKENS
         cached = prefix.cached_blocks(row.key, row.digests[:usable])
         return cached < usable and row.digests[cached] in pending
@@ -272,8 +273,6 @@ class SlotScheduler(Scheduler):
         prefix = self.rt.prefix
         if prefix is None:
             return
-        if not row.digests:
-            row.digests = chain(row.key, row.prompt)
         hit = prefix.lookup(row.key, row.prompt, row.digests, len(row.prompt) - 1)
         if hit.tokens:
             prefix.restore(hit, row.kv_slot)

@@ -133,8 +133,9 @@ class FastRuntime:
             positions += range(start, start + len(ids))
             rows += [i] * len(ids)
             lo, hi = i * t, i * t + len(ids)
-            pad[lo:hi], pad_pos[lo:hi], valid[lo:hi] = range(base, base + len(ids)), range(start, start + len(ids)), [1] * len(ids)
-            unpad += range(i * t, i * t + len(ids))
+            pad[lo:hi], valid[lo:hi] = range(base, base + len(ids)), [1] * len(ids)
+            pad_pos[lo:hi] = range(start, start + len(ids))
+            unpad += range(lo, hi)
             last.append(base + len(ids) - 1)
         slots = [c[0] for c in chunks]
         lslots = [c[1] for c in chunks]

@@ -217,10 +217,10 @@ class LlamaRunner:
         weight: the same numbers, but a [16 x 576] x [576 x 49152] product runs ~25% faster
         in 1024-row blocks (MKL's blocking for one very wide product is poor)."""
         head = self.head
-        w = getattr(head, "weight", None)
         if (x.device.type != "cpu" or x.shape[0] < 2 or type(head) is not torch.nn.Linear or head.bias is not None
-                or w.shape[0] <= HEAD_BLOCK):
+                or head.out_features <= HEAD_BLOCK):
             return head(x).float()
+        w = head.weight
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
         for lo in range(0, w.shape[0], HEAD_BLOCK):
             block = w[lo:lo + HEAD_BLOCK]

@@ -25,15 +25,12 @@ it only queues the key (a block can never match another key, so forgetting it la
 from __future__ import annotations
 
 import collections
-import logging
 import queue
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.runtime.kv_cache import SlotKVCache
-
-log = logging.getLogger(__name__)
 
 #: Tokens per block: the unit of sharing (a hit also takes part of one more block).
 BLOCK_TOKENS = 16
@@ -61,11 +58,16 @@ class Hit:
         return len(self.blocks) * BLOCK_TOKENS + self.partial_tokens
 
 
-def chain(key: str, tokens: list[int], block: int = BLOCK_TOKENS) -> list[int]:
+def _seed(key: str) -> int:
+    """The parent digest of an adapter version's first blocks."""
+    return hash(("prefix", key))
+
+
+def chain(key: str, tokens: list[int]) -> list[int]:
     """The digests of the full blocks of `tokens` for adapter `key`."""
-    out, digest = [], hash(("prefix", key))
-    for lo in range(0, len(tokens) - block + 1, block):
-        digest = hash((digest, tuple(tokens[lo:lo + block])))
+    out, digest = [], _seed(key)
+    for lo in range(0, len(tokens) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+        digest = hash((digest, tuple(tokens[lo:lo + BLOCK_TOKENS])))
         out.append(digest)
     return out
 
@@ -90,8 +92,6 @@ class PrefixCache:
         self._children: dict[int, set[int]] = {}  # digest -> digests of the blocks that follow it
         self._free = list(range(self.num_blocks - 1, -1, -1))
         self._dropped: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # keys freed elsewhere (None: all)
-        self.hit_tokens = 0  # totals, for logs and tests
-        self.stored_blocks = 0
 
     @property
     def bytes(self) -> int:
@@ -117,7 +117,7 @@ class PrefixCache:
         self._forget_dropped()
         if self.num_blocks == 0 or limit <= 0:
             return hit
-        parent = hash(("prefix", key))
+        parent = _seed(key)
         for i, d in enumerate(digests[:limit // BLOCK_TOKENS]):
             b = self._blocks.get(d)
             lo = i * BLOCK_TOKENS
@@ -150,7 +150,6 @@ class PrefixCache:
             lo = k * BLOCK_TOKENS
             self.cache.row(slot, lo, lo + hit.partial_tokens).copy_(
                 self.pool[:, :, :, hit.partial.index, :hit.partial_tokens])
-        self.hit_tokens += hit.tokens
 
     # ---- store ------------------------------------------------------------------------
     def store(self, key: str, tokens: list[int], digests: list[int], slot: int, upto: int) -> int:
@@ -167,7 +166,7 @@ class PrefixCache:
         own = set(digests[:full])
         new: list[int] = []  # block positions in the chain
         ids: list[int] = []  # their places in the pool
-        parent = hash(("prefix", key))
+        parent = _seed(key)
         for i, d in enumerate(digests[:full]):
             if d not in self._blocks:
                 index = self._take(own)
@@ -191,7 +190,6 @@ class PrefixCache:
                 rows = self.cache.row(slot, 0, end * BLOCK_TOKENS).unflatten(3, (end, BLOCK_TOKENS)).index_select(
                     3, torch.tensor(new, device=self.pool.device))
             self.pool.index_copy_(3, torch.tensor(ids, device=self.pool.device), rows)
-            self.stored_blocks += len(new)
         return len(new)
 
     def _take(self, keep: set[int]) -> int | None:
