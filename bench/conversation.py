@@ -159,16 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when torch sees one)")
     p.add_argument("--turns", type=int, default=5, choices=range(1, len(QUESTIONS) + 1), metavar=f"1..{len(QUESTIONS)}")
     p.add_argument("--tokens", type=int, default=48, help="new tokens per answer (default 48)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the engine's CPU_THREADS rule)")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        from bench import use_cpu_threads
+
+        use_cpu_threads(args.threads)
     rows, meta = asyncio.run(run(device, args.turns, args.tokens))
     print(render(rows, meta, argv))
     if args.json:

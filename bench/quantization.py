@@ -56,6 +56,10 @@ async def main_async(args: argparse.Namespace) -> None:
     import torch
 
     root = workdir()
+    if args.device == "cpu":
+        from bench import use_cpu_threads
+
+        use_cpu_threads(None)  # the count the engines will use, so the header says it
     print(f"# bench.quantization: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}, {args.tokens} tokens, batch {args.batch}")
     rows = [await measure(q, args.device, args.tokens, args.batch, root) for q in ("none", "nf4", "int8")]

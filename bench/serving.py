@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure each row up to 16 users this many times, round the workloads, and report the "
                    "median (default 3 on CPU, whose speed drifts from minute to minute; 1 on CUDA)")
     p.add_argument("--threads", type=_positive(int),
-                   help="torch CPU threads (default: torch's own choice, the cores of the machine)")
+                   help="torch CPU threads for every path (default: the engine's CPU_THREADS rule, the usable "
+                   "cores minus one)")
     p.add_argument("--budget", type=_positive(float),
                    help="seconds for the whole run, shared out between the paths; runs are cut at the end of "
                    "their path's share and rows that would start later are skipped and listed (default: "
@@ -433,10 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations would bury the tables
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":
+        from bench import use_cpu_threads
+
+        use_cpu_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here; use --device cpu",
               file=sys.stderr)

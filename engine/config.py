@@ -79,6 +79,11 @@ class EngineSettings(BaseSettings):
         "same way (a role's system prompt, a conversation's earlier turns); 0 = off.",
     )
     max_batch_size: int = Field(16, ge=1, le=512, description="Rows decoded together per step.")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="Torch threads when the model runs on the CPU. Empty = OMP_NUM_THREADS when set, else the "
+        "usable cores minus one (at least 1): the event loop and the stream writer keep a core.",
+    )
     max_queue: int = Field(64, ge=1, le=100000, description="Waiting requests before new ones are refused.")
     template_poll_s: float = Field(1.0, ge=0.0, description="How often template files are checked for changes.")
     template_render_timeout_s: float = Field(
@@ -126,6 +131,24 @@ class EngineSettings(BaseSettings):
         if self.prefill_chunk_tokens is not None:
             return self.prefill_chunk_tokens
         return 8192 if device.startswith("cuda") else 512
+
+    def resolved_cpu_threads(self) -> int:
+        """CPU_THREADS, or OMP_NUM_THREADS, or the usable cores minus one.
+
+        torch's own default is every core. When the bot's event loop or the stream writer
+        wakes on one of them, an OpenMP barrier of the forward pass waits for the thread it
+        descheduled: on a 2-core machine 16 users got 37 tok/s with 2 threads and 69 with 1
+        (`python -m bench.serving --threads N`, README)."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp.isdigit() and int(omp) > 0:
+            return int(omp)
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return max(1, cores - 1)
 
     def resolved_quantization(self, device: str) -> str:
         """The quantization actually used: `auto` is nf4 on CUDA (one quantized model in GPU

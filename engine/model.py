@@ -218,6 +218,10 @@ def load(settings: EngineSettings) -> LoadedModel:
     device = settings.resolved_device()
     dtype = torch_dtype(settings, device)
     quantization = settings.resolved_quantization(device)
+    threads = torch.get_num_threads()
+    if device == "cpu":  # process-wide; see EngineSettings.resolved_cpu_threads for why not every core
+        threads = settings.resolved_cpu_threads()
+        torch.set_num_threads(threads)
     started = time.monotonic()
     try:
         tokenizer = load_tokenizer(source)
@@ -235,8 +239,9 @@ def load(settings: EngineSettings) -> LoadedModel:
 
     fingerprint = fingerprint_model(source.load_path)
     log.info(
-        "loaded %s (%s, %s, %s) in %.1f s, %.0f MB",
+        "loaded %s (%s, %s, %s%s) in %.1f s, %.0f MB",
         source.model_id, quantization, device, str(dtype).removeprefix("torch."),
+        f", {threads} torch threads" if device == "cpu" else "",
         time.monotonic() - started, model.get_memory_footprint() / 2**20,
     )
     return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."), fingerprint)

@@ -37,6 +37,8 @@ BAD = [
     ({"CONTEXT_TOKENS": "-5"}, ["CONTEXT_TOKENS"]),
     ({"TEMPERATURE": "-0.1"}, ["TEMPERATURE"]),
     ({"TOP_P": "0"}, ["TOP_P"]),
+    ({"CPU_THREADS": "0"}, ["CPU_THREADS"]),
+    ({"CPU_THREADS": "two"}, ["CPU_THREADS", "'two'"]),
     ({"TOP_P": "1.5"}, ["TOP_P"]),
     ({"TOP_K": "-1"}, ["TOP_K"]),
     ({"REPETITION_PENALTY": "0.5"}, ["REPETITION_PENALTY"]),
@@ -140,6 +142,22 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.resolved_device() == "cpu"
     assert torch_dtype(s, "cpu") == torch.float32
     assert load_settings(device="cpu").resolved_device() == "cpu"
+
+
+def test_cpu_threads_leave_a_core_for_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
+    assert load_settings().resolved_cpu_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert load_settings().resolved_cpu_threads() == 15
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # one core: still one thread
+    assert load_settings().resolved_cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the operator's OpenMP setting wins over the rule
+    assert load_settings().resolved_cpu_threads() == 4
+    monkeypatch.setenv("CPU_THREADS", "2")  # and ours wins over both
+    assert load_settings().resolved_cpu_threads() == 2
 
 
 def test_config_imports_without_torch() -> None:

@@ -204,3 +204,20 @@ async def test_an_empty_adapters_folder_serves_the_base_model_and_says_so(tmp_pa
             stream = engine.generate([Message("user", "hi")], Mode(None, "assistant"), GREEDY)
             assert "".join([p async for p in stream])
     assert any("ADAPTERS_DIR" in r.getMessage() and "base model only" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.model
+def test_the_model_loader_gives_torch_the_configured_cpu_threads(tmp_path: Path) -> None:
+    import torch
+
+    from engine import model as model_loader
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):  # whatever torch had before, the setting is what the forward pass gets
+            torch.set_num_threads(3 - threads)
+            model_loader.load(load_settings(model=str(FOLDER_MODEL), model_cache_dir=ROOT / "models", device="cpu",
+                                            quantization="none", cpu_threads=threads))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
