@@ -459,10 +459,12 @@ class NaivePath:
         self.prompts = [builder.build(system, [Message("user", p)], _long(self.device))[0] for p in PROMPTS]
 
     def describe(self) -> str:
+        from engine import model as loader
+
         lm = self.loaded
         return (f"{self.name:<8} transformers generate + peft set_adapter, one request at a time: "
                 f"{lm.source.model_id}, {lm.quantization}, {lm.dtype}, {lm.device}, "
-                f"model {lm.model.get_memory_footprint() / 2**20:.0f} MiB")
+                f"model {loader.memory_footprint(lm.model) / 2**20:.0f} MiB")
 
     async def close(self) -> None:
         self.model = None

@@ -1,12 +1,13 @@
-"""Which QUANTIZATION is fastest here: nf4, int8 and none, on the fast serving path.
+"""Which QUANTIZATION is fastest here: none, nf4, int8 and (on CPU) fp16, on the fast serving path.
 
     python -m bench.quantization [--tokens 32] [--batch 8] [--device cpu|cuda]
 
 `QUANTIZATION=auto` picks nf4 on CUDA (one quantized model in GPU memory is the product's
-promise) and, on CPU, the fastest of the three for the default model as measured by this
-benchmark (README, "Serving engine"). Single stream with an adapter, and a batch of rows over
-the three adapters and the base model; greedy, a fixed number of tokens (EOS ignored). All
-three run in one process, one after another, so their ratios are comparable.
+promise) and, on CPU, `fp16` (fbgemm-packed fp16 weights, fp32 compute), the fastest for the
+default model as measured by this benchmark (README, "Serving engine"). Single stream with an
+adapter, and a batch of rows over the three adapters and the base model; greedy, a fixed number
+of tokens (EOS ignored). All run in one process, one after another, so their ratios are
+comparable.
 """
 from __future__ import annotations
 
@@ -62,7 +63,13 @@ async def main_async(args: argparse.Namespace) -> None:
         use_cpu_threads(None)  # the count the engines will use, so the header says it
     print(f"# bench.quantization: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}, {args.tokens} tokens, batch {args.batch}")
-    rows = [await measure(q, args.device, args.tokens, args.batch, root) for q in ("none", "nf4", "int8")]
+    kinds = ["none", "nf4", "int8"]
+    if args.device == "cpu":
+        from engine import fp16_weights
+
+        if fp16_weights.available():
+            kinds.append("fp16")  # a CPU-only kind: fbgemm's packed fp16 GEMM
+    rows = [await measure(q, args.device, args.tokens, args.batch, root) for q in kinds]
     base = rows[0][2]
     for r in rows:
         r.append(f"{r[2] / base:.2f}x")
@@ -74,6 +81,18 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    import logging
+
+    from engine.logs import LibraryNoiseFilter
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().handlers[0].addFilter(LibraryNoiseFilter())  # int8 on CPU warns on every matmul
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     p = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)

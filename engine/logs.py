@@ -171,13 +171,32 @@ _DEPRECATION = ("DeprecationWarning", "FutureWarning", "PendingDeprecationWarnin
 
 
 class LibraryNoiseFilter(logging.Filter):
-    """Library deprecation notices go out as DEBUG (shown only with LOG_LEVEL=DEBUG)."""
+    """Library deprecation notices, and a library warning already logged once, go out as DEBUG
+    (shown only with LOG_LEVEL=DEBUG).
+
+    Why the repeats: some libraries warn on every call of a hot function (bitsandbytes'
+    "MatMul8bitLt: inputs will be cast ..." once per layer per decode step with QUANTIZATION=int8
+    on a CPU), which buried everything else in the log. The first one still says it.
+    """
+
+    #: distinct library warnings remembered; past it, the oldest are forgotten (logged again once)
+    MAX_REMEMBERED = 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[str, str], None] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING or not self._from_library(record):
             return True
         message = record.getMessage()
-        if not any(word in message for word in _DEPRECATION):
+        key = (record.name, str(record.msg))
+        repeated = key in self._seen
+        if not repeated:
+            self._seen[key] = None
+            if len(self._seen) > self.MAX_REMEMBERED:
+                del self._seen[next(iter(self._seen))]
+        if not repeated and not any(word in message for word in _DEPRECATION):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger().isEnabledFor(logging.DEBUG)

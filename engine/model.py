@@ -182,8 +182,9 @@ def torch_dtype(settings: EngineSettings, device: str) -> Any:
 
 
 def quantization_config(quantization: str, dtype: Any) -> Any:
-    """The bitsandbytes config for a resolved quantization, or None for `none`."""
-    if quantization == "none":
+    """The bitsandbytes config for a resolved quantization, or None for `none` and `fp16`
+    (which is ours: `engine.fp16_weights`, applied after loading)."""
+    if quantization in ("none", "fp16"):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -195,6 +196,14 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
             bnb_4bit_use_double_quant=True,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def memory_footprint(model: Any) -> int:
+    """The model's bytes in memory, packed fp16 weights included (transformers counts only
+    parameters and buffers)."""
+    from engine.fp16_weights import memory_footprint as footprint
+
+    return footprint(model)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -235,14 +244,19 @@ def load(settings: EngineSettings) -> LoadedModel:
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(f"MODEL={settings.model!r} could not be loaded from {source.load_path}: {exc}") from exc
     model.eval()
+    packing = ""
+    if quantization == "fp16":
+        from engine import fp16_weights
+
+        packing = "; " + fp16_weights.convert(model).describe()
     from engine.fingerprint import fingerprint_model
 
     fingerprint = fingerprint_model(source.load_path)
     log.info(
-        "loaded %s (%s, %s, %s%s) in %.1f s, %.0f MB",
+        "loaded %s (%s, %s, %s%s) in %.1f s, %.0f MB%s",
         source.model_id, quantization, device, str(dtype).removeprefix("torch."),
         f", {threads} torch threads" if device == "cpu" else "",
-        time.monotonic() - started, model.get_memory_footprint() / 2**20,
+        time.monotonic() - started, memory_footprint(model) / 2**20, packing,
     )
     return LoadedModel(model, tokenizer, source, quantization, device, str(dtype).removeprefix("torch."), fingerprint)
 

@@ -120,7 +120,7 @@ def run_job(
     current = store.current(domain)
     current_dir = _compatible(store, domain, current, model_id)
 
-    if loaded.quantization != "none":
+    if loaded.quantization in ("nf4", "int8"):
         # casts norms/head to fp32 and enables input grads so LoRA on a 4-bit model trains
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = get_peft_model(model, lora_config(settings))

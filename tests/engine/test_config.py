@@ -130,7 +130,11 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.model == "smollm2"
     assert s.device == "auto" and s.compute_dtype == "auto"
     assert s.quantization == "auto"
-    assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == ("none", "nf4")
+    from engine import fp16_weights
+
+    cpu_default = "fp16" if fp16_weights.available() else "none"
+    assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == (cpu_default, "nf4")
+    assert load_settings(compute_dtype="bfloat16").resolved_quantization("cpu") == "none"  # fp16 computes in fp32
     assert load_settings(quantization="int8").resolved_quantization("cuda") == "int8"  # explicit wins
     assert s.serving_runtime == "auto"
     assert (s.resolved_prefill_chunk("cpu"), s.resolved_prefill_chunk("cuda:0")) == (512, 8192)
@@ -256,3 +260,14 @@ def test_check_folders_names_the_setting_and_notes_an_empty_adapters_folder(clea
     assert load_settings().check_folders() == []
     with pytest.raises(ConfigError, match="ADAPTERS_DIR=.*is not a folder"):
         load_settings(adapters_dir=clean_env / "templates" / "assistant.en.j2").check_folders()
+
+
+@pytest.mark.parametrize("device, dtype, words", [
+    ("cuda:0", "auto", ["QUANTIZATION=fp16", "DEVICE=cuda:0", "COMPUTE_DTYPE"]),
+    ("cpu", "bfloat16", ["QUANTIZATION=fp16", "COMPUTE_DTYPE=bfloat16", "float32"]),
+])
+def test_fp16_where_it_cannot_run_says_what_to_set(device: str, dtype: str, words: list[str]) -> None:
+    s = load_settings(quantization="fp16", compute_dtype=dtype)
+    with pytest.raises(ConfigError) as err:
+        s.resolved_quantization(device)
+    assert all(w in str(err.value) for w in words), str(err.value)

@@ -180,3 +180,32 @@ async def test_a_follow_up_message_reuses_the_conversation_so_far(engines) -> No
     ref_stream = ref.generate(follow, mode, GenerationParams(max_new_tokens=20, temperature=0))
     assert got == "".join([p async for p in ref_stream])
     assert fast.metrics.cached_prompt_tokens._value.get() >= stream.result.cached_prompt_tokens
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fp16_engines(workdir: Path):
+    """The CPU default, QUANTIZATION=fp16: the fast path and the reference over the same packed weights."""
+    from engine import fp16_weights
+
+    if not fp16_weights.available():
+        pytest.skip("this torch build has no fbgemm (not x86): QUANTIZATION=fp16 is refused here")
+    fast = Engine(settings(workdir, "fast").model_copy(update={"quantization": "fp16"}))
+    ref = Engine(settings(workdir, "reference").model_copy(update={"quantization": "fp16"}))
+    await fast.start()
+    await ref.start()
+    yield fast, ref
+    await fast.close()
+    await ref.close()
+
+
+async def test_fp16_weights_serve_a_mixed_batch_as_the_reference_does(fp16_engines, engines) -> None:
+    """With fbgemm's fp16 linear layers (the CPU default) the batched path still equals the
+    reference token for token, and the model holds less memory than in fp32."""
+    fast, ref = fp16_engines
+    status = fast.status()
+    assert (status.quantization, status.dtype) == ("fp16", "float32")
+    assert status.model_bytes < 0.8 * engines[0].status().model_bytes
+    expected = [(await answer(ref, m, q, n))[0] for m, q, n in CASES]
+    assert len(set(expected)) == len(expected)
+    got = await asyncio.gather(*(answer(fast, m, q, n) for m, q, n in CASES))
+    assert [text for text, _ in got] == expected

@@ -118,6 +118,27 @@ def test_setup_from_the_bot_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert json.loads(line)["content"] == SECRET
 
 
+def test_a_library_warning_repeated_every_step_is_logged_once_ours_every_time() -> None:
+    out = io.StringIO()
+    setup_logging("json", False, "INFO", stream=out)
+    library = logging.getLogger("bitsandbytes.autograd._functions")
+    for _ in range(3):  # what QUANTIZATION=int8 on a CPU does on every layer of every decode step
+        library.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        logging.getLogger("engine.scheduler").warning("queue full")
+    library.warning("another library warning")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["msg"] for e in events if e["logger"].startswith("bitsandbytes")] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+        "another library warning"]
+    assert [e["msg"] for e in events if e["logger"] == "engine.scheduler"] == ["queue full"] * 3
+
+    out = io.StringIO()
+    setup_logging("json", False, "DEBUG", stream=out)  # a fresh handler: the first is a WARNING again
+    for _ in range(2):
+        library.warning("MatMul8bitLt: inputs will be cast")
+    assert [json.loads(line)["level"] for line in out.getvalue().splitlines()] == ["WARNING", "DEBUG"]
+
+
 # ---- third-party libraries: through our handler, no progress bars off a terminal -------------------
 
 LIBRARIES = r"""

@@ -19,6 +19,9 @@ ARCHS = {
     "llama-gqa": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
     "qwen2-bias": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
     "mistral": ("transformers.MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
+    # QUANTIZATION=fp16 (the CPU default): the same models with fbgemm's packed fp16 linears
+    "llama-gqa-fp16": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
+    "qwen2-bias-fp16": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
 }
 
 
@@ -63,6 +66,10 @@ def build_tiny(name: str, tmp: Path) -> TinyModel:
         "a": _save_adapter(model, tmp / f"{name}-a", 1, 4, "all-linear"),
         "b": _save_adapter(model, tmp / f"{name}-b", 2, 8, ["q_proj", "v_proj", "down_proj"]),
     }
+    if name.endswith("-fp16"):
+        from engine import fp16_weights
+
+        assert fp16_weights.convert(model).modules == 2 * 7 + 1  # every projection and the untied head
     return TinyModel(name, model, adapters, model.config.vocab_size)
 
 

@@ -1,0 +1,113 @@
+"""`QUANTIZATION=fp16` on a CPU: each linear layer's weight kept once, in 16 bits, in fbgemm's
+packed layout, and multiplied in fp32.
+
+Why: on a CPU a decode step is its matmuls, and each reads its whole fp32 weight from memory
+for a handful of rows. fbgemm's fp16 GEMM (`torch.ops.quantized.linear_dynamic_fp16`) reads
+half the bytes and blocks small batches better than MKL's sgemm: a SmolLM2 decode step of 1
+and of 16 rows took ~0.6x the fp32 time on a 2-core AVX2 CPU (numbers in the README). The
+rounding is fp16's, at most 2^-11 (4.9e-4) of each weight (of 2^-14 for the tiny ones that fp16
+keeps as subnormals), eight times finer than bf16;
+activations, norms, attention, LoRA and the KV cache stay fp32, and there is no activation
+quantization, so a row's numbers never depend on the other rows of its batch.
+
+The converted modules stay `nn.Linear` subclasses, so peft wraps them as it wraps any linear
+layer (the reference path, training) and our decode path calls them as they are. Their
+`weight` is read back from the packed form on demand (peft reads its dtype and device once per
+adapter); a forward that needs gradients (training) multiplies by that fp32 copy, so autograd
+sees a plain `F.linear` over the same values the served model uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: fp16's smallest normal number: below it, weights are stored to within 2^-25 absolute.
+FP16_TINY = 2.0 ** -14
+
+
+def available() -> bool:
+    """Whether this torch has fbgemm's fp16 linear kernels (x86 builds do; ARM's qnnpack does not)."""
+    engines = set(getattr(torch.backends.quantized, "supported_engines", ()))
+    return bool(engines & {"fbgemm", "x86"}) and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
+
+
+class Fp16Linear(nn.Linear):
+    """An `nn.Linear` whose weight lives in fbgemm's packed fp16 form (see the module docstring).
+
+    Made only by `convert`, which swaps the class of a loaded `nn.Linear` in place: module
+    paths, hooks and the bias stay as they were.
+    """
+
+    packed: Any  # torch.ScriptObject: fbgemm's PackedGemmMatrixFP16 with the bias
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
+        shared = self._parameters.get("weight")  # a weight tied to another module (the embedding) stays
+        if shared is not None:
+            return shared
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return F.linear(x, self.weight, self.bias)  # training: differentiable, the same weight values
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What `convert` did, for the load log."""
+
+    modules: int
+    packed_bytes: int  # bytes now held in fbgemm's packed weights
+    freed_bytes: int  # fp32 weight bytes released (a tied weight stays)
+    max_rel_error: float  # the largest rounding of a weight, relative to max(|weight|, FP16_TINY)
+
+    def describe(self) -> str:
+        return (f"{self.modules} linear layers with fp16 weights ({self.packed_bytes / 2**20:.0f} MiB packed, "
+                f"{self.freed_bytes / 2**20:.0f} MiB of fp32 freed, largest rounding {self.max_rel_error:.1e})")
+
+
+def convert(model: nn.Module) -> Conversion:
+    """Swap every plain fp32 `nn.Linear` of `model` for an `Fp16Linear`, in place.
+
+    Weights shared with another module (a head tied to the embedding) are packed too but also
+    kept, since the other module still reads them.
+    """
+    if not available():
+        raise RuntimeError("this torch has no fbgemm fp16 kernels (torch.ops.quantized.linear_dynamic_fp16)")
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    modules = packed = freed = 0
+    worst = 0.0
+    for module in model.modules():
+        if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+            continue
+        w = module.weight.detach()
+        # relative to the weight, or to fp16's smallest normal for the tiny ones it keeps as subnormals
+        worst = max(worst, float((w.half().float() - w).abs_().div_(w.abs().clamp_min(FP16_TINY)).max()))
+        bias = None if module.bias is None else module.bias.detach()
+        module.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
+        packed += w.numel() * 2
+        tied = owners.get(id(module.weight), 0) > 1
+        module.__class__ = Fp16Linear
+        if not tied:
+            freed += w.numel() * 4
+            del module._parameters["weight"]
+        modules += 1
+    return Conversion(modules, packed, freed, worst)
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the packed fp16 weights under `model` (not counted by `get_memory_footprint`)."""
+    return sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, Fp16Linear))
+
+
+def memory_footprint(model: Any) -> int:
+    """The model's bytes: transformers' parameter and buffer count plus the packed fp16 weights."""
+    return int(model.get_memory_footprint()) + packed_bytes(model)
