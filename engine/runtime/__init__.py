@@ -44,7 +44,7 @@ class FastRuntime:
         # every linear layer, so validation names the real problem ("not served" vs "no such module")
         self.linear_shapes = linear_shapes(model)
         self.lora = LoraSlots(targets, settings.max_resident_adapters + 2, settings.served_lora_rank(), self.dtype,
-                              self.device)
+                              self.device, runner_cls.products(model))
         self.runner = runner_cls(model, self.cache, self.lora)
         self.vocab = int(model.lm_head.out_features if hasattr(model.lm_head, "out_features")
                          else model.lm_head.weight.shape[0])
@@ -61,10 +61,11 @@ class FastRuntime:
         use_graphs = is_cuda if cuda_graphs is None else (cuda_graphs and is_cuda)
         self.graphs = DecodeGraphs(self._graph_step, slots, settings.context_tokens) if use_graphs else None
         log.info(
-            "fast runtime: %s, %d cache slots x %d tokens (%.0f MB), %d LoRA slots x rank %d on %d modules (%.0f MB), "
+            "fast runtime: %s, %d cache slots x %d tokens (%.0f MB), %d LoRA slots x rank %d on %d modules in %d products "
+            "(%.0f MB), "
             "prefix cache %d tokens (%.0f MB)%s",
             model.config.model_type, slots, settings.context_tokens, self.cache.bytes / 2**20,
-            self.lora.num_slots - 1, self.lora.max_rank, len(targets),
+            self.lora.num_slots - 1, self.lora.max_rank, len(targets), len(self.lora.groups),
             self.lora.slot_bytes * self.lora.num_slots / 2**20, settings.prefix_cache_tokens,
             (self.prefix.bytes if self.prefix else 0) / 2**20, ", CUDA graphs" if self.graphs else "",
         )

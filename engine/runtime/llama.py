@@ -20,8 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.runtime.fused import FusedLinear
 from engine.runtime.kv_cache import SlotKVCache
-from engine.runtime.lora import LoraBatch, LoraSlots
+from engine.runtime.lora import LoraBatch, LoraSlots, product_key
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,21 @@ class Packing:
 class _Layer:
     attn_norm: Any
     mlp_norm: Any
-    q: Any
-    k: Any
-    v: Any
+    qkv: FusedLinear  # q, k and v as one product: [rows, (heads + 2 kv_heads) * head_dim]
     o: Any
-    gate: Any
-    up: Any
+    gate_up: FusedLinear  # gate and up as one product: [rows, 2 * intermediate]
     down: Any
     act: Any
-    names: dict[str, str]  # projection -> module path (the LoRA key)
+    keys: dict[str, str]  # "qkv", "o", "gate_up", "down" -> the LoRA group key (see `lora.product_key`)
+
+
+#: Module paths inside a decoder layer of each product the runner computes, in column order.
+PRODUCTS = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
 
 
 @register("llama", "mistral", "qwen2")
@@ -111,15 +118,15 @@ class LlamaRunner:
         self.layers = []
         for i, layer in enumerate(inner.layers):
             att, mlp = layer.self_attn, layer.mlp
-            paths = {
-                "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-            }
             self.layers.append(_Layer(
                 _fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm),
-                att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
-                mlp.act_fn, {k: f"model.layers.{i}.{p}" for k, p in paths.items()},
+                FusedLinear([att.q_proj, att.k_proj, att.v_proj]), att.o_proj,
+                FusedLinear([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
+                mlp.act_fn, {name: product_key([f"model.layers.{i}.{p}" for p in paths])
+                             for name, paths in PRODUCTS.items()},
             ))
+        kinds = sorted({L.qkv.kind for L in self.layers} | {L.gate_up.kind for L in self.layers})
+        log.info("q/k/v and gate/up run as one product each (%s)", ", ".join(kinds))
         self.device = self.embed.weight.device
         self.dtype = cache.k[0].dtype
         from torch.nn.attention import SDPBackend
@@ -140,10 +147,22 @@ class LlamaRunner:
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         return cfg.num_hidden_layers, kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
-    def _linear(self, module: Any, name: str, x2: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    @staticmethod
+    def products(model: Any) -> list[list[tuple[str, int]]]:
+        """The fused products' members, (module path, out_features) in column order, for
+        grouping the LoRA stacks the way the forward computes them."""
+        out = []
+        for i, layer in enumerate(model.model.layers):
+            for name in ("qkv", "gate_up"):
+                paths = [f"model.layers.{i}.{p}" for p in PRODUCTS[name]]
+                out.append([(p, int(layer.get_submodule(p.split(".", 3)[3]).out_features)) for p in paths])
+        return out
+
+    def _linear(self, module: Any, key: str, x2: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """A product (a module or a `FusedLinear`) plus the LoRA delta of its group."""
         out = module(x2)
         if lora is not None:
-            out = self.lora.apply(name, x2, out, lora)
+            out = self.lora.apply(key, x2, out, lora)
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -181,12 +200,10 @@ class LlamaRunner:
             n, 1, self.groups * t, key_len)
         for li, L in enumerate(self.layers):
             x = L.attn_norm(h)
-            q = self._linear(L.q, L.names["q"], x, lora).view(m, self.heads, self.head_dim)
-            k = self._linear(L.k, L.names["k"], x, lora).view(m, self.kv_heads, self.head_dim)
-            v = self._linear(L.v, L.names["v"], x, lora).view(m, self.kv_heads, self.head_dim)
-            qk = torch.cat((q, k), dim=1)  # RoPE on queries and keys at once: 5 kernels instead of 10
+            qkv = self._linear(L.qkv, L.keys["qkv"], x, lora).view(m, self.heads + 2 * self.kv_heads, self.head_dim)
+            qk = qkv[:, :self.heads + self.kv_heads]  # RoPE on queries and keys at once: 5 kernels instead of 10
             qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
-            q, k = qk[:, :self.heads], qk[:, self.heads:]
+            q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
             kc, vc = self.cache.k[li], self.cache.v[li]
             kc[write_rows, :, write_pos] = k
             vc[write_rows, :, write_pos] = v
@@ -203,11 +220,11 @@ class LlamaRunner:
             else:
                 att = att.view(n, self.kv_heads, self.groups, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(
                     n * t, -1).index_select(0, packing.unpad)
-            h = h + self._linear(L.o, L.names["o"], att, lora)
+            h = h + self._linear(L.o, L.keys["o"], att, lora)
             x = L.mlp_norm(h)
-            gate = self._linear(L.gate, L.names["gate"], x, lora)
-            up = self._linear(L.up, L.names["up"], x, lora)
-            h = h + self._linear(L.down, L.names["down"], L.act(gate) * up, lora)
+            gate_up = self._linear(L.gate_up, L.keys["gate_up"], x, lora)
+            gate, up = gate_up[:, :L.gate_up.sizes[0]], gate_up[:, L.gate_up.sizes[0]:]
+            h = h + self._linear(L.down, L.keys["down"], L.act(gate) * up, lora)
         if packing is not None:
             h = h.index_select(0, packing.last)
         return self._logits(self.norm(h))

@@ -1,10 +1,11 @@
 """Stacked LoRA slots: every resident adapter version's A/B matrices live in fixed tensors.
 
 Per target module there is one `A` of shape [slots * r_max, in] and one `B` of shape
-[slots * r_max, out] (B is stored transposed, so the delta is two plain matmuls). Slot `s`
-owns rank rows [s * r_max, (s + 1) * r_max); a version of smaller rank is zero-padded. Slot 0
-is all zeros and means "no adapter" (the base model as an adapter id, like peft's
-`__base__`). A row of the batch picks its slot by index; the delta for the whole batch is
+[slots * r_max, out] (B is stored transposed, so the delta is two plain matmuls); modules
+fused into one product (q/k/v, gate/up) share one pair, J times as tall (see `LoraGroup`).
+Slot `s` owns rank rows [s * r_max, (s + 1) * r_max) (times J); a version of smaller rank
+is zero-padded. Slot 0 is all zeros and means "no adapter" (the base model as an adapter id,
+like peft's `__base__`). A row of the batch picks its slot by index; the delta for the whole batch is
 
     delta = ((x @ A[lo:hi].T) * mask) @ B[lo:hi]        mask[row] = scaling of the row's slot
                                                         on that slot's rank rows, 0 elsewhere
@@ -25,7 +26,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -85,37 +86,95 @@ def serving_targets(model: Any, setting: str) -> dict[str, tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class LoraGroup:
+    """The LoRA target modules of one fused product (q/k/v, gate/up) or a lone module.
+
+    The group's delta is added to the product's whole output [rows, out_features], member `j`
+    owning columns `columns[j]`; its stacks interleave the members' rank rows, so the shrink is
+    one product for all members and the expand one product into a block-diagonal B.
+    """
+
+    key: str  # the product's key, as the runner passes it to `apply`
+    members: tuple[str, ...]  # module paths with LoRA slots, in column order
+    columns: tuple[tuple[int, int], ...]  # [lo, hi) of each member in the product's output
+    in_features: int
+    out_features: int  # the product's output width (members without LoRA included)
+
+    @property
+    def width(self) -> int:
+        return len(self.members)
+
+
+def product_key(paths: Sequence[str]) -> str:
+    """The key of a fused product of `paths` (a lone module's key is its path)."""
+    return "+".join(paths)
+
+
+def lora_groups(targets: dict[str, tuple[int, int]],
+                products: Sequence[Sequence[tuple[str, int]]] = ()) -> list[LoraGroup]:
+    """Group `targets` by the fused products (lists of (module path, out_features) in column
+    order) they belong to; a target in no product is a group of its own."""
+    groups, grouped = [], set()
+    for product in products:
+        key = product_key([p for p, _o in product])
+        members, columns, lo = [], [], 0
+        for path, out in product:
+            if path in targets:
+                members.append(path)
+                columns.append((lo, lo + out))
+            lo += out
+        if members:
+            groups.append(LoraGroup(key, tuple(members), tuple(columns), targets[members[0]][0], lo))
+            grouped.update(members)
+    for path, (inf, outf) in targets.items():
+        if path not in grouped:
+            groups.append(LoraGroup(path, (path,), ((0, outf),), inf, outf))
+    return groups
+
+
+@dataclass(frozen=True)
 class LoraBatch:
-    """Per-forward LoRA routing: per module the (A.T, B) views of the slot range in use, and
-    each row's scaled one-hot mask over that range (None: every row uses the one slot of the
-    range, scaled by `alpha`)."""
+    """Per-forward LoRA routing: per group the (A.T, B) views of the slot range in use, and
+    per group width (members per group) each row's scaled one-hot mask over that range's rank
+    rows (None: every row uses the one slot of the range, scaled by `alpha`)."""
 
     views: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor | None  # [rows or tokens, range]
+    masks: dict[int, torch.Tensor] | None  # width -> [rows or tokens, range * width]
     alpha: float = 1.0
 
     def for_tokens(self, row_of_token: torch.Tensor) -> "LoraBatch":
         """The routing of packed tokens, from each token's row (prefill)."""
-        if self.mask is None:
+        if self.masks is None:
             return self
-        return LoraBatch(self.views, self.mask.index_select(0, row_of_token), self.alpha)
+        return LoraBatch(self.views, {w: m.index_select(0, row_of_token) for w, m in self.masks.items()}, self.alpha)
 
 
 class LoraSlots:
-    """The stacked tensors plus the slot bookkeeping (which version owns which slot)."""
+    """The stacked tensors plus the slot bookkeeping (which version owns which slot).
+
+    Per group of width J (see `LoraGroup`): A [slots * r_max * J, in] and B [slots * r_max * J,
+    out], rank row `(s * r_max + r) * J + j` holding rank `r` of member `j` in slot `s`; B is
+    zero outside member `j`'s columns. A slot range is then one contiguous block of both.
+    """
 
     def __init__(self, targets: dict[str, tuple[int, int]], num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str,
+                 products: Sequence[Sequence[tuple[str, int]]] = ()) -> None:
         if num_slots < 2:
             raise ValueError("need at least one adapter slot besides slot 0")
         self.targets = dict(targets)
+        self.groups = {g.key: g for g in lora_groups(self.targets, products)}
+        self._group_of = {m: (g, j) for g in self.groups.values() for j, m in enumerate(g.members)}
         self.num_slots, self.max_rank = num_slots, max_rank
         self.dtype, self.device = dtype, torch.device(device)
         rows = num_slots * max_rank
-        self.a = {p: torch.zeros(rows, i, dtype=dtype, device=device) for p, (i, _o) in targets.items()}
-        self.b = {p: torch.zeros(rows, o, dtype=dtype, device=device) for p, (_i, o) in targets.items()}
-        # row s: the scaling of slot s on its rank rows, 0 elsewhere; row 0 (no adapter) is all 0
-        self.table = torch.zeros(num_slots, rows, dtype=dtype, device=device)
+        self.a = {k: torch.zeros(rows * g.width, g.in_features, dtype=dtype, device=device)
+                  for k, g in self.groups.items()}
+        self.b = {k: torch.zeros(rows * g.width, g.out_features, dtype=dtype, device=device)
+                  for k, g in self.groups.items()}
+        # per width J, row s: the scaling of slot s on its rank rows, 0 elsewhere; row 0 (no adapter) is all 0
+        self.tables = {w: torch.zeros(num_slots, rows * w, dtype=dtype, device=device)
+                       for w in sorted({g.width for g in self.groups.values()})}
         self._owner: dict[int, str] = {}  # slot -> adapter key
         self._rank: dict[int, int] = {}  # slot -> the version's rank (host copy)
         self._scale: dict[int, float] = {}  # slot -> its scaling (host copy)
@@ -125,7 +184,7 @@ class LoraSlots:
 
     @property
     def slot_bytes(self) -> int:
-        per_rank_row = sum(i + o for i, o in self.targets.values())
+        per_rank_row = sum((g.in_features + g.out_features) * g.width for g in self.groups.values())
         return per_rank_row * self.max_rank * torch.finfo(self.dtype).bits // 8
 
     def slot_of(self, key: str) -> int:
@@ -156,6 +215,13 @@ class LoraSlots:
                 + " outside the served LoRA modules; set LORA_TARGET_MODULES to include them"
             )
 
+    def _slot_block(self, key: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of `slot` in group `key` as [r_max, width, in] and [r_max, width, out] views."""
+        g, R = self.groups[key], self.max_rank
+        lo, hi = slot * R * g.width, (slot + 1) * R * g.width
+        return (self.a[key][lo:hi].view(R, g.width, g.in_features),
+                self.b[key][lo:hi].view(R, g.width, g.out_features))
+
     def load(self, key: str, path: Any, weights: Any, modules: frozenset[str], where: str) -> int:
         """Copy one version into a free slot and publish its scaling; returns the slot."""
         from safetensors import safe_open
@@ -175,24 +241,23 @@ class LoraSlots:
             slot = free[0]
             self._owner[slot] = key  # reserved: nobody else writes it
         try:
-            lo, R = slot * self.max_rank, self.max_rank
+            for group in self.groups:  # ranks above r and members this version does not target stay 0
+                a4, b4 = self._slot_block(group, slot)
+                a4.zero_()
+                b4.zero_()
             with safe_open(str(weights), framework="pt") as f:
                 for module in sorted(modules):
-                    a = f.get_tensor(f"{_PREFIX}{module}.lora_A.weight")  # [r, in]
-                    b = f.get_tensor(f"{_PREFIX}{module}.lora_B.weight")  # [out, r]
-                    self.a[module][lo:lo + r].copy_(a)
-                    self.b[module][lo:lo + r].copy_(b.T)
-                    if r < R:
-                        self.a[module][lo + r:lo + R].zero_()
-                        self.b[module][lo + r:lo + R].zero_()
-            for module in self.targets:
-                if module not in modules:  # a version may target fewer modules than served
-                    self.a[module][lo:lo + R].zero_()
-                    self.b[module][lo:lo + R].zero_()
-            row = torch.zeros(self.table.shape[1], dtype=self.dtype)
-            row[lo:lo + r] = scaling
-            # the table row is the switch: until it is written the slot contributes nothing
-            self.table[slot].copy_(row)
+                    g, j = self._group_of[module]
+                    lo, hi = g.columns[j]
+                    a4, b4 = self._slot_block(g.key, slot)
+                    a4[:r, j].copy_(f.get_tensor(f"{_PREFIX}{module}.lora_A.weight"))  # [r, in]
+                    b4[:r, j, lo:hi].copy_(f.get_tensor(f"{_PREFIX}{module}.lora_B.weight").T)  # [out, r]
+            R = self.max_rank
+            # the table rows are the switch: until they are written the slot contributes nothing
+            for width, table in self.tables.items():
+                row = torch.zeros(table.shape[1], dtype=self.dtype)
+                row[slot * R * width:(slot * R + r) * width] = scaling
+                table[slot].copy_(row)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # on the device before publishing
         except Exception:
@@ -210,16 +275,19 @@ class LoraSlots:
             slot = self._slot_of.pop(key, None)
             if slot is None:
                 return False
-            self.table[slot].zero_()
+            for table in self.tables.values():
+                table[slot].zero_()
             self._owner.pop(slot, None)
             return True
 
     # ---- per forward (model thread) ---------------------------------------------------
     def views(self, lo: int, hi: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(A.T, B) of rank rows [lo, hi) per module; views into the stacks, made once per range."""
+        """(A.T, B) of rank rows [lo, hi) (in slot * r_max + rank units) per group; views into
+        the stacks, made once per range."""
         got = self._views.get((lo, hi))
         if got is None:
-            got = {m: (self.a[m][lo:hi].T, self.b[m][lo:hi]) for m in self.targets}
+            got = {k: (self.a[k][lo * g.width:hi * g.width].T, self.b[k][lo * g.width:hi * g.width])
+                   for k, g in self.groups.items()}
             self._views[(lo, hi)] = got
         return got
 
@@ -242,20 +310,25 @@ class LoraSlots:
                 (s,) = adapters
                 return LoraBatch(self.views(s * R, s * R + self._rank.get(s, R)), None, self._scale.get(s, 0.0))
             lo, hi = min(adapters) * R, (max(adapters) + 1) * R
-        return LoraBatch(self.views(lo, hi), self.table[:, lo:hi].index_select(0, slots))
+        return LoraBatch(self.views(lo, hi),
+                         {w: t[:, lo * w:hi * w].index_select(0, slots) for w, t in self.tables.items()})
 
-    def apply(self, module: str, x: torch.Tensor, out: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
-        """out + LoRA delta of every row at once; x [rows, in], out [rows, out] (2-D)."""
-        view = batch.views.get(module)
+    def apply(self, key: str, x: torch.Tensor, out: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """Add the LoRA delta of every row at once into `out` (in place) and return it.
+
+        `key`: a group's key (a fused product's, or a lone module's path); x [rows, in], out
+        [rows, the product's out] (2-D)."""
+        view = batch.views.get(key)
         if view is None:
             return out
         a_t, b = view
+        mask = None if batch.masks is None else batch.masks[self.groups[key].width]
         if x.dtype != a_t.dtype or out.dtype != a_t.dtype:  # a module computing in another dtype
             h = torch.mm(x.to(a_t.dtype), a_t)
-            if batch.mask is not None:
-                h.mul_(batch.mask)
-            return out + torch.mm(h, b).mul_(batch.alpha).to(out.dtype)
+            if mask is not None:
+                h.mul_(mask)
+            return out.add_(torch.mm(h, b).mul_(batch.alpha).to(out.dtype))
         h = torch.mm(x, a_t)
-        if batch.mask is not None:
-            h.mul_(batch.mask)
+        if mask is not None:
+            h.mul_(mask)
         return out.addmm_(h, b, alpha=batch.alpha)

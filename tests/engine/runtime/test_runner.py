@@ -39,11 +39,14 @@ def reference_logits(tiny: TinyModel, adapter: str | None, seq: list[int]) -> to
         return model(input_ids=torch.tensor([seq])).logits[0].float()
 
 
-def runtime(tiny: TinyModel, **settings) -> tuple[FastRuntime, dict[str | None, int]]:
+def runtime(tiny: TinyModel, only: tuple[str, ...] | None = None,
+            **settings) -> tuple[FastRuntime, dict[str | None, int]]:
     s = load_settings(max_batch_size=4, context_tokens=128, max_new_tokens=16, max_resident_adapters=2, max_lora_rank=8, **settings)
     rt = FastRuntime(tiny.model, s)
     slots: dict[str | None, int] = {None: 0}
     for name, folder in tiny.adapters.items():
+        if only is not None and name not in only:
+            continue
         slots[name] = rt.lora.load(name, folder, folder / "adapter_model.safetensors", adapter_modules(folder), name)
     return rt, slots
 
@@ -107,7 +110,9 @@ def test_a_freed_slot_is_reused_by_another_version_without_leftovers(tiny: TinyM
 def test_base_only_batches_skip_lora_entirely(tiny: TinyModel) -> None:
     rt, _ = runtime(tiny)
     assert rt.lora.batch(torch.tensor([0, 0]), {0}) is None
-    assert rt.lora.batch(torch.tensor([0, 2]), {0, 2}).mask.shape == (2, rt.lora.max_rank)
+    masks = rt.lora.batch(torch.tensor([0, 2]), {0, 2}).masks
+    # slot 2's rank rows only, per group width: q/k/v (3 members), gate/up (2), o and down alone
+    assert {w: tuple(m.shape) for w, m in masks.items()} == {w: (2, w * rt.lora.max_rank) for w in (1, 2, 3)}
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
