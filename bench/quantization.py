@@ -1,10 +1,10 @@
-"""Which QUANTIZATION is fastest here: none, nf4, int8 and (on CPU) fp16, on the fast serving path.
+"""Which QUANTIZATION is fastest here: none, nf4, int8 and (on CPU) fp16 and bf16, on the fast serving path.
 
     python -m bench.quantization [--tokens 32] [--batch 8] [--device cpu|cuda]
 
 `QUANTIZATION=auto` picks nf4 on CUDA (one quantized model in GPU memory is the product's
-promise) and, on CPU, `fp16` (fbgemm-packed fp16 weights, fp32 compute), the fastest for the
-default model as measured by this benchmark (README, "Serving engine"). Single stream with an
+promise) and, on CPU, `bf16` where the CPU has AMX tiles and `fp16` (fbgemm-packed fp16
+weights, fp32 compute) elsewhere, as measured by this benchmark (README, "Serving engine"). Single stream with an
 adapter, and a batch of rows over the three adapters and the base model; greedy, a fixed number
 of tokens (EOS ignored). All run in one process, one after another, so their ratios are
 comparable.
@@ -61,7 +61,10 @@ async def main_async(args: argparse.Namespace) -> None:
         from bench import use_cpu_threads
 
         use_cpu_threads(None)  # the count the engines will use, so the header says it
+    from engine import bf16_weights
+
     print(f"# bench.quantization: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"AMX {'yes' if bf16_weights.available() else 'no'}, "
           f"torch {torch.__version__}, device {args.device}, {args.tokens} tokens, batch {args.batch}")
     kinds = ["none", "nf4", "int8"]
     if args.device == "cpu":
@@ -69,6 +72,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
         if fp16_weights.available():
             kinds.append("fp16")  # a CPU-only kind: fbgemm's packed fp16 GEMM
+        kinds.append("bf16")  # a CPU-only kind: bf16 products (fast where the CPU has AMX tiles)
     rows = [await measure(q, args.device, args.tokens, args.batch, root) for q in kinds]
     base = rows[0][2]
     for r in rows:
@@ -76,8 +80,8 @@ async def main_async(args: argparse.Namespace) -> None:
     table("tokens/s by quantization (fast path, greedy, EOS ignored)",
           ["quantization", "path", "1 stream + adapter", f"{args.batch} streams, 4 modes", "model MiB", "vs none"],
           rows)
-    fastest = max(rows, key=lambda r: r[2])[0]
-    print(f"\nfastest single stream here: {fastest}")
+    single, batched = max(rows, key=lambda r: r[2])[0], max(rows, key=lambda r: r[3])[0]
+    print(f"\nfastest here: single stream {single}, {args.batch} streams {batched}")
 
 
 def main() -> None:

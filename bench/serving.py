@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_users, help="concurrent users per row, e.g. 1,4,16,64 (the default)")
     p.add_argument("--paths", type=_paths, default=list(PATHS), help="which of new,previous,naive to run, in order")
     p.add_argument("--json", type=Path, help="also write every number to this file (rewritten after each path)")
-    p.add_argument("--quantization", choices=("auto", "nf4", "int8", "fp16", "none"), default="auto",
+    p.add_argument("--quantization", choices=("auto", "nf4", "int8", "fp16", "bf16", "none"), default="auto",
                    help="QUANTIZATION for all three paths (default auto: the engine's choice for the device)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="COMPUTE_DTYPE for all three paths")

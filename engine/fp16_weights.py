@@ -67,16 +67,26 @@ class Fp16Linear(nn.Linear):
 
 @dataclass(frozen=True)
 class Conversion:
-    """What `convert` did, for the load log."""
+    """What `convert` (or `engine.bf16_weights.convert`) did, for the load log."""
 
     modules: int
-    packed_bytes: int  # bytes now held in fbgemm's packed weights
+    packed_bytes: int  # bytes now held in the 16-bit weights
     freed_bytes: int  # fp32 weight bytes released (a tied weight stays)
-    max_rel_error: float  # the largest rounding of a weight, relative to max(|weight|, FP16_TINY)
+    max_rel_error: float  # the largest rounding of a weight, relative to max(|weight|, the format's tiny)
+    kind: str = "fp16"
 
     def describe(self) -> str:
-        return (f"{self.modules} linear layers with fp16 weights ({self.packed_bytes / 2**20:.0f} MiB packed, "
+        return (f"{self.modules} linear layers with {self.kind} weights ({self.packed_bytes / 2**20:.0f} MiB, "
                 f"{self.freed_bytes / 2**20:.0f} MiB of fp32 freed, largest rounding {self.max_rel_error:.1e})")
+
+
+def owner_counts(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many modules hold it (2 or more: tied, e.g. a head and the embedding)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return owners
 
 
 def convert(model: nn.Module) -> Conversion:
@@ -87,10 +97,7 @@ def convert(model: nn.Module) -> Conversion:
     """
     if not available():
         raise RuntimeError("this torch has no fbgemm fp16 kernels (torch.ops.quantized.linear_dynamic_fp16)")
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = owner_counts(model)
     modules = packed = freed = 0
     worst = 0.0
     for module in model.modules():
@@ -152,5 +159,8 @@ def packed_bytes(model: nn.Module) -> int:
 
 
 def memory_footprint(model: Any) -> int:
-    """The model's bytes: transformers' parameter and buffer count plus the packed fp16 weights."""
-    return int(model.get_memory_footprint()) + packed_bytes(model)
+    """The model's bytes: transformers' parameter and buffer count plus the 16-bit weights
+    (fbgemm's packs and `engine.bf16_weights`' tensors), which it does not see."""
+    from engine import bf16_weights
+
+    return int(model.get_memory_footprint()) + packed_bytes(model) + bf16_weights.stored_bytes(model)

@@ -182,9 +182,9 @@ def torch_dtype(settings: EngineSettings, device: str) -> Any:
 
 
 def quantization_config(quantization: str, dtype: Any) -> Any:
-    """The bitsandbytes config for a resolved quantization, or None for `none` and `fp16`
-    (which is ours: `engine.fp16_weights`, applied after loading)."""
-    if quantization in ("none", "fp16"):
+    """The bitsandbytes config for a resolved quantization, or None for `none`, `fp16` and
+    `bf16` (which are ours: `engine.fp16_weights`, `engine.bf16_weights`, applied after loading)."""
+    if quantization in ("none", "fp16", "bf16"):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -249,6 +249,10 @@ def load(settings: EngineSettings) -> LoadedModel:
         from engine import fp16_weights
 
         packing = "; " + fp16_weights.convert(model).describe()
+    elif quantization == "bf16":
+        from engine import bf16_weights
+
+        packing = "; " + bf16_weights.convert(model).describe()
     from engine.fingerprint import fingerprint_model
 
     fingerprint = fingerprint_model(source.load_path)

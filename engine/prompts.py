@@ -192,7 +192,11 @@ class TemplateLibrary:
             adapter=meta.get("adapter") or None,
             template=template,
         )
-        self._render(role, dict(_SAMPLE, language=key[1]))  # a render error is a load error
+        # a render error is a load error; so is an empty prompt, which is also what a poll sees
+        # of a file caught between its truncation and its write (the last good version stays)
+        if not self._render(role, dict(_SAMPLE, language=key[1])):
+            raise TemplateError(f"{path}: renders an empty system prompt; write the role's instructions "
+                                "in it, or delete the file")
         return role
 
     def _render(self, role: RoleTemplate, variables: dict[str, Any]) -> str:

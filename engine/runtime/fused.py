@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import fp16_weights
+from engine import bf16_weights, fp16_weights
 
 
 class FusedLinear:
@@ -49,6 +49,11 @@ def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tenso
     if all(type(m) is fp16_weights.Fp16Linear and m._parameters.get("weight") is None for m in modules):
         pack = fp16_weights.fuse(modules)
         return "fp16 packed", lambda x: torch.ops.quantized.linear_dynamic_fp16(x, pack)
+    if all(type(m) is bf16_weights.Bf16Linear and m._parameters.get("weight") is None for m in modules):
+        w16 = _fuse_bf16(modules)
+        if w16 is not None:
+            bias = _bias(modules)
+            return "bf16", lambda x: bf16_weights.matmul(x, w16, bias)
     dense = _fuse_dense(modules)
     if dense is not None:
         weight, bias = dense
@@ -92,6 +97,22 @@ def _fuse_dense(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None] 
                 m.bias = nn.Parameter(bias[lo:hi], requires_grad=m.bias.requires_grad)
             lo = hi
     return weight, bias
+
+
+def _fuse_bf16(modules: list[Any]) -> torch.Tensor | None:
+    """One bf16 weight for `Bf16Linear`s; their `w16` become views into it (no byte added)."""
+    parts = [m.w16 for m in modules]
+    weight = _back_to_back(parts)
+    if weight is not None:
+        return weight
+    if _overlapping(parts):
+        return None
+    weight = torch.cat(parts)
+    lo = 0
+    for m in modules:
+        m.w16 = weight[lo:lo + m.out_features]
+        lo += m.out_features
+    return weight
 
 
 def _overlapping(parts: list[torch.Tensor]) -> bool:

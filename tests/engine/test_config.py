@@ -130,11 +130,11 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.model == "smollm2"
     assert s.device == "auto" and s.compute_dtype == "auto"
     assert s.quantization == "auto"
-    from engine import fp16_weights
+    from engine import bf16_weights, fp16_weights
 
-    cpu_default = "fp16" if fp16_weights.available() else "none"
+    cpu_default = "bf16" if bf16_weights.available() else "fp16" if fp16_weights.available() else "none"
     assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == (cpu_default, "nf4")
-    assert load_settings(compute_dtype="bfloat16").resolved_quantization("cpu") == "none"  # fp16 computes in fp32
+    assert load_settings(compute_dtype="bfloat16").resolved_quantization("cpu") == "none"  # fp16/bf16 keep fp32 activations
     assert load_settings(quantization="int8").resolved_quantization("cuda") == "int8"  # explicit wins
     assert s.serving_runtime == "auto"
     assert (s.resolved_prefill_chunk("cpu"), s.resolved_prefill_chunk("cuda:0")) == (512, 8192)
@@ -262,12 +262,27 @@ def test_check_folders_names_the_setting_and_notes_an_empty_adapters_folder(clea
         load_settings(adapters_dir=clean_env / "templates" / "assistant.en.j2").check_folders()
 
 
+@pytest.mark.parametrize("quantization", ["fp16", "bf16"])
 @pytest.mark.parametrize("device, dtype, words", [
-    ("cuda:0", "auto", ["QUANTIZATION=fp16", "DEVICE=cuda:0", "COMPUTE_DTYPE"]),
-    ("cpu", "bfloat16", ["QUANTIZATION=fp16", "COMPUTE_DTYPE=bfloat16", "float32"]),
+    ("cuda:0", "auto", ["QUANTIZATION={q}", "DEVICE=cuda:0", "COMPUTE_DTYPE"]),
+    ("cpu", "bfloat16", ["QUANTIZATION={q}", "COMPUTE_DTYPE=bfloat16", "float32"]),
 ])
-def test_fp16_where_it_cannot_run_says_what_to_set(device: str, dtype: str, words: list[str]) -> None:
-    s = load_settings(quantization="fp16", compute_dtype=dtype)
+def test_16_bit_cpu_weights_where_they_cannot_run_say_what_to_set(quantization: str, device: str, dtype: str,
+                                                                   words: list[str]) -> None:
+    s = load_settings(quantization=quantization, compute_dtype=dtype)
     with pytest.raises(ConfigError) as err:
         s.resolved_quantization(device)
-    assert all(w in str(err.value) for w in words), str(err.value)
+    assert all(w.format(q=quantization) in str(err.value) for w in words), str(err.value)
+
+
+def test_auto_takes_bf16_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 runs on emulation without AMX tiles (slower than fp16 there), so auto asks the CPU."""
+    import torch
+
+    from engine import fp16_weights
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert load_settings().resolved_quantization("cpu") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert load_settings().resolved_quantization("cpu") == ("fp16" if fp16_weights.available() else "none")
+    assert load_settings(quantization="bf16").resolved_quantization("cpu") == "bf16"  # explicit wins

@@ -182,30 +182,37 @@ async def test_a_follow_up_message_reuses_the_conversation_so_far(engines) -> No
     assert fast.metrics.cached_prompt_tokens._value.get() >= stream.result.cached_prompt_tokens
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fp16_engines(workdir: Path):
-    """The CPU default, QUANTIZATION=fp16: the fast path and the reference over the same packed weights."""
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["fp16", "bf16"])
+async def cpu16_engines(request: pytest.FixtureRequest, workdir: Path):
+    """The CPU defaults, QUANTIZATION=fp16 (fbgemm's packed fp16 GEMM) and bf16 (on a CPU with
+    AMX): the fast path and the reference over the same 16-bit weights."""
     from engine import fp16_weights
 
-    if not fp16_weights.available():
+    quantization = request.param
+    if quantization == "fp16" and not fp16_weights.available():
         pytest.skip("this torch build has no fbgemm (not x86): QUANTIZATION=fp16 is refused here")
-    fast = Engine(settings(workdir, "fast").model_copy(update={"quantization": "fp16"}))
-    ref = Engine(settings(workdir, "reference").model_copy(update={"quantization": "fp16"}))
+    fast = Engine(settings(workdir, "fast").model_copy(update={"quantization": quantization}))
+    ref = Engine(settings(workdir, "reference").model_copy(update={"quantization": quantization}))
     await fast.start()
     await ref.start()
-    yield fast, ref
+    yield quantization, fast, ref
     await fast.close()
     await ref.close()
 
 
-async def test_fp16_weights_serve_a_mixed_batch_as_the_reference_does(fp16_engines, engines) -> None:
-    """With fbgemm's fp16 linear layers (the CPU default) the batched path still equals the
-    reference token for token, and the model holds less memory than in fp32."""
-    fast, ref = fp16_engines
+async def test_16_bit_weights_serve_a_mixed_batch_as_the_reference_does(cpu16_engines, engines) -> None:
+    """With 16-bit linear layers (the CPU defaults) the model holds less memory than in fp32 and
+    the batched path serves every mode. With fp16 (fp32 activations) it equals the reference
+    token for token; bf16 rounds each linear layer's input, so the paths' last-bit differences
+    in the fp32 parts can flip a near-tie and answers may part after a few tokens: its
+    closeness to the reference is checked on logits in tests/engine/test_bf16_weights.py."""
+    quantization, fast, ref = cpu16_engines
     status = fast.status()
-    assert (status.quantization, status.dtype) == ("fp16", "float32")
+    assert (status.quantization, status.dtype) == (quantization, "float32")
     assert status.model_bytes < 0.8 * engines[0].status().model_bytes
     expected = [(await answer(ref, m, q, n))[0] for m, q, n in CASES]
     assert len(set(expected)) == len(expected)
-    got = await asyncio.gather(*(answer(fast, m, q, n) for m, q, n in CASES))
-    assert [text for text, _ in got] == expected
+    got = [text for text, _ in await asyncio.gather(*(answer(fast, m, q, n) for m, q, n in CASES))]
+    assert len(set(got)) == len(got) and all(got)
+    if quantization == "fp16":
+        assert got == expected

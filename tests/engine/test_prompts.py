@@ -212,6 +212,22 @@ def test_broken_edit_keeps_last_good_version(
     assert (info.title, info.error) == ("Barrister", None)
 
 
+@pytest.mark.parametrize("source", ["", "  \n", "{# title: Lawyer #}\n{% if false %}x{% endif %}"],
+                         ids=["empty", "blank", "renders-nothing"])
+def test_a_template_that_renders_nothing_keeps_the_last_good_version(
+    folder: Path, lib: TemplateLibrary, source: str
+) -> None:
+    """An empty file is also what a poll sees of a template caught between truncation and write."""
+    path = folder / "lawyer.en.j2"
+    good = render(lib, "lawyer", "en", "Ann")
+    rewrite(path, source)
+    errors = lib.refresh()
+    assert "empty system prompt" in errors["lawyer.en.j2"] and str(path) in errors["lawyer.en.j2"]
+    assert render(lib, "lawyer", "en", "Ann") == good
+    rewrite(path, "You are a barrister.")
+    assert lib.refresh() == {} and render(lib, "lawyer") == "You are a barrister."
+
+
 def test_broken_file_is_reported_once_per_change(folder: Path, lib: TemplateLibrary, caplog) -> None:
     path = folder / "doctor.en.j2"
     rewrite(path, "{{ oops }}")

@@ -22,6 +22,9 @@ ARCHS = {
     # QUANTIZATION=fp16 (the CPU default): the same models with fbgemm's packed fp16 linears
     "llama-gqa-fp16": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
     "qwen2-bias-fp16": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
+    # QUANTIZATION=bf16 (the default on a CPU with AMX): bf16 weights and linear products
+    "llama-gqa-bf16": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
+    "qwen2-bias-bf16": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
 }
 
 
@@ -70,6 +73,10 @@ def build_tiny(name: str, tmp: Path) -> TinyModel:
         from engine import fp16_weights
 
         assert fp16_weights.convert(model).modules == 2 * 7 + 1  # every projection and the untied head
+    if name.endswith("-bf16"):
+        from engine import bf16_weights
+
+        assert bf16_weights.convert(model).modules == 2 * 7 + 1
     return TinyModel(name, model, adapters, model.config.vocab_size)
 
 

@@ -1,0 +1,171 @@
+"""QUANTIZATION=bf16 (the CPU default where AMX is there): bf16 weights and linear products.
+
+What must hold: a converted layer computes `F.linear` in bf16 with an fp32 result, for any
+leading shape and any row count (the one-row `mv` and the many-row `mm` are the same numbers);
+a weight shared with another module stays for it; training through converted layers gets the
+gradients of the same model in fp32; fused products share one weight; and on the real default
+model the fast path serves what transformers computes over the same bf16 layers, within bf16's
+precision (bf16 rounds each linear layer's input, so the last bits of the fp32 parts, which
+differ between the two paths, can flip a near-tie; that is why this is not token equality).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import bf16_weights
+from engine.runtime.fused import FusedLinear
+
+
+def test_a_converted_linear_computes_in_bf16_with_an_fp32_result() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = nn.Sequential(layer)
+    report = bf16_weights.convert(model)
+    assert type(model[0]) is bf16_weights.Bf16Linear and isinstance(model[0], nn.Linear)
+    assert (report.modules, report.packed_bytes, report.freed_bytes, report.kind) == (1, 64 * 48 * 2, 64 * 48 * 4, "bf16")
+    assert 0 < report.max_rel_error <= 2 ** -8
+    assert [n for n, _ in model.named_parameters()] == ["0.bias"]  # the fp32 weight is gone
+    torch.testing.assert_close(model[0].weight, w.bfloat16().float(), rtol=0, atol=0)  # read back on demand
+    x = torch.randn(5, 7, 64)  # any leading shape, as nn.Linear takes
+    with torch.inference_mode():
+        out = model(x)
+        one = model(x[:1, :1])  # a single row: torch.mv
+    assert out.dtype == torch.float32 and out.shape == (5, 7, 48) and out.is_contiguous()
+    expected = F.linear(x.bfloat16(), w.bfloat16()).float() + b
+    torch.testing.assert_close(out, expected, rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(one[0, 0], out[0, 0], rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=3e-2, atol=3e-2)
+    assert bf16_weights.stored_bytes(model) == 64 * 48 * 2
+
+
+def test_a_weight_tied_to_the_embedding_is_kept_for_it() -> None:
+    torch.manual_seed(1)
+    embed, head = nn.Embedding(40, 16), nn.Linear(16, 40, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(OrderedDict(embed=embed, head=head))
+    report = bf16_weights.convert(model)
+    assert (report.modules, report.freed_bytes) == (1, 0)
+    assert model.head.weight is model.embed.weight and model.embed.weight.dtype == torch.float32
+    ids = torch.tensor([3, 17, 39])
+    with torch.inference_mode():
+        logits = model(ids)
+    expected = F.linear(embed.weight[ids].bfloat16(), embed.weight.bfloat16()).float()
+    torch.testing.assert_close(logits, expected, rtol=2 ** -7, atol=1e-3)
+
+
+def test_training_through_converted_layers_gets_the_plain_models_gradients() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    plain = nn.Sequential(OrderedDict(first=nn.Linear(12, 20), act=nn.Tanh(), second=nn.Linear(20, 6)))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(p.bfloat16().float())
+    converted = copy.deepcopy(plain)
+    assert bf16_weights.convert(converted).max_rel_error == 0
+    config = dict(r=2, lora_alpha=4, target_modules=["first"], init_lora_weights=False, lora_dropout=0.0)
+    grads = []
+    for model in (plain, converted):
+        torch.manual_seed(3)  # the same LoRA initialisation for both
+        peft_model = get_peft_model(model, LoraConfig(**config))
+        lora_a = peft_model.base_model.model.first.lora_A["default"].weight
+        assert lora_a.dtype == torch.float32  # peft read the fp32 weight's dtype
+        x = torch.randn(4, 12, generator=torch.Generator().manual_seed(4))
+        peft_model(x).square().sum().backward()
+        grads.append(lora_a.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_members_share_one_weight_and_keep_their_outputs() -> None:
+    torch.manual_seed(5)
+    model = nn.ModuleList([nn.Linear(32, 24, bias=True), nn.Linear(32, 8, bias=False), nn.Linear(32, 8, bias=True)])
+    bf16_weights.convert(model)
+    x = torch.randn(6, 32)
+    with torch.inference_mode():
+        before = [m(x) for m in model]
+    stored = bf16_weights.stored_bytes(model)
+    fused = FusedLinear(list(model))
+    assert fused.kind == "bf16" and bf16_weights.stored_bytes(model) == stored  # no byte added
+    assert len({m.w16.untyped_storage().data_ptr() for m in model}) == 1
+    with torch.inference_mode():
+        out = fused(x)
+        after = [m(x) for m in model]
+    torch.testing.assert_close(out, torch.cat(before, dim=1), rtol=0, atol=0)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    again = FusedLinear(list(model))  # a second runtime over the same model: the same weight
+    assert bf16_weights.stored_bytes(model) == stored
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), out, rtol=0, atol=0)
+
+
+def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> None:
+    """Teacher-forced over three prompts in one mixed batch with two adapters: the fast path's
+    logits against transformers + peft over the same bf16 layers, and bf16 against fp32."""
+    from peft import PeftModel
+
+    from engine import model as engine_model
+    from engine.config import load_settings
+    from engine.runtime import FastRuntime
+    from tests.engine.runtime.test_runner import adapter_modules
+    from tests.engine.test_fast_path import ROOT as REPO
+
+    s = load_settings(quantization="bf16", max_batch_size=4, context_tokens=512, max_new_tokens=64,
+                       max_resident_adapters=2)
+    loaded = engine_model.load(s)
+    fp32 = engine_model.load(s.model_copy(update={"quantization": "none"})).model
+    tok = loaded.tokenizer
+    texts = ["What should I know before signing a contract?", "How do I lower a fever at home?",
+             "Is it wise to put all my savings into one stock?"]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    domains = [None, "legal", "medical"]
+    rt = FastRuntime(loaded.model, s)
+    slot_of = {None: 0}
+    for d in domains[1:]:
+        folder = REPO / "adapters" / d / "v1"
+        slot_of[d] = rt.lora.load(d, folder, folder / "adapter_model.safetensors", adapter_modules(folder), d)
+
+    def peft_model(model, domain):
+        m = copy.deepcopy(model)
+        return m if domain is None else PeftModel.from_pretrained(m, str(REPO / "adapters" / domain / "v1")).eval()
+
+    steps = 8  # teacher-forced decode steps after the prefill, along the bf16 reference's greedy tokens
+    refs, refs32, conts = [], [], []
+    with torch.inference_mode():
+        for d, q in zip(domains, seqs):
+            m, m32 = peft_model(loaded.model, d), peft_model(fp32, d)
+            seq = list(q)
+            for _ in range(steps):
+                seq.append(int(m(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            refs.append(m(input_ids=torch.tensor([seq])).logits[0, len(q) - 1:].float())
+            refs32.append(m32(input_ids=torch.tensor([seq])).logits[0, len(q) - 1:].float())
+            conts.append(seq[len(q):])
+        kv = [rt.cache.allocate() for _ in seqs]
+        fast = [rt.prefill([(k, slot_of[d], q, 0) for k, d, q in zip(kv, domains, seqs)])]
+        for k, d, q in zip(kv, domains, seqs):
+            rt.lora_idx[k], rt.pos[k], rt.active[k] = slot_of[d], len(q), True
+        for step in range(steps):
+            for k, c in zip(kv, conts):
+                rt.tok[k] = c[step]
+            logits, _ = rt.decode(rt.cache.high(), max(len(q) for q in seqs) + step + 1, set(slot_of.values()))
+            fast.append(logits[kv])
+            for k in kv:
+                rt.pos[k] += 1
+    fast_rows = [torch.stack([f[i] for f in fast]) for i in range(len(seqs))]
+    flips = flips32 = 0
+    for d, got, ref, ref32 in zip(domains, fast_rows, refs, refs32):
+        spread = float(ref32.std())
+        # bf16-level closeness (measured: at most 0.06 of the logits' spread between the paths,
+        # 0.11 between bf16 and fp32), not fp32's 1e-5
+        assert float((got - ref).abs().max()) < 0.3 * spread, (d, float((got - ref).abs().max()), spread)
+        assert float((ref - ref32).abs().max()) < 0.6 * spread, (d, float((ref - ref32).abs().max()), spread)
+        flips += int((got.argmax(-1) != ref.argmax(-1)).sum())
+        flips32 += int((ref.argmax(-1) != ref32.argmax(-1)).sum())
+    positions = len(seqs) * (steps + 1)
+    assert flips <= positions // 10 and flips32 <= positions // 10, (flips, flips32, positions)
