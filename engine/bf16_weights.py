@@ -24,13 +24,11 @@ gradients enabled (training) multiplies by that copy in fp32, so training sees a
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fp16_weights import Conversion, owner_counts
+from engine.fp16_weights import Conversion, swap_linears
 
 
 def available() -> bool:
@@ -77,25 +75,13 @@ class Bf16Linear(nn.Linear):
 def convert(model: nn.Module) -> Conversion:
     """Swap every plain fp32 CPU `nn.Linear` of `model` for a `Bf16Linear`, in place (a weight
     shared with another module, a tied head, is kept beside its bf16 copy)."""
-    owners = owner_counts(model)
-    modules = stored = freed = 0
-    worst = 0.0
-    for module in model.modules():
-        if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
-            continue
-        w = module.weight.detach()
-        w16 = w.bfloat16()
-        tiny = torch.finfo(torch.bfloat16).tiny
-        worst = max(worst, float((w16.float() - w).abs_().div_(w.abs().clamp_min(tiny)).max()))
-        module.w16 = w16
-        stored += w16.numel() * 2
-        tied = owners.get(id(module.weight), 0) > 1
-        module.__class__ = Bf16Linear
-        if not tied:
-            freed += w.numel() * 4
-            del module._parameters["weight"]
-        modules += 1
-    return Conversion(modules, stored, freed, worst, "bf16")
+    tiny = torch.finfo(torch.bfloat16).tiny
+
+    def store(module: nn.Linear, w: torch.Tensor) -> float:
+        module.w16 = w.bfloat16()
+        return float((module.w16.float() - w).abs_().div_(w.abs().clamp_min(tiny)).max())
+
+    return swap_linears(model, Bf16Linear, store, "bf16")
 
 
 def stored_bytes(model: nn.Module) -> int:

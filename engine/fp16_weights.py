@@ -19,7 +19,7 @@ sees a plain `F.linear` over the same values the served model uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,25 +97,37 @@ def convert(model: nn.Module) -> Conversion:
     """
     if not available():
         raise RuntimeError("this torch has no fbgemm fp16 kernels (torch.ops.quantized.linear_dynamic_fp16)")
+
+    def store(module: nn.Linear, w: torch.Tensor) -> float:
+        bias = None if module.bias is None else module.bias.detach()
+        module.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
+        # relative to the weight, or to fp16's smallest normal for the tiny ones it keeps as subnormals
+        return float((w.half().float() - w).abs_().div_(w.abs().clamp_min(FP16_TINY)).max())
+
+    return swap_linears(model, Fp16Linear, store, "fp16")
+
+
+def swap_linears(model: nn.Module, cls: type, store: Callable[[nn.Linear, torch.Tensor], float],
+                 kind: str) -> Conversion:
+    """Turn every plain fp32 CPU `nn.Linear` of `model` into a `cls`, in place: `store(module,
+    weight)` keeps the 16-bit form on the module and returns its largest relative rounding; the
+    fp32 weight is then dropped, unless another module shares it (a tied head)."""
     owners = owner_counts(model)
-    modules = packed = freed = 0
+    modules = stored = freed = 0
     worst = 0.0
     for module in model.modules():
         if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
             continue
         w = module.weight.detach()
-        # relative to the weight, or to fp16's smallest normal for the tiny ones it keeps as subnormals
-        worst = max(worst, float((w.half().float() - w).abs_().div_(w.abs().clamp_min(FP16_TINY)).max()))
-        bias = None if module.bias is None else module.bias.detach()
-        module.packed = torch.ops.quantized.linear_prepack_fp16(w, bias)
-        packed += w.numel() * 2
+        worst = max(worst, store(module, w))
+        stored += w.numel() * 2
         tied = owners.get(id(module.weight), 0) > 1
-        module.__class__ = Fp16Linear
+        module.__class__ = cls
         if not tied:
             freed += w.numel() * 4
             del module._parameters["weight"]
         modules += 1
-    return Conversion(modules, packed, freed, worst)
+    return Conversion(modules, stored, freed, worst, kind)
 
 
 def fuse(modules: list[Fp16Linear]) -> Any:
