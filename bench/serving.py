@@ -394,6 +394,10 @@ def _at_least_zero(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from typing import get_args
+
+    from engine.config import DType, Quantization
+
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when torch sees one, else cpu)")
@@ -403,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_users, help="concurrent users per row, e.g. 1,4,16,64 (the default)")
     p.add_argument("--paths", type=_paths, default=list(PATHS), help="which of new,previous,naive to run, in order")
     p.add_argument("--json", type=Path, help="also write every number to this file (rewritten after each path)")
-    p.add_argument("--quantization", choices=("auto", "nf4", "int8", "fp16", "bf16", "none"), default="auto",
+    p.add_argument("--quantization", choices=get_args(Quantization), default="auto",
                    help="QUANTIZATION for all three paths (default auto: the engine's choice for the device)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    p.add_argument("--dtype", choices=get_args(DType), default="auto",
                    help="COMPUTE_DTYPE for all three paths")
     p.add_argument("--naive-max-users", type=_at_least_zero, help="largest N the naive baseline runs (it is sequential)")
     p.add_argument("--deadline", type=_positive(float), help="seconds after which a row's streams are cut")

@@ -8,13 +8,14 @@ LoRA delta of a fused group is one product pair instead of one pair per module (
 
 Memory stays as it was: the fused weight is the only copy. The member modules keep working
 for anyone who calls them (the reference path, a test): a plain `nn.Linear` member's weight
-becomes a view into the fused weight, and an `Fp16Linear` member computes through the fused
-pack and keeps its own columns. Layers whose weights cannot be concatenated (bitsandbytes
+(or a `Bf16Linear` member's bf16 weight) becomes a view into the fused weight, and an
+`Fp16Linear` member computes through the fused pack and keeps its own columns. Layers whose weights cannot be concatenated (bitsandbytes
 `Linear4bit`/`Linear8bitLt`, hooked or mixed modules) are called one by one and their outputs
 concatenated, so the runner sees one layout for every kind.
 
 The numbers are those of the separate products: each output column is the same dot product
-(checked bit for bit for MKL's sgemm and fbgemm's fp16 GEMM on this project's shapes).
+(checked bit for bit for MKL's sgemm, fbgemm's fp16 GEMM and oneDNN's bf16 product on this
+project's shapes).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ class FusedLinear:
         self.modules = list(modules)
         self.sizes = [int(m.out_features) for m in self.modules]
         self.out_features = sum(self.sizes)
-        self.in_features = int(self.modules[0].in_features)
         self.kind, self._call = _fuse(self.modules)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tenso
     if all(type(m) is bf16_weights.Bf16Linear and m._parameters.get("weight") is None for m in modules):
         w16 = _fuse_bf16(modules)
         if w16 is not None:
-            bias = _bias(modules)
+            bias = _fused_bias(modules)
             return "bf16", lambda x: bf16_weights.matmul(x, w16, bias)
     dense = _fuse_dense(modules)
     if dense is not None:
@@ -76,43 +76,52 @@ def _fuse_dense(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None] 
     biases) become views into it, so no byte is added. None when they cannot be fused."""
     if not all(type(m) is nn.Linear for m in modules):
         return None
-    weights = [m.weight for m in modules]
-    if len({(w.dtype, w.device) for w in weights}) != 1:
+    if len({(m.weight.dtype, m.weight.device) for m in modules}) != 1:
         return None
-    biases = [m.bias for m in modules]
-    weight = _back_to_back(weights)  # fused before (a second runtime over the same model)
-    if weight is not None:
-        bias = _back_to_back(biases) if all(b is not None for b in biases) else _bias(modules)
-        return weight, bias
-    if _overlapping(weights):
-        return None  # a weight shared between members (tied): leave them be
-    with torch.no_grad():
-        weight = torch.cat([w.detach() for w in weights])
-        bias = _bias(modules)
-        lo = 0
-        for m in modules:
-            hi = lo + m.out_features
-            m.weight = nn.Parameter(weight[lo:hi], requires_grad=m.weight.requires_grad)
-            if bias is not None and all(b is not None for b in biases):
-                m.bias = nn.Parameter(bias[lo:hi], requires_grad=m.bias.requires_grad)
-            lo = hi
-    return weight, bias
+
+    def set_weight(m: nn.Linear, view: torch.Tensor) -> None:
+        m.weight = nn.Parameter(view, requires_grad=m.weight.requires_grad)
+
+    weight = _concat_into_views(modules, [m.weight for m in modules], set_weight)
+    return None if weight is None else (weight, _fused_bias(modules))
 
 
 def _fuse_bf16(modules: list[Any]) -> torch.Tensor | None:
     """One bf16 weight for `Bf16Linear`s; their `w16` become views into it (no byte added)."""
-    parts = [m.w16 for m in modules]
-    weight = _back_to_back(parts)
-    if weight is not None:
-        return weight
+    return _concat_into_views(modules, [m.w16 for m in modules], lambda m, view: setattr(m, "w16", view))
+
+
+def _fused_bias(modules: list[Any]) -> torch.Tensor | None:
+    """The product's bias: views of the members' biases when all have one (their biases become
+    views into it), else a copy with zeros for those without (see `_bias`)."""
+    if all(m.bias is not None for m in modules):
+        def set_bias(m: nn.Linear, view: torch.Tensor) -> None:
+            m.bias = nn.Parameter(view, requires_grad=m.bias.requires_grad)
+
+        bias = _concat_into_views(modules, [m.bias for m in modules], set_bias)
+        if bias is not None:
+            return bias
+    return _bias(modules)
+
+
+def _concat_into_views(modules: list[Any], parts: list[torch.Tensor],
+                       set_view: Callable[[Any, torch.Tensor], None]) -> torch.Tensor | None:
+    """`parts` (one per member) concatenated along dim 0, each member then holding its block
+    as a view (`set_view`), so no byte is added; members fused before (a second runtime over
+    the same model) already are such views, and their tensor is rebuilt without a copy.
+    None when parts overlap (a tensor shared between members, tied): leave them be."""
+    whole = _back_to_back(parts)
+    if whole is not None:
+        return whole
     if _overlapping(parts):
         return None
-    weight = torch.cat(parts)
-    lo = 0
-    for m in modules:
-        m.w16 = weight[lo:lo + m.out_features]
-        lo += m.out_features
-    return weight
+    with torch.no_grad():
+        whole = torch.cat([p.detach() for p in parts])
+        lo = 0
+        for m, p in zip(modules, parts):
+            set_view(m, whole[lo:lo + p.shape[0]])
+            lo += p.shape[0]
+    return whole
 
 
 def _overlapping(parts: list[torch.Tensor]) -> bool:

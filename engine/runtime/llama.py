@@ -154,8 +154,8 @@ class LlamaRunner:
         out = []
         for i, layer in enumerate(model.model.layers):
             for name in ("qkv", "gate_up"):
-                paths = [f"model.layers.{i}.{p}" for p in PRODUCTS[name]]
-                out.append([(p, int(layer.get_submodule(p.split(".", 3)[3]).out_features)) for p in paths])
+                out.append([(f"model.layers.{i}.{p}", int(layer.get_submodule(p).out_features))
+                            for p in PRODUCTS[name]])
         return out
 
     def _linear(self, module: Any, key: str, x2: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
