@@ -67,6 +67,7 @@ class Plan:
     hotload_users: int
     quantization: str
     dtype: str
+    kv_dtype: str
     syncs: bool
     json_path: Path | None
     budget_s: float | None = None
@@ -103,7 +104,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         device=args.device, tokens=args.tokens or tokens, users=args.users or users, paths=args.paths,
         naive_max_users=naive_max if args.naive_max_users is None else args.naive_max_users,
         deadline_s=args.deadline or deadline, hotload_users=args.hotload_users, quantization=args.quantization,
-        dtype=args.dtype, syncs=(cuda or args.syncs) and not args.no_syncs, json_path=args.json,
+        dtype=args.dtype, kv_dtype=args.kv_cache_dtype, syncs=(cuda or args.syncs) and not args.no_syncs, json_path=args.json,
         budget_s=args.budget or budget,
         repeat=args.repeat or (1 if cuda else 3),
     )
@@ -116,7 +117,7 @@ def settings_for(plan: Plan, root: Path, runtime: str | None) -> Any:
     extra = {} if runtime is None else {"serving_runtime": runtime}
     return load_settings(
         adapters_dir=root / "adapters", templates_dir=root / "templates", model_cache_dir=ROOT / "models",
-        quantization=plan.quantization, compute_dtype=plan.dtype, device=plan.device,
+        quantization=plan.quantization, compute_dtype=plan.dtype, kv_cache_dtype=plan.kv_dtype, device=plan.device,
         max_batch_size=largest, max_queue=max(64, 2 * largest), temperature=0.0, repetition_penalty=1.0,
         template_poll_s=0.0, **extra,
     )
@@ -134,7 +135,9 @@ def header(plan: Plan, argv: Sequence[str]) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return "absent"
 
-    s = load_settings(quantization=plan.quantization, compute_dtype=plan.dtype, device=plan.device)
+    s = load_settings(quantization=plan.quantization, compute_dtype=plan.dtype, kv_cache_dtype=plan.kv_dtype,
+                      device=plan.device)
+    quantization = s.resolved_quantization(plan.device)
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     machine = (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch threads "
@@ -151,7 +154,8 @@ def header(plan: Plan, argv: Sequence[str]) -> dict[str, Any]:
         "peft": version("peft"), "bitsandbytes": version("bitsandbytes"),
         "device": plan.device,
         "dtype": f"{str(torch_dtype(s, plan.device)).removeprefix('torch.')} ({plan.dtype})",
-        "quantization": f"{s.resolved_quantization(plan.device)} ({plan.quantization})",
+        "quantization": f"{quantization} ({plan.quantization})",
+        "kv_cache": f"{s.resolved_kv_cache_dtype(plan.device)} ({plan.kv_dtype}; the new path)",
         "model": s.model,
         "workload": (f"greedy, EOS ignored, {plan.tokens} new tokens per request, {len(PROMPTS)} fixed questions, "
                      f"role {ROLE}, modes base + {', '.join(DOMAINS)}; users {','.join(map(str, plan.users))}; "
@@ -199,7 +203,8 @@ class Report:
                f"machine:      {m['machine']}",
                f"software:     python {m['python']}, torch {m['torch']} (CUDA {m['cuda']}), transformers "
                f"{m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}",
-               f"device:       {m['device']}, dtype {m['dtype']}, quantization {m['quantization']}, model {m['model']}",
+               f"device:       {m['device']}, dtype {m['dtype']}, quantization {m['quantization']}, "
+               f"KV cache {m.get('kv_cache', '?')}, model {m['model']}",
                f"workload:     {m['workload']}"]
         out += [f"path          {d}" for d in self.paths.values()]
         order = {w.key: i for i, w in enumerate(workloads(plan.users))}
@@ -411,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QUANTIZATION for all three paths (default auto: the engine's choice for the device)")
     p.add_argument("--dtype", choices=get_args(DType), default="auto",
                    help="COMPUTE_DTYPE for all three paths")
+    p.add_argument("--kv-cache-dtype", choices=get_args(DType), default="auto",
+                   help="KV_CACHE_DTYPE of the new path (the others keep transformers' cache in the compute dtype)")
     p.add_argument("--naive-max-users", type=_at_least_zero, help="largest N the naive baseline runs (it is sequential)")
     p.add_argument("--deadline", type=_positive(float), help="seconds after which a row's streams are cut")
     p.add_argument("--hotload-users", type=_at_least_zero, default=16, help="streams decoding during the hot-load (0: skip)")

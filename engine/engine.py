@@ -153,6 +153,9 @@ class Engine:
             self.runtime.warm_up()
             self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         else:
+            if self.settings.kv_cache_dtype != "auto":
+                log.warning("KV_CACHE_DTYPE=%s is ignored: the reference path keeps transformers' cache in the "
+                            "compute dtype", self.settings.kv_cache_dtype)
             self.runtime = LoraRuntime(self.loaded.model)
             self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         self.registry = AdapterRegistry(

@@ -37,7 +37,8 @@ class FastRuntime:
             slots = powers_of_two(1, 1 << max(0, (slots - 1).bit_length()))[-1]
         runner_cls = ARCHITECTURES[model.config.model_type]
         layers, kv_heads, head_dim = runner_cls.cache_shape(model)
-        self.cache = SlotKVCache(layers, slots, kv_heads, head_dim, settings.context_tokens, self.dtype, self.device)
+        kv_dtype = getattr(torch, settings.resolved_kv_cache_dtype(str(self.device)))
+        self.cache = SlotKVCache(layers, slots, kv_heads, head_dim, settings.context_tokens, kv_dtype, self.device)
         targets = serving_targets(model, settings.lora_target_modules)
         from engine.adapters import linear_shapes
 
@@ -61,10 +62,11 @@ class FastRuntime:
         use_graphs = is_cuda if cuda_graphs is None else (cuda_graphs and is_cuda)
         self.graphs = DecodeGraphs(self._graph_step, slots, settings.context_tokens) if use_graphs else None
         log.info(
-            "fast runtime: %s, %d cache slots x %d tokens (%.0f MB), %d LoRA slots x rank %d on %d modules in %d products "
+            "fast runtime: %s, %d cache slots x %d tokens (%s, %.0f MB), %d LoRA slots x rank %d on %d modules in %d products "
             "(%.0f MB), "
             "prefix cache %d tokens (%.0f MB)%s",
-            model.config.model_type, slots, settings.context_tokens, self.cache.bytes / 2**20,
+            model.config.model_type, slots, settings.context_tokens, str(kv_dtype).removeprefix("torch."),
+            self.cache.bytes / 2**20,
             self.lora.num_slots - 1, self.lora.max_rank, len(targets), len(self.lora.groups),
             self.lora.slot_bytes * self.lora.num_slots / 2**20, settings.prefix_cache_tokens,
             (self.prefix.bytes if self.prefix else 0) / 2**20, ", CUDA graphs" if self.graphs else "",

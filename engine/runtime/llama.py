@@ -128,7 +128,7 @@ class LlamaRunner:
         kinds = sorted({L.qkv.kind for L in self.layers} | {L.gate_up.kind for L in self.layers})
         log.info("q/k/v and gate/up run as one product each (%s)", ", ".join(kinds))
         self.device = self.embed.weight.device
-        self.dtype = cache.k[0].dtype
+        self.kv_dtype = cache.k[0].dtype  # attention runs in it (KV_CACHE_DTYPE); may differ from the activations'
         from torch.nn.attention import SDPBackend
 
         # chosen, not left to heuristics that change with the cache length: a masked decode
@@ -193,7 +193,8 @@ class LlamaRunner:
         # rotate_half(x) * sin == swap_halves(x) * sin_signed, exactly (a sign flip rounds alike)
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         # an additive mask, made once per forward (SDPA would convert a boolean one in every layer)
-        bias = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=self.kv_dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        cast = self.kv_dtype != h.dtype  # a bf16 cache under fp32 activations: q/k/v in, the output back
         # GQA without copying keys: the query heads that share a KV head become its query
         # length, so any SDPA backend can run it and the cache is read once.
         gmask = bias if self.groups == 1 else bias.unsqueeze(2).expand(n, 1, self.groups, t, key_len).reshape(
@@ -204,6 +205,8 @@ class LlamaRunner:
             qk = qkv[:, :self.heads + self.kv_heads]  # RoPE on queries and keys at once: 5 kernels instead of 10
             qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
             q, k, v = qk[:, :self.heads], qk[:, self.heads:], qkv[:, self.heads + self.kv_heads:]
+            if cast:
+                q, k, v = q.to(self.kv_dtype), k.to(self.kv_dtype), v.to(self.kv_dtype)
             kc, vc = self.cache.k[li], self.cache.v[li]
             kc[write_rows, :, write_pos] = k
             vc[write_rows, :, write_pos] = v
@@ -220,6 +223,8 @@ class LlamaRunner:
             else:
                 att = att.view(n, self.kv_heads, self.groups, t, self.head_dim).permute(0, 3, 1, 2, 4).reshape(
                     n * t, -1).index_select(0, packing.unpad)
+            if cast:
+                att = att.to(h.dtype)
             h = h + self._linear(L.o, L.keys["o"], att, lora)
             x = L.mlp_norm(h)
             gate_up = self._linear(L.gate_up, L.keys["gate_up"], x, lora)

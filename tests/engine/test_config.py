@@ -29,6 +29,7 @@ BAD = [
     ({"DEVICE": "gpu7"}, ["DEVICE", "gpu7", "cuda:N"]),
     ({"DEVICE": "cuda:x"}, ["DEVICE"]),
     ({"COMPUTE_DTYPE": "float8"}, ["COMPUTE_DTYPE"]),
+    ({"KV_CACHE_DTYPE": "fp8"}, ["KV_CACHE_DTYPE", "'fp8'"]),
     ({"MAX_NEW_TOKENS": "2048", "CONTEXT_TOKENS": "2048"}, ["MAX_NEW_TOKENS=2048", "CONTEXT_TOKENS=2048"]),
     ({"MAX_NEW_TOKENS": "4000"}, ["MAX_NEW_TOKENS=4000", "CONTEXT_TOKENS=2048"]),
     ({"MAX_NEW_TOKENS": "-1"}, ["MAX_NEW_TOKENS"]),
@@ -286,3 +287,16 @@ def test_auto_takes_bf16_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert load_settings().resolved_quantization("cpu") == ("fp16" if fp16_weights.available() else "none")
     assert load_settings(quantization="bf16").resolved_quantization("cpu") == "bf16"  # explicit wins
+
+
+@pytest.mark.parametrize(("settings", "device", "expected"), [
+    ({}, "cpu", "float32"),  # every CPU quantization keeps float32 activations
+    ({"quantization": "bf16"}, "cpu", "float32"),  # not bf16 by default (see resolved_kv_cache_dtype)
+    ({}, "cuda", "bfloat16"),  # COMPUTE_DTYPE=auto on CUDA
+    ({"compute_dtype": "float32"}, "cuda", "float32"),  # the exact-equality GPU runs keep fp32
+    ({"compute_dtype": "float16"}, "cuda:1", "float16"),
+    ({"kv_cache_dtype": "bfloat16"}, "cpu", "bfloat16"),  # explicit wins
+    ({"kv_cache_dtype": "float32", "compute_dtype": "bfloat16"}, "cuda", "float32"),
+])
+def test_kv_cache_dtype_auto_is_the_compute_dtype(settings: dict[str, str], device: str, expected: str) -> None:
+    assert load_settings(**settings).resolved_kv_cache_dtype(device) == expected

@@ -216,3 +216,17 @@ async def test_16_bit_weights_serve_a_mixed_batch_as_the_reference_does(cpu16_en
     assert len(set(got)) == len(got) and all(got)
     if quantization == "fp16":
         assert got == expected
+
+
+async def test_a_bf16_kv_cache_halves_the_cache_and_serves_every_mode(workdir: Path, engines) -> None:
+    """KV_CACHE_DTYPE=bfloat16 over the fp32 model: half the cache's bytes, and the mixed batch
+    with joins and leaves is answered in every mode. Attention in bf16 moves the logits by bf16
+    rounding (tests/engine/runtime/test_runner.py), so answers are not compared with fp32's."""
+    fast = Engine(settings(workdir, "fast", kv_cache_dtype="bfloat16", prefill_chunk_tokens=24))
+    await fast.start()
+    try:
+        assert fast.runtime.cache.bytes * 2 == engines[0].runtime.cache.bytes
+        got = [text for text, _ in await asyncio.gather(*(answer(fast, m, q, n) for m, q, n in CASES))]
+        assert len(set(got)) == len(got) and all(got)
+    finally:
+        await fast.close()
