@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 from bench._serving_report import HotLoad, Row, Trace, count_syncs, hotload_summary, summarize
+from engine.config import EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("legal", "medical", "finance")
@@ -47,15 +48,21 @@ PROFILE_STEPS = 24
 PROFILE_MAX_S = 4.0
 
 
+#: The sampled row's settings: the engine's defaults (TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY).
+SAMPLED = {name: EngineSettings.model_fields[name].default
+           for name in ("temperature", "top_k", "top_p", "repetition_penalty")}
+
+
 class BenchError(Exception):
     """A path could not be measured; the message says why (shown, then the next path runs)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    key: str  # stable id in the JSON and the targets: single-base, single-adapter, mixed-N, uniform-N
+    key: str  # stable id in the JSON and the targets: single-base, single-adapter, mixed-N, uniform-N, sampled-N
     label: str
     adapters: tuple[str | None, ...]  # one per user
+    sampled: bool = False  # the engine's default sampling (SAMPLED) instead of greedy; not on the naive path
 
     @property
     def users(self) -> int:
@@ -63,13 +70,19 @@ class Workload:
 
 
 def workloads(users: Sequence[int]) -> list[Workload]:
-    """The rows, in table order: single streams first, then each N > 1 mixed and uniform."""
+    """The rows, in table order: single streams first, then each N > 1 mixed and uniform, then
+    the largest mixed N up to 16 once more with the engine's default sampling: what users get
+    (the issue's workload is greedy; sampling adds the penalty, top-k and top-p to every step)."""
     out = [Workload("single-base", "1 user, base", (None,)),
            Workload("single-adapter", f"1 user, adapter ({ONE_ADAPTER})", (ONE_ADAPTER,))]
     for n in sorted(set(users)):
         if n > 1:
             out.append(Workload(f"mixed-{n}", f"{n} users, 4 modes", tuple(MODES[i % 4] for i in range(n))))
             out.append(Workload(f"uniform-{n}", f"{n} users, 1 adapter ({ONE_ADAPTER})", (ONE_ADAPTER,) * n))
+    sampled = max((n for n in users if 1 < n <= 16), default=None)
+    if sampled:
+        out.append(Workload(f"sampled-{sampled}", f"{sampled} users, 4 modes, sampled",
+                            tuple(MODES[i % 4] for i in range(sampled)), sampled=True))
     return out
 
 
@@ -263,11 +276,15 @@ class EnginePath:
         """
         from engine import GenerationParams, Message, Mode, UserContext
 
-        params = GenerationParams(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+        greedy = GenerationParams(max_new_tokens=tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+
+        def params(i: int) -> Any:
+            return GenerationParams(max_new_tokens=tokens, ignore_eos=True, seed=i, **SAMPLED) if wl.sampled else greedy
+
         user = UserContext(language="en", today=TODAY)
         started = time.perf_counter()
         traces = [Trace(started) for _ in wl.adapters]
-        streams = [self.engine.generate([Message("user", PROMPTS[i % len(PROMPTS)])], Mode(a, ROLE), params,
+        streams = [self.engine.generate([Message("user", PROMPTS[i % len(PROMPTS)])], Mode(a, ROLE), params(i),
                                         user=user) for i, a in enumerate(wl.adapters)]
         progress = Progress()
         tasks = [asyncio.create_task(_consume(s, t, progress)) for s, t in zip(streams, traces)]

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bench._serving_paths import (
-    DOMAINS, ONE_ADAPTER, PROMPTS, ROLE, ROOT, BenchError, EnginePath, NaivePath, Workload, make_workdir, workloads,
+    DOMAINS, ONE_ADAPTER, PROMPTS, ROLE, ROOT, SAMPLED, BenchError, EnginePath, NaivePath, Workload, make_workdir, workloads,
 )
 from bench._serving_report import (
     COLUMNS, HOTLOAD_COLUMNS, TARGET_COLUMNS, HotLoad, Row, median_run, render_table, targets,
@@ -161,7 +161,8 @@ def header(plan: Plan, argv: Sequence[str]) -> dict[str, Any]:
                      f"role {ROLE}, modes base + {', '.join(DOMAINS)}; users {','.join(map(str, plan.users))}; "
                      f"naive up to {plan.naive_max_users} users; each run cut at {plan.deadline_s:.0f} s; "
                      f"new path's rows up to 16 users and naive single streams measured {plan.repeat}x round the "
-                     "workloads, median shown"),
+                     "workloads, median shown; the 'sampled' row: seeded sampling with the engine's defaults "
+                     f"({', '.join(f'{k} {v}' for k, v in SAMPLED.items())}), EOS ignored, not on the naive path"),
     }
 
 
@@ -270,7 +271,8 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
         await runner.start()
         report.paths[name] = runner.describe()
         _say(report.paths[name])
-        chosen = [w for w in workloads(plan.users) if name != "naive" or w.users <= plan.naive_max_users]
+        chosen = [w for w in workloads(plan.users)
+                  if name != "naive" or (w.users <= plan.naive_max_users and not w.sampled)]
         await runner.warm_up([w.users for w in chosen], deadline())
         runs: dict[str, list[Row]] = {}
         # repetitions go round the workloads, so a drift of the machine's speed hits every row alike

@@ -44,11 +44,19 @@ class SamplingPlan:
     all_greedy: bool
     any_penalty: bool
     k: int  # candidates to keep: the largest top-k of the sampled rows, or the vocabulary
+    any_greedy: bool = True  # False: every row samples, so no row needs the argmax over the vocabulary
 
 
 class BatchSampler:
-    def __init__(self, slots: int, vocab: int, device: torch.device | str) -> None:
+    def __init__(self, slots: int, vocab: int, device: torch.device | str, *,
+                 sparse_penalty: bool | None = None) -> None:
+        """`sparse_penalty`: apply the repetition penalty only where the seen-token mask is set
+        (found with `nonzero`, a host sync) instead of over the whole [rows, vocab] logits; the
+        default is True on a CPU, where the dense form costs 4.7 ms a step at 16 rows of the
+        default model's 49,152 tokens and the sparse one 1.0, and False on a GPU, where the
+        dense form is a few cheap kernels and a sync would stall the step."""
         self.vocab = vocab
+        self.sparse_penalty = torch.device(device).type == "cpu" if sparse_penalty is None else sparse_penalty
         f32, i64 = dict(dtype=torch.float32, device=device), dict(dtype=torch.int64, device=device)
         self.temperature = torch.zeros(slots, **f32)
         self.top_p = torch.ones(slots, **f32)
@@ -83,10 +91,18 @@ class BatchSampler:
         k = self.vocab
         if sampled and all(0 < p[1] < self.vocab for p in sampled):
             k = max(p[1] for p in sampled)
-        return SamplingPlan(not sampled, any(p[3] != 1.0 for p in params), k)
+        return SamplingPlan(not sampled, any(p[3] != 1.0 for p in params), k,
+                            not sampled or len(sampled) < len(params))
 
     # ---- device side, every step ------------------------------------------------------
     def _penalized(self, logits: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The logits with each row's seen tokens penalised (a new tensor; `logits` is kept)."""
+        if self.sparse_penalty:
+            r, c = self.seen[rows].nonzero(as_tuple=True)
+            picked, pen = logits[r, c], self.penalty[rows][r]
+            out = logits.clone()
+            out[r, c] = torch.where(picked > 0, picked / pen, picked * pen)
+            return out
         pen = self.penalty[rows].unsqueeze(1)
         hit = self.seen[rows]
         return torch.where(hit, torch.where(logits > 0, logits / pen, logits * pen), logits)
@@ -116,13 +132,14 @@ class BatchSampler:
         `active` (idle rows of a decode step compute, and change nothing)."""
         if plan.any_penalty:
             logits = self._penalized(logits, rows)
-        tokens = logits.argmax(dim=-1)
+        # max(dim).indices: the same first index of the maximum as argmax, ~3x faster on a CPU
+        tokens = logits.max(dim=-1).indices if plan.any_greedy else None
         if not plan.all_greedy:
             probs, idx = self.candidates(logits, rows, plan.k)
             noise = uniform_noise(self.seed[rows], self.step[rows], idx)
             choice = (probs / -torch.log(noise)).argmax(dim=-1, keepdim=True)
             drawn = idx.gather(1, choice).squeeze(1)
-            tokens = torch.where(self.temperature[rows] > 0, drawn, tokens)
+            tokens = drawn if tokens is None else torch.where(self.temperature[rows] > 0, drawn, tokens)
         if active is None:
             active = torch.ones_like(tokens, dtype=torch.bool)
         self.step[rows] += active.long()

@@ -47,11 +47,12 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
     assert set(data["paths"]) == set(PATHS)
     assert data["meta"]["device"] == "cpu"
     rows = {(r["workload"], r["path"]): r for r in data["rows"]}
-    assert set(rows) == {(w, p) for w in WORKLOADS for p in PATHS}
+    # the sampled row (the engine's default sampling) on the engine's paths, not the naive one
+    assert set(rows) == {(w, p) for w in WORKLOADS for p in PATHS} | {("sampled-2", "new"), ("sampled-2", "previous")}
     for (workload, path), r in rows.items():
         users = 1 if workload.startswith("single") else 2
         assert r["users"] == users
-        # greedy, EOS ignored: exactly the asked number of tokens on every path
+        # EOS ignored, greedy or sampled: exactly the asked number of tokens on every path
         assert r["tokens"] == users * TOKENS == r["expected_tokens"], (workload, path, r["note"])
         assert r["tokens_per_s"] > 0 and not r["cut"]
         assert r["ttft_p50_ms"] is not None and r["ttft_p50_ms"] <= r["ttft_p95_ms"]
@@ -82,7 +83,10 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
     for label in ("1 user, base", "1 user, adapter (legal)", "2 users, 4 modes", "2 users, 1 adapter (legal)"):
         got = [ln.split("|")[2].strip() for ln in lines if ln.startswith(f"| {label} ")]
         assert got == list(PATHS), label
-    for field in ("machine:", "torch threads 1", "torch 2", "device:       cpu", "quantization", "EOS ignored"):
+    sampled = [ln.split("|")[2].strip() for ln in lines if ln.startswith("| 2 users, 4 modes, sampled ")]
+    assert sampled == ["new", "previous"]
+    for field in ("machine:", "torch threads 1", "torch 2", "device:       cpu", "quantization", "EOS ignored",
+                  "temperature 0.7", "KV cache float32"):
         assert field in text
 
 

@@ -16,25 +16,54 @@ ROWS = [  # temperature, top_k, top_p, penalty, seen
 ]
 
 
-def sampler_with(rows: list[dict], seeds: list[int] | None = None) -> BatchSampler:
-    s = BatchSampler(len(rows), V, "cpu")
+def sampler_with(rows: list[dict], seeds: list[int] | None = None, sparse: bool | None = None) -> BatchSampler:
+    s = BatchSampler(len(rows), V, "cpu", sparse_penalty=sparse)
     for i, r in enumerate(rows):
         s.set_row(i, seed=(seeds or list(range(len(rows))))[i], **r)
     return s
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-penalty", "dense-penalty"])  # CPU's, GPU's
 @pytest.mark.parametrize("k_rows", [[0, 1, 2, 3], [0, 2, 3], [2]])
-def test_filtered_distributions_equal_the_per_row_reference(k_rows: list[int]) -> None:
+def test_filtered_distributions_equal_the_per_row_reference(k_rows: list[int], sparse: bool) -> None:
     torch.manual_seed(0)
     rows = [ROWS[i] for i in k_rows]
     logits = torch.randn(len(rows), V) * 3
-    s = sampler_with(rows)
+    kept = logits.clone()
+    s = sampler_with(rows, sparse=sparse)
+    assert s.sparse_penalty is sparse
     got = s.probs(logits, slice(0, len(rows)), s.plan(list(range(len(rows)))))
     for i, r in enumerate(rows):
         seen = torch.tensor(r["prompt"], dtype=torch.long)
         ref = reference_probs(penalized(logits[i], r["penalty"], seen), temperature=r["temperature"],
                               top_k=r["top_k"], top_p=r["top_p"])
         torch.testing.assert_close(got[i], ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(logits, kept)  # the caller's logits are not written
+
+
+def test_the_penalty_is_sparse_on_a_cpu_and_dense_elsewhere() -> None:
+    assert BatchSampler(2, V, "cpu").sparse_penalty
+    assert not BatchSampler(2, V, "meta").sparse_penalty
+
+
+@pytest.mark.parametrize("greedy", [(), (1,), (0, 1, 2)])
+def test_all_sampled_all_greedy_and_mixed_batches_pick_as_the_reference(greedy: tuple[int, ...]) -> None:
+    """The vocabulary-wide argmax is skipped when no row is greedy; the other rows draw alike."""
+    torch.manual_seed(3)
+    rows = [dict(r, temperature=0.0) if i in greedy else r for i, r in enumerate(ROWS[:3])]
+    logits = torch.randn(3, V) * 3
+    s = sampler_with(rows)
+    plan = s.plan([0, 1, 2])
+    assert (plan.all_greedy, plan.any_greedy) == (len(greedy) == 3, bool(greedy))
+    tokens = s.sample(logits, slice(0, 3), plan)
+    probs = sampler_with(rows).probs(logits, slice(0, 3), plan) if len(greedy) < 3 else None
+    for i, r in enumerate(rows):
+        seen = torch.tensor(r["prompt"], dtype=torch.long)
+        pen = penalized(logits[i], r["penalty"], seen)
+        if i in greedy:
+            assert int(tokens[i]) == int(pen.argmax())
+        else:
+            assert float(probs[i, int(tokens[i])]) > 0  # a token of the row's filtered distribution
 
 
 def test_greedy_rows_take_the_penalised_argmax_beside_sampled_rows() -> None:
