@@ -132,7 +132,7 @@ class EngineSettings(BaseSettings):
 
     def resolved_prefill_chunk(self, device: str) -> int:
         """PREFILL_CHUNK_TOKENS, or by device: one CPU thread prefills a 512-token chunk of the
-        default model in ~0.8 s with bf16 weights and ~1.1 s with fp16 (2-core machine with AMX),
+        default model in ~0.55 s with bf16 weights and ~1.1 s with fp16 (2-core machine with AMX),
         so running streams pause about that long at most; on a GPU a chunk costs about the
         same kernel launches whatever its length, so one chunk for a whole burst of prompts cuts
         their time to first token (64 prompts of the default roles are ~4,500 tokens)."""

@@ -44,6 +44,24 @@ def test_a_converted_linear_computes_in_bf16_with_an_fp32_result() -> None:
     assert bf16_weights.stored_bytes(model) == 64 * 48 * 2
 
 
+def test_every_row_count_gets_the_same_bf16_product() -> None:
+    """One row (`mv`), a decode step's few rows (`W @ xᵀ`) and a prefill chunk's many (`x @ Wᵀ`,
+    from WIDE_ROWS on) are three kernels for one product: within bf16 rounding of each other
+    and of F.linear over the bf16 values, and contiguous fp32 either way."""
+    torch.manual_seed(4)
+    layer = nn.Linear(96, 80)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    model = nn.Sequential(layer)
+    bf16_weights.convert(model)
+    x = torch.randn(300, 96)
+    with torch.inference_mode():
+        expected = F.linear(x.bfloat16().float(), w.bfloat16().float()) + b  # exact fp32 over the bf16 values
+        for rows in (1, 5, bf16_weights.WIDE_ROWS - 1, bf16_weights.WIDE_ROWS, 300):
+            out = model(x[:rows])
+            assert out.dtype == torch.float32 and out.shape == (rows, 80) and out.is_contiguous()
+            torch.testing.assert_close(out, expected[:rows], rtol=2 ** -7, atol=2e-3)
+
+
 def test_a_weight_tied_to_the_embedding_is_kept_for_it() -> None:
     torch.manual_seed(1)
     embed, head = nn.Embedding(40, 16), nn.Linear(16, 40, bias=False)
