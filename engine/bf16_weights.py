@@ -45,10 +45,12 @@ def available() -> bool:
 #: Rows from which `x @ Wᵀ` beats `W @ xᵀ` plus its transposing copy (one core, the default
 #: model's products summed over a layer: 1.44 vs 1.46 ms at 112 rows, 0.94 vs 1.07 at 64).
 WIDE_ROWS = 128
-#: Result size from which `W @ xᵀ`'s result is transposed in bf16, then converted: a transposing
-#: fp32 conversion of a large result misses the caches (the default model's output head at 64
-#: rows: 11.9 ms against 2.9; at 16 rows, below this size, 0.42 against 0.77).
+#: Result size from which `W @ xᵀ` runs in blocks of `BLOCK_ROWS` rows of W, each block's
+#: result transposed and converted while it is still in the cache: one transposing conversion
+#: of a large result misses the caches (the default model's output head, in a decode step of
+#: 64 rows: 11.1 ms instead of 19.7; about equal at 24-32 rows, worse below).
 BIG_TRANSPOSE = 1 << 20
+BLOCK_ROWS = 8192
 
 
 def matmul(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,11 +60,13 @@ def matmul(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = None)
     if rows == 1:
         y = torch.mv(w16, x2[0]).to(x.dtype).unsqueeze(0)
     elif rows < WIDE_ROWS:
-        y = torch.mm(w16, x2.t())  # [out, rows]
-        if y.numel() < BIG_TRANSPOSE:
-            y = y.t().to(x.dtype, memory_format=torch.contiguous_format)
-        else:  # the same numbers; converting while transposing slows down past the caches
-            y = y.t().contiguous().to(x.dtype)
+        out = w16.shape[0]
+        if out * rows < BIG_TRANSPOSE:
+            y = torch.mm(w16, x2.t()).t().to(x.dtype, memory_format=torch.contiguous_format)
+        else:
+            xt, y = x2.t(), torch.empty(rows, out, dtype=x.dtype, device=x.device)
+            for lo in range(0, out, BLOCK_ROWS):
+                y[:, lo:lo + BLOCK_ROWS].copy_(torch.mm(w16[lo:lo + BLOCK_ROWS], xt).t())
     else:
         y = torch.mm(x2, w16.t()).to(x.dtype)
     if bias is not None:

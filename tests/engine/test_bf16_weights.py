@@ -60,14 +60,14 @@ def test_every_row_count_gets_the_same_bf16_product() -> None:
             out = model(x[:rows])
             assert out.dtype == torch.float32 and out.shape == (rows, 80) and out.is_contiguous()
             torch.testing.assert_close(out, expected[:rows], rtol=2 ** -7, atol=2e-3)
-    wide = nn.Linear(96, bf16_weights.BIG_TRANSPOSE // 40 + 1)  # a result past BIG_TRANSPOSE at 40 rows
+    wide = nn.Linear(96, bf16_weights.BIG_TRANSPOSE // 40 + 1)  # past BIG_TRANSPOSE at 40 rows: in blocks
     ww = wide.weight.detach().clone()
     model = nn.Sequential(wide)
     bf16_weights.convert(model)
     with torch.inference_mode():
         got = model(x[:40])
         assert got.is_contiguous() and got.shape == (40, ww.shape[0])
-        # the same kernel, so the same bits, whichever way the result is transposed
+        # the same numbers as one product over the whole weight (blocks of it, transposed as they come)
         torch.testing.assert_close(got, torch.mm(ww.bfloat16(), x[:40].bfloat16().t()).t().float() + wide.bias,
                                    rtol=0, atol=0)
 
