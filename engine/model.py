@@ -176,9 +176,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def torch_dtype(settings: EngineSettings, device: str) -> Any:
     import torch
 
-    if settings.compute_dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, settings.compute_dtype)
+    return getattr(torch, settings.resolved_compute_dtype(device))
 
 
 def quantization_config(quantization: str, dtype: Any) -> Any:

@@ -2,16 +2,15 @@
 
 What must hold: a converted layer computes `F.linear` in bf16 with an fp32 result, for any
 leading shape and any row count (the one-row `mv` and the many-row `mm` are the same numbers);
-a weight shared with another module stays for it; training through converted layers gets the
-gradients of the same model in fp32; fused products share one weight; and on the real default
+fused products share one weight; and on the real default
 model the fast path serves what transformers computes over the same bf16 layers, within bf16's
 precision (bf16 rounds each linear layer's input, so the last bits of the fp32 parts, which
 differ between the two paths, can flip a near-tie; that is why this is not token equality).
+The tied head and training through converted layers: test_16bit_weights.py.
 """
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -70,44 +69,6 @@ def test_every_row_count_gets_the_same_bf16_product() -> None:
         # the same numbers as one product over the whole weight (blocks of it, transposed as they come)
         torch.testing.assert_close(got, torch.mm(ww.bfloat16(), x[:40].bfloat16().t()).t().float() + wide.bias,
                                    rtol=0, atol=0)
-
-
-def test_a_weight_tied_to_the_embedding_is_kept_for_it() -> None:
-    torch.manual_seed(1)
-    embed, head = nn.Embedding(40, 16), nn.Linear(16, 40, bias=False)
-    head.weight = embed.weight
-    model = nn.Sequential(OrderedDict(embed=embed, head=head))
-    report = bf16_weights.convert(model)
-    assert (report.modules, report.freed_bytes) == (1, 0)
-    assert model.head.weight is model.embed.weight and model.embed.weight.dtype == torch.float32
-    ids = torch.tensor([3, 17, 39])
-    with torch.inference_mode():
-        logits = model(ids)
-    expected = F.linear(embed.weight[ids].bfloat16(), embed.weight.bfloat16()).float()
-    torch.testing.assert_close(logits, expected, rtol=2 ** -7, atol=1e-3)
-
-
-def test_training_through_converted_layers_gets_the_plain_models_gradients() -> None:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(2)
-    plain = nn.Sequential(OrderedDict(first=nn.Linear(12, 20), act=nn.Tanh(), second=nn.Linear(20, 6)))
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.copy_(p.bfloat16().float())
-    converted = copy.deepcopy(plain)
-    assert bf16_weights.convert(converted).max_rel_error == 0
-    config = dict(r=2, lora_alpha=4, target_modules=["first"], init_lora_weights=False, lora_dropout=0.0)
-    grads = []
-    for model in (plain, converted):
-        torch.manual_seed(3)  # the same LoRA initialisation for both
-        peft_model = get_peft_model(model, LoraConfig(**config))
-        lora_a = peft_model.base_model.model.first.lora_A["default"].weight
-        assert lora_a.dtype == torch.float32  # peft read the fp32 weight's dtype
-        x = torch.randn(4, 12, generator=torch.Generator().manual_seed(4))
-        peft_model(x).square().sum().backward()
-        grads.append(lora_a.grad.clone())
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
 
 
 def test_fused_members_share_one_weight_and_keep_their_outputs() -> None:
