@@ -9,6 +9,8 @@ dropped at once. Other threads talk to this one only through `submit` and `run_e
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import logging
 import threading
 import time
@@ -26,6 +28,26 @@ from engine.sampling import IncrementalDecoder, next_token
 from engine.types import GenerationResult
 
 log = logging.getLogger(__name__)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward keyword of the KV cache: `cache` since transformers renamed it, where
+    `past_key_values` is deprecated (removed in 5.40, which `transformers<6` allows);
+    `past_key_values` in the releases before the rename."""
+    inner = getattr(model, "get_base_model", None)  # peft's wrapper passes **kwargs through
+    return _cache_kwarg_of(type(inner() if inner is not None else model))
+
+
+@functools.cache
+def _cache_kwarg_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache a forward returned, under either name (see `cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
 
 #: Prompt tokens prefilled per loop turn before the running rows get their next step.
 PREFILL_BUDGET = 768
@@ -263,16 +285,15 @@ class Scheduler(threading.Thread):
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         ids = torch.tensor([req.prompt_ids], device=self.device)
         self.runtime.row_adapters = [key]
-        out = self.runtime.forward_model(
-            input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
-        )
+        model = self.runtime.forward_model
+        out = model(input_ids=ids, **{cache_kwarg(model): DynamicCache()}, use_cache=True, logits_to_keep=1)
         gen = None
         if req.sampling.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
         row = Row(req, key, len(req.prompt_ids), -1, IncrementalDecoder(self.tokenizer), list(req.prompt_ids), gen)
         if self._accept(row, out.logits[0, -1]):
             return
-        self._merge(out.past_key_values, len(req.prompt_ids))
+        self._merge(returned_cache(out), len(req.prompt_ids))
         self.rows.append(row)
         self.metrics.active.set(len(self.rows))
 
@@ -316,12 +337,13 @@ class Scheduler(threading.Thread):
         started = time.monotonic()
         mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long, device=self.device)], dim=1)
         self.runtime.row_adapters = [r.key for r in rows]
-        out = self.runtime.forward_model(
+        model = self.runtime.forward_model
+        out = model(
             input_ids=torch.tensor([[r.next_token] for r in rows], device=self.device),
             position_ids=torch.tensor([[r.pos] for r in rows], device=self.device),
             attention_mask=mask,
-            past_key_values=self._cache,
             use_cache=True,
+            **{cache_kwarg(model): self._cache},
         )
         self._mask = mask
         logits = out.logits[:, -1]
