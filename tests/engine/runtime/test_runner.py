@@ -76,6 +76,39 @@ def test_batched_rows_match_peft_alone(tiny: TinyModel) -> None:
             rt.tok[k], rt.pos[k] = s[pos[i] + 1], pos[i] + 1
 
 
+def test_the_step_cuda_graphs_capture_serves_every_row_as_peft_does(tiny: TinyModel) -> None:
+    """CPU twin of the captured step (see `FastRuntime._graph_step`): every LoRA slot at once
+    (static shapes, the rows' masks pick their slot), rows padded to the batch bucket with an
+    idle row, keys to the key bucket. On a GPU this is what `DecodeGraphs` captures and
+    replays; here it runs eagerly, so its numbers are checked on every CI run."""
+    refs = [reference_logits(tiny, m, s) for m, s in zip(MODES, SEQS)]
+    rt, slots = runtime(tiny)
+    assert rt.graphs is None  # CPU: the same function, called directly
+    kv = [rt.cache.allocate() for _ in SEQS]
+    idle = rt.cache.allocate()  # the bucket's fourth row: allocated, never active
+    idle_before = rt.cache.row(idle, 0, rt.cache.context).clone()
+    for k, m in zip(kv, MODES):
+        rt.lora_idx[k] = slots[m]
+    cut = [len(s) - DECODE for s in SEQS]
+    rt.prefill([(k, slots[m], s[:c], 0) for k, m, s, c in zip(kv, MODES, SEQS, cut)])
+    for k, s, c in zip(kv, SEQS, cut):
+        rt.tok[k], rt.pos[k], rt.active[k] = s[c], c, True
+    bucket_rows, bucket_keys = 4, rt.cache.context  # more rows and keys than the step needs
+    for step in range(DECODE - 1):
+        pos = [c + step for c in cut]
+        out = rt._graph_step(bucket_rows, bucket_keys, True)
+        assert out.shape[0] == bucket_rows
+        for i, (k, s) in enumerate(zip(kv, SEQS)):
+            torch.testing.assert_close(out[k], refs[i][pos[i]], atol=1e-4, rtol=1e-4)
+            rt.tok[k], rt.pos[k] = s[pos[i] + 1], pos[i] + 1
+    assert torch.equal(rt.cache.row(idle, 0, rt.cache.context), idle_before)  # the idle row wrote only scratch
+    # base rows only: the graph captured without the LoRA stacks
+    rt.active[kv[1]] = rt.active[kv[2]] = False
+    last = cut[0] + DECODE - 1
+    out = rt._graph_step(bucket_rows, bucket_keys, False)
+    torch.testing.assert_close(out[kv[0]], refs[0][last], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tiny", ["llama-gqa", "qwen2-bias-bf16"], indirect=True)
 def test_a_bf16_cache_holds_half_the_bytes_and_stays_within_bf16_rounding(tiny: TinyModel) -> None:
     """KV_CACHE_DTYPE=bfloat16 under fp32 activations: queries, keys and values are rounded to
