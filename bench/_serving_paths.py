@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import json
 import shutil
 import tempfile
@@ -443,6 +444,14 @@ class _Stamps:
         pass
 
 
+async def _in_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a thread that exits afterwards, so the OpenMP team of the naive path's
+    torch work does not outlive it and slow the engines' model threads (engine.cpu_threads)."""
+    from engine.cpu_threads import run_in_passing_thread
+
+    return await asyncio.to_thread(run_in_passing_thread, functools.partial(fn, *args), "naive")
+
+
 class NaivePath:
     """Plain transformers `generate`, one request after another, peft `set_adapter` per request."""
 
@@ -453,7 +462,7 @@ class NaivePath:
         self.model: Any = None
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        await _in_passing_thread(self._load)
 
     def _load(self) -> None:
         from peft import PeftModel
@@ -515,11 +524,11 @@ class NaivePath:
 
     async def warm_up(self, sizes: Sequence[int], deadline: float) -> None:
         for a in (None, ONE_ADAPTER):
-            await asyncio.to_thread(self._generate, 0, a, 2, None)
+            await _in_passing_thread(self._generate, 0, a, 2, None)
 
     async def measure(self, wl: Workload, tokens: int, deadline: float) -> Row:
         with PeakMemory(self.device) as mem:
-            traces, started, ended, cut = await asyncio.to_thread(self._run, wl, tokens, deadline)
+            traces, started, ended, cut = await _in_passing_thread(self._run, wl, tokens, deadline)
         row = summarize(traces, workload=wl.key, label=wl.label, path=self.name, tokens_each=tokens,
                         started=started, ended=ended, cut=cut, deadline_s=deadline)
         row.peak_mib = mem.mib
@@ -537,6 +546,6 @@ class NaivePath:
             prof.check(self.device)
             return prof.syncs, prof.dtoh
 
-        syncs, dtoh = await asyncio.to_thread(run)
+        syncs, dtoh = await _in_passing_thread(run)
         steps = tokens * len(firsts)
         return syncs / steps, dtoh / steps, steps

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from engine import cpu_threads
 from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
 from engine.fingerprint import base_mismatch
@@ -62,6 +63,9 @@ class ValidatedAdapter:
     version: VersionDir
     modules: frozenset[str]  # module paths in the base model the adapter touches
     file_bytes: int
+    #: the weights file's tensors as validation read them (the fast path copies them into a
+    #: slot instead of reading the file again); not kept after the load
+    tensors: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
@@ -251,12 +255,22 @@ def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[
             raise AdapterIncompatible(
                 f"{where}: {key} has shape {tuple(t.shape)}, expected {expected} (rank {r} on {module})"
             )
-        if not bool(t.float().isfinite().all()):
-            raise AdapterInvalid(f"{where}: {key} contains NaN or infinite values")
         modules.add(module)
     if not modules:
         raise AdapterInvalid(f"{where}: {WEIGHTS_FILE} has no lora_A/lora_B weights")
-    return ValidatedAdapter(version, frozenset(modules), (path / WEIGHTS_FILE).stat().st_size)
+    bad = _first_not_finite(tensors)
+    if bad is not None:
+        raise AdapterInvalid(f"{where}: {bad} contains NaN or infinite values")
+    return ValidatedAdapter(version, frozenset(modules), (path / WEIGHTS_FILE).stat().st_size, tensors)
+
+
+def _first_not_finite(tensors: dict[str, Any]) -> str | None:
+    """The first tensor holding NaN or inf, or None. Tensor by tensor: one check over all of
+    them at once needs a copy of them all, whose fresh pages cost more than the checks."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            return key
+    return None
 
 
 class AdapterRegistry:
@@ -285,7 +299,9 @@ class AdapterRegistry:
         self._resident: dict[str, Resident] = {}  # peft name -> Resident
         self._errors: dict[str, str] = {}  # domain -> last load error
         self._pending: dict[str, Future] = {}  # peft name -> load in progress
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        # below the model thread's priority, and single-threaded: see engine.cpu_threads
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader",
+                                          initializer=cpu_threads.lower_priority)
 
     # ---- model-thread API ------------------------------------------------------------
     def acquire(self, domain: str | None) -> tuple[str, str | None] | None:
@@ -378,10 +394,15 @@ class AdapterRegistry:
                         self._set_serving(version.domain, version.version)
                     return fut
                 self._resident[key] = Resident(version.domain, version.version, "loading")
-            fut = self._loader.submit(self._load, version, make_serving)
+            fut = self._loader.submit(self._single_threaded, self._load, version, make_serving)
             self._pending[key] = fut
             fut.add_done_callback(lambda _f, k=key: self._pending.pop(k, None))
             return fut
+
+    @staticmethod
+    def _single_threaded(fn: Callable[..., Any], *args: Any) -> Any:
+        with cpu_threads.single_threaded():
+            return fn(*args)
 
     def _load(self, version: VersionDir, make_serving: bool) -> str:
         key = peft_name(version.domain, version.version)
@@ -464,7 +485,7 @@ class AdapterRegistry:
                 with self._lock:
                     self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self._resident.values()))
 
-        self._loader.submit(free)
+        self._loader.submit(self._single_threaded, free)
 
     # ---- reporting -----------------------------------------------------------------
     def _not_found(self, domain: str) -> str:

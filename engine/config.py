@@ -88,8 +88,8 @@ class EngineSettings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=512, description="Rows decoded together per step.")
     cpu_threads: int | None = Field(
         None, ge=1, le=1024,
-        description="Torch threads when the model runs on the CPU. Empty = OMP_NUM_THREADS when set, else the "
-        "usable cores minus one (at least 1): the event loop and the stream writer keep a core.",
+        description="Torch threads when the model runs on the CPU. Empty = OMP_NUM_THREADS when set, else every "
+        "usable core (the model thread's OpenMP team; see engine.cpu_threads).",
     )
     max_queue: int = Field(64, ge=1, le=100000, description="Waiting requests before new ones are refused.")
     template_poll_s: float = Field(1.0, ge=0.0, description="How often template files are checked for changes.")
@@ -141,12 +141,14 @@ class EngineSettings(BaseSettings):
         return 8192 if device.startswith("cuda") else 512
 
     def resolved_cpu_threads(self) -> int:
-        """CPU_THREADS, or OMP_NUM_THREADS, or the usable cores minus one.
+        """CPU_THREADS, or OMP_NUM_THREADS, or every usable core.
 
-        torch's own default is every core. When the bot's event loop or the stream writer
-        wakes on one of them, an OpenMP barrier of the forward pass waits for the thread it
-        descheduled: on a 2-core machine 16 users got 37 tok/s with 2 threads and 69 with 1
-        (`python -m bench.serving --threads N`, README)."""
+        Every core: the decode step is bound by memory bandwidth at a few rows and by compute
+        at many, and both grow with threads (2-core machine, `python -m bench.serving
+        --threads N`: 16 users over 4 modes 180 tok/s with 1 thread, 263-274 with 2). This
+        holds once the forward's OpenMP team is the only one in the process (engine.cpu_threads);
+        before that, 2 threads had measured slower than 1 (37 vs 69 tok/s), which had been
+        read as the event loop descheduling a worker and had made the default "cores minus one"."""
         if self.cpu_threads is not None:
             return self.cpu_threads
         omp = os.environ.get("OMP_NUM_THREADS", "").strip()
@@ -156,7 +158,7 @@ class EngineSettings(BaseSettings):
             cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
         except AttributeError:  # not on Linux
             cores = os.cpu_count() or 1
-        return max(1, cores - 1)
+        return max(1, cores)
 
     def resolved_quantization(self, device: str) -> str:
         """The quantization actually used: `auto` is nf4 on CUDA (one quantized model in GPU

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Sequence
 
+from engine import cpu_threads
 from engine.adapter_store import AdapterStore
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineClosed, EngineError
@@ -112,7 +113,8 @@ class Engine:
         """
         notes = await asyncio.to_thread(self.settings.check_folders)
         self.templates = await asyncio.to_thread(self._load_templates)
-        await asyncio.to_thread(self._start_sync)
+        # in a thread that then exits, taking its OpenMP team along (see engine.cpu_threads)
+        await asyncio.to_thread(cpu_threads.run_in_passing_thread, self._start_sync, "engine-start")
         failures = await asyncio.to_thread(self.registry.load_all)
         for domain, reason in failures.items():
             log.error("adapter %s is not serving: %s", domain, reason)

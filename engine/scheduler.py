@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_threads
 from engine.config import EngineSettings
 from engine.errors import EngineBusy, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
@@ -165,6 +166,8 @@ class Scheduler(threading.Thread):
 
     # ---- the model thread ----------------------------------------------------------
     def run(self) -> None:
+        if self.device.type == "cpu":  # the forward's OpenMP team is this thread's (engine.cpu_threads)
+            cpu_threads.claim(self.settings.resolved_cpu_threads())
         last_step = None
         while True:
             self._run_commands()

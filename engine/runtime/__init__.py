@@ -166,7 +166,8 @@ class FastRuntime:
 
         v = adapter.version
         key = peft_name(v.domain, v.version)
-        self.lora.load(key, v.path, v.weights, adapter.modules, f"adapter {v.domain}/{v.version} ({v.path})")
+        weights = adapter.tensors if adapter.tensors is not None else v.weights  # read once, by validation
+        self.lora.load(key, v.path, weights, adapter.modules, f"adapter {v.domain}/{v.version} ({v.path})")
         return self.lora.slot_bytes
 
     def delete(self, name: str) -> None:

@@ -149,14 +149,14 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings(device="cpu").resolved_device() == "cpu"
 
 
-def test_cpu_threads_leave_a_core_for_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_threads_are_the_usable_cores_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
-    assert load_settings().resolved_cpu_threads() == 1
+    assert load_settings().resolved_cpu_threads() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert load_settings().resolved_cpu_threads() == 15
+    assert load_settings().resolved_cpu_threads() == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # one core: still one thread
     assert load_settings().resolved_cpu_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the operator's OpenMP setting wins over the rule

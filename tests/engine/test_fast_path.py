@@ -230,3 +230,27 @@ async def test_a_bf16_kv_cache_halves_the_cache_and_serves_every_mode(workdir: P
         assert len(set(got)) == len(got) and all(got)
     finally:
         await fast.close()
+
+
+async def test_the_model_thread_computes_with_cpu_threads_and_the_loader_runs_lowered_and_alone(engines) -> None:
+    """engine.cpu_threads on a running engine: the model thread (of both paths) computes with
+    CPU_THREADS whatever thread loaded the model, and adapter loads run single-threaded on a
+    thread of lower priority."""
+    import os
+    import threading
+
+    import torch
+
+    for engine in engines:
+        got = await asyncio.wrap_future(engine.scheduler.run_exclusive(torch.get_num_threads))
+        assert got == engine.settings.resolved_cpu_threads()
+
+    def loader_view() -> tuple[int, bool]:
+        if not hasattr(os, "getpriority"):  # not POSIX: nothing to look at
+            return torch.get_num_threads(), True
+        return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) > base
+
+    base = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+    fast = engines[0]
+    threads, lowered = await asyncio.wrap_future(fast.registry._loader.submit(fast.registry._single_threaded, loader_view))
+    assert threads == 1 and lowered

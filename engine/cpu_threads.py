@@ -1,0 +1,110 @@
+"""One OpenMP team for the forward pass on a CPU: the model thread's.
+
+Why this module exists: libgomp (torch's OpenMP) keeps a team of worker threads for every OS
+thread that ever ran a parallel region with more than one thread, until that thread exits.
+Once the process holds more libgomp threads than it has cores, libgomp stops spinning at its
+barriers (its "throttled" spin count) and every parallel region of a decode step waits for
+its workers to wake up. Measured on the 2-core machine, one decode step of the default model
+with 2 threads: 26.6 ms when one thread loaded the model and decoded, 46.6 ms when the model
+was loaded in one thread and decoded in another (1 thread: 39 ms). The engine loads the model
+in a start thread and decodes in the model thread, and loads adapters in a third, so it had
+paid that price and looked faster with one thread than with two.
+
+So:
+- the model is loaded in a thread that exits when it is done (`run_in_passing_thread`), and
+  its team goes with it;
+- the model thread claims the thread count when it starts (`claim`);
+- the torch work of every other long-lived thread (the adapter loader) runs single-threaded
+  (`single_threaded`), so it never starts a team of its own, and at a lower priority
+  (`lower_priority`), so a hot-load takes less from the running streams.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Any, Callable, Iterator, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_inside = 0  # threads inside `single_threaded` now
+_claimed: int | None = None  # the model thread's count, restored when the last one leaves
+_restore = 1
+
+
+def claim(threads: int) -> None:
+    """The calling thread (the model thread) computes with `threads` OpenMP threads.
+
+    torch's count looks global but OpenMP's is per thread: each thread takes torch's global
+    value once, at its first parallel region or `get_num_threads`, and keeps it. That first
+    read is made here, before setting, so it cannot come later (say in a `single_threaded`
+    window of another thread, while the global is 1) and undo the claim."""
+    import torch
+
+    global _claimed
+    with _lock:
+        _claimed = threads
+        torch.get_num_threads()  # this thread's one-time initialisation, now
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Torch work in this block, on this thread, runs on one thread (no OpenMP team).
+
+    While any thread is inside, torch's global count is 1 too (a thread that has never
+    computed would start with it; a thread that has, such as the model thread, keeps its own);
+    the last thread to leave restores the model thread's count."""
+    import torch
+
+    global _inside, _restore
+    with _lock:
+        if _inside == 0:
+            _restore = _claimed if _claimed is not None else torch.get_num_threads()
+        _inside += 1
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        with _lock:
+            _inside -= 1
+            if _inside == 0:
+                torch.set_num_threads(_claimed if _claimed is not None else _restore)
+
+
+def lower_priority(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread's nice value is its own).
+
+    For a background thread whose work can wait (an adapter load) while decode steps cannot:
+    the forward's team uses every core it was given, so CPU time a loader takes stalls a
+    barrier of the running step. Nice 10 gives it about a tenth of a core against a busy
+    team, so a load still ends in well under a second; `SCHED_IDLE` (run only on idle cores)
+    was tried and starved loads for up to 28 s behind the busy reference path. Raising a nice
+    value needs no privilege; where it is refused the thread keeps its priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that refuses
+        log.debug("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
+
+
+def run_in_passing_thread(fn: Callable[[], T], name: str) -> T:
+    """`fn()` in a new thread that exits when it returns, so the OpenMP team its torch work
+    started exits too; its result or exception is the caller's."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

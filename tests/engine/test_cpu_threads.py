@@ -1,0 +1,100 @@
+"""engine.cpu_threads: the forward's OpenMP team is the model thread's alone.
+
+What must hold: a thread that claims N threads computes with N whatever other threads do; a
+`single_threaded` block computes with one thread on its own thread only, and leaves the count
+new threads start with as the model thread claimed it; a thread run in passing hands back its
+result or its exception; a lowered thread runs at a lower priority, alone. The engine's side (the model
+thread claims CPU_THREADS, the adapter loader runs lowered): tests/engine/test_fast_path.py.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from engine import cpu_threads
+
+
+@pytest.fixture(autouse=True)
+def _restore_counts():
+    before, claimed = torch.get_num_threads(), cpu_threads._claimed
+    yield
+    cpu_threads._claimed = claimed
+    torch.set_num_threads(before)
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault("v", fn()))
+    t.start()
+    t.join()
+    return box["v"]
+
+
+def test_a_single_threaded_block_leaves_the_claiming_thread_and_new_threads_their_count() -> None:
+    claimed, inside, leave = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def model() -> None:
+        cpu_threads.claim(2)
+        claimed.set()
+        inside.wait(10)
+        seen["model, while a block is open"] = torch.get_num_threads()
+        x = torch.randn(256, 256)
+        (x @ x).sum()  # a parallel region on the model thread meanwhile
+        seen["model, after its own work"] = torch.get_num_threads()
+        leave.set()
+
+    m = threading.Thread(target=model)
+    m.start()
+    claimed.wait(10)
+
+    def helper() -> None:
+        with cpu_threads.single_threaded():
+            seen["helper, inside"] = torch.get_num_threads()
+            inside.set()
+            leave.wait(10)
+            with cpu_threads.single_threaded():  # nested: still one, and leaving the inner one keeps it
+                pass
+            seen["helper, after a nested block"] = torch.get_num_threads()
+
+    _in_thread(helper)
+    m.join()
+    seen["a new thread, after"] = _in_thread(torch.get_num_threads)
+    assert seen == {
+        "model, while a block is open": 2, "model, after its own work": 2,
+        "helper, inside": 1, "helper, after a nested block": 1, "a new thread, after": 2,
+    }
+
+
+def test_a_thread_in_passing_returns_the_result_or_raises_and_is_gone() -> None:
+    ran_in: list[threading.Thread] = []
+
+    def work() -> int:
+        ran_in.append(threading.current_thread())
+        return 42
+
+    assert cpu_threads.run_in_passing_thread(work, "probe") == 42
+    assert ran_in[0] is not threading.current_thread() and ran_in[0].name == "probe"
+    assert not ran_in[0].is_alive()
+
+    def fail() -> None:
+        raise ValueError("model file is broken")
+
+    with pytest.raises(ValueError, match="model file is broken"):
+        cpu_threads.run_in_passing_thread(fail, "probe")
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are POSIX")
+def test_a_lowered_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own() -> None:
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def lowered() -> int:
+        cpu_threads.lower_priority()
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert _in_thread(lowered) == min(19, mine + 10)  # nice values add up to 19 at most
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
