@@ -145,7 +145,7 @@ class EngineSettings(BaseSettings):
 
         Every core: the decode step is bound by memory bandwidth at a few rows and by compute
         at many, and both grow with threads (2-core machine, `python -m bench.serving
-        --threads N`: 16 users over 4 modes 180 tok/s with 1 thread, 263-274 with 2). This
+        --threads N`: 16 users over 4 modes 180 tok/s with 1 thread, 263-285 with 2). This
         holds once the forward's OpenMP team is the only one in the process (engine.cpu_threads);
         before that, 2 threads had measured slower than 1 (37 vs 69 tok/s), which had been
         read as the event loop descheduling a worker and had made the default "cores minus one"."""
