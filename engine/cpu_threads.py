@@ -32,8 +32,8 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _inside = 0  # threads inside `single_threaded` now
-_claimed: int | None = None  # the model thread's count, restored when the last one leaves
-_restore = 1
+_claimed: int | None = None  # the model thread's count (`claim`)
+_restore = 1  # what the last thread to leave `single_threaded` sets back
 
 
 def claim(threads: int) -> None:
@@ -73,7 +73,7 @@ def single_threaded() -> Iterator[None]:
         with _lock:
             _inside -= 1
             if _inside == 0:
-                torch.set_num_threads(_claimed if _claimed is not None else _restore)
+                torch.set_num_threads(_restore)
 
 
 def lower_priority(niceness: int = 10) -> None:

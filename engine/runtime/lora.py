@@ -21,7 +21,6 @@ loading a version only writes numbers into a free slot, so nothing has to be re-
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -227,7 +226,7 @@ class LoraSlots:
         """Copy one version into a free slot and publish its scaling; returns the slot.
 
         `weights`: the safetensors file, or its tensors by name (already read)."""
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         self.check(config, modules, where)
@@ -248,17 +247,13 @@ class LoraSlots:
                 a4, b4 = self._slot_block(group, slot)
                 a4.zero_()
                 b4.zero_()
-            with contextlib.ExitStack() as stack:
-                if isinstance(weights, Mapping):  # the tensors validation read
-                    get = weights.__getitem__
-                else:
-                    get = stack.enter_context(safe_open(str(weights), framework="pt")).get_tensor
-                for module in sorted(modules):
-                    g, j = self._group_of[module]
-                    lo, hi = g.columns[j]
-                    a4, b4 = self._slot_block(g.key, slot)
-                    a4[:r, j].copy_(get(f"{_PREFIX}{module}.lora_A.weight"))  # [r, in]
-                    b4[:r, j, lo:hi].copy_(get(f"{_PREFIX}{module}.lora_B.weight").T)  # [out, r]
+            tensors = weights if isinstance(weights, Mapping) else load_file(str(weights))
+            for module in sorted(modules):
+                g, j = self._group_of[module]
+                lo, hi = g.columns[j]
+                a4, b4 = self._slot_block(g.key, slot)
+                a4[:r, j].copy_(tensors[f"{_PREFIX}{module}.lora_A.weight"])  # [r, in]
+                b4[:r, j, lo:hi].copy_(tensors[f"{_PREFIX}{module}.lora_B.weight"].T)  # [out, r]
             R = self.max_rank
             # the table rows are the switch: until they are written the slot contributes nothing
             for width, table in self.tables.items():

@@ -27,11 +27,7 @@ def _restore_counts():
 
 
 def _in_thread(fn: Callable[[], Any]) -> Any:
-    box: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: box.setdefault("v", fn()))
-    t.start()
-    t.join()
-    return box["v"]
+    return cpu_threads.run_in_passing_thread(fn, "probe")  # its own behaviour: the test below
 
 
 def test_a_single_threaded_block_leaves_the_claiming_thread_and_new_threads_their_count() -> None:
