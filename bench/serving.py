@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure each row up to 16 users this many times, round the workloads, and report the "
                    "median (default 3 on CPU, whose speed drifts from minute to minute; 1 on CUDA)")
     p.add_argument("--threads", type=_positive(int),
-                   help="torch CPU threads for every path (default: the engine's CPU_THREADS rule, the usable "
-                   "cores minus one)")
+                   help="torch CPU threads for every path (default: the engine's CPU_THREADS rule, every usable "
+                   "core)")
     p.add_argument("--budget", type=_positive(float),
                    help="seconds for the whole run, shared out between the paths; runs are cut at the end of "
                    "their path's share and rows that would start later are skipped and listed (default: "

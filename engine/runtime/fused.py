@@ -29,16 +29,58 @@ from engine import bf16_weights, fp16_weights
 
 
 class FusedLinear:
-    """`modules`, all reading the same input, as one call returning [rows, sum of outputs]."""
+    """`modules`, all reading the same input, as one call returning [rows, sum of outputs].
+
+    A product of bf16 weights can carry extra rows below its weight (`make_room`): a call
+    with `extra=n` returns n more columns, x times those rows, from the same kernel. The LoRA
+    stacks put their A matrices there (see `engine.runtime.lora`), so a LoRA shrink costs no
+    product of its own.
+    """
 
     def __init__(self, modules: list[Any]) -> None:
         self.modules = list(modules)
         self.sizes = [int(m.out_features) for m in self.modules]
         self.out_features = sum(self.sizes)
         self.kind, self._call = _fuse(self.modules)
+        self._wide: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight and bias with the extra rows
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._call(x)
+    def __call__(self, x: torch.Tensor, extra: int = 0) -> torch.Tensor:
+        if not extra:
+            return self._call(x)
+        assert self._wide is not None, "extra rows asked of a product without room for them"
+        weight, bias = self._wide
+        end = self.out_features + extra
+        return bf16_weights.matmul(x, weight[:end], None if bias is None else bias[:end])
+
+    def make_room(self, rows: int) -> torch.Tensor | None:
+        """Room for `rows` extra weight rows below the product's, as a zeroed bf16 [rows, in]
+        view to write them into; None where the product is not one bf16 weight (fp32, fp16,
+        bitsandbytes, hooked or shared modules), which then has no extra rows.
+
+        The members' bf16 weights become views of the wider tensor's top, so no byte of
+        the model's weights is kept twice."""
+        members = self.modules
+        if not all(type(m) is bf16_weights.Bf16Linear and m._parameters.get("weight") is None for m in members):
+            return None
+        if self.kind not in ("bf16", "single") or any(_hooked(m) for m in members):
+            return None
+        with torch.no_grad():
+            parts = [m.w16 for m in members]
+            wide = parts[0].new_zeros(self.out_features + rows, parts[0].shape[1])
+            lo = 0
+            for m, p in zip(members, parts):
+                wide[lo:lo + p.shape[0]].copy_(p)
+                m.w16 = wide[lo:lo + p.shape[0]]
+                lo += p.shape[0]
+            bias = _bias(members)
+            if bias is not None:
+                bias = torch.cat([bias, bias.new_zeros(rows)])
+        self._wide = (wide, bias)
+        base = wide[:self.out_features]
+        if self.kind == "bf16":  # the plain call reads the same (moved) weight
+            fused_bias = None if bias is None else bias[:self.out_features]
+            self._call = lambda x: bf16_weights.matmul(x, base, fused_bias)
+        return wide[self.out_features:]
 
 
 def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:

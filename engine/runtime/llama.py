@@ -86,9 +86,9 @@ class _Layer:
     attn_norm: Any
     mlp_norm: Any
     qkv: FusedLinear  # q, k and v as one product: [rows, (heads + 2 kv_heads) * head_dim]
-    o: Any
+    o: FusedLinear  # a product of one module
     gate_up: FusedLinear  # gate and up as one product: [rows, 2 * intermediate]
-    down: Any
+    down: FusedLinear
     act: Any
     keys: dict[str, str]  # "qkv", "o", "gate_up", "down" -> the LoRA group key (see `lora.product_key`)
 
@@ -120,13 +120,18 @@ class LlamaRunner:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 _fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm),
-                FusedLinear([att.q_proj, att.k_proj, att.v_proj]), att.o_proj,
-                FusedLinear([mlp.gate_proj, mlp.up_proj]), mlp.down_proj,
+                FusedLinear([att.q_proj, att.k_proj, att.v_proj]), FusedLinear([att.o_proj]),
+                FusedLinear([mlp.gate_proj, mlp.up_proj]), FusedLinear([mlp.down_proj]),
                 mlp.act_fn, {name: product_key([f"model.layers.{i}.{p}" for p in paths])
                              for name, paths in PRODUCTS.items()},
             ))
         kinds = sorted({L.qkv.kind for L in self.layers} | {L.gate_up.kind for L in self.layers})
         log.info("q/k/v and gate/up run as one product each (%s)", ", ".join(kinds))
+        if lora is not None:
+            riding = self._make_room_for_lora(lora)
+            if riding:
+                log.info("LoRA A matrices ride below %d of %d bf16 product weights (one kernel for product and shrink)",
+                         riding, len(lora.groups))
         self.device = self.embed.weight.device
         self.kv_dtype = cache.k[0].dtype  # attention runs in it (KV_CACHE_DTYPE); may differ from the activations'
         from torch.nn.attention import SDPBackend
@@ -158,12 +163,23 @@ class LlamaRunner:
                             for p in PRODUCTS[name]])
         return out
 
-    def _linear(self, module: Any, key: str, x2: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        """A product (a module or a `FusedLinear`) plus the LoRA delta of its group."""
-        out = module(x2)
-        if lora is not None:
-            out = self.lora.apply(key, x2, out, lora)
-        return out
+    def _make_room_for_lora(self, lora: LoraSlots) -> int:
+        """Put each LoRA group's A below its product's weight where the product can carry
+        it (one bf16 weight, see `FusedLinear.make_room`); returns how many do."""
+        for L in self.layers:
+            for name in PRODUCTS:
+                key = L.keys[name]
+                if key in lora.groups:
+                    rows = getattr(L, name).make_room(lora.a[key].shape[0])
+                    if rows is not None:
+                        lora.ride(key, rows)
+        return len(lora.riding)
+
+    def _linear(self, product: FusedLinear, key: str, x2: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """A product plus the LoRA delta of its group."""
+        if lora is None:
+            return product(x2)
+        return self.lora.apply(key, x2, product, lora)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Logits [N, vocab], one row per sequence; writes every token's K/V into the cache."""

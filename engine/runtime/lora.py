@@ -16,17 +16,26 @@ no host sync. `lo:hi` is the smallest slot range that covers the batch's adapter
 the whole stack, so the shapes are static for CUDA graphs); slots are handed out lowest
 first, so the adapters in use sit next to each other.
 
+Where the product is one bf16 weight (`QUANTIZATION=bf16` on a CPU), a group's A lives in
+extra rows below that weight (`ride`, `FusedLinear.make_room`): the shrink `x @ A.T` comes
+out of the product's own kernel as extra columns, in bf16 like the product (its inputs are
+rounded to bf16 already), instead of a separate fp32 product per module: a decode step of 16
+rows over four modes of the default model took 41.1 ms instead of 43.1 (2 cores), and a
+prefill chunk's shrink runs on the AMX tiles. The expand stays fp32 (the bf16 products of
+its small shapes cost more than they save). Such a group's `views` A is unused.
+
 Shapes are fixed at start (`MAX_RESIDENT_ADAPTERS`, `MAX_LORA_RANK`, `LORA_TARGET_MODULES`);
 loading a version only writes numbers into a free slot, so nothing has to be re-captured.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -141,12 +150,13 @@ class LoraBatch:
     views: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[int, torch.Tensor] | None  # width -> [rows or tokens, range * width]
     alpha: float = 1.0
+    span: tuple[int, int] = (0, 0)  # the range's rank rows [lo, hi), in slot * r_max + rank units
 
     def for_tokens(self, row_of_token: torch.Tensor) -> "LoraBatch":
         """The routing of packed tokens, from each token's row (prefill)."""
         if self.masks is None:
             return self
-        return LoraBatch(self.views, {w: m.index_select(0, row_of_token) for w, m in self.masks.items()}, self.alpha)
+        return dataclasses.replace(self, masks={w: m.index_select(0, row_of_token) for w, m in self.masks.items()})
 
 
 class LoraSlots:
@@ -180,12 +190,24 @@ class LoraSlots:
         self._scale: dict[int, float] = {}  # slot -> its scaling (host copy)
         self._views: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._slot_of: dict[str, int] = {}
+        self.riding: set[str] = set()  # groups whose A sits below their product's weight (`ride`)
         self._lock = threading.Lock()
+
+    def ride(self, key: str, rows: torch.Tensor) -> None:
+        """Keep group `key`'s A in `rows` ([slots * r_max * width, in], the room a bf16
+        product made below its weight) instead of its own stack; before any version loads."""
+        assert not self._owner, "ride() after a version was loaded"
+        if rows.shape != self.a[key].shape:
+            raise ValueError(f"room for {tuple(rows.shape)} rows, the LoRA stack of {key} is {tuple(self.a[key].shape)}")
+        self.a[key] = rows
+        self.riding.add(key)
+        self._views.clear()
 
     @property
     def slot_bytes(self) -> int:
-        per_rank_row = sum((g.in_features + g.out_features) * g.width for g in self.groups.values())
-        return per_rank_row * self.max_rank * torch.finfo(self.dtype).bits // 8
+        per_slot = sum(self.a[k].element_size() * g.in_features * g.width
+                       + self.b[k].element_size() * g.out_features * g.width for k, g in self.groups.items())
+        return per_slot * self.max_rank
 
     def slot_of(self, key: str) -> int:
         return self._slot_of[key]
@@ -310,21 +332,34 @@ class LoraSlots:
                 return None
             if len(adapters) == 1 and 0 not in used:  # one adapter: its real rank, a scalar scale
                 (s,) = adapters
-                return LoraBatch(self.views(s * R, s * R + self._rank.get(s, R)), None, self._scale.get(s, 0.0))
+                lo, hi = s * R, s * R + self._rank.get(s, R)
+                return LoraBatch(self.views(lo, hi), None, self._scale.get(s, 0.0), (lo, hi))
             lo, hi = min(adapters) * R, (max(adapters) + 1) * R
         return LoraBatch(self.views(lo, hi),
-                         {w: t[:, lo * w:hi * w].index_select(0, slots) for w, t in self.tables.items()})
+                         {w: t[:, lo * w:hi * w].index_select(0, slots) for w, t in self.tables.items()},
+                         span=(lo, hi))
 
-    def apply(self, key: str, x: torch.Tensor, out: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
-        """Add the LoRA delta of every row at once into `out` (in place) and return it.
+    def apply(self, key: str, x: torch.Tensor, product: Callable[..., torch.Tensor],
+              batch: LoraBatch) -> torch.Tensor:
+        """`product(x)` plus the LoRA delta of every row at once: [rows, the product's out].
 
-        `key`: a group's key (a fused product's, or a lone module's path); x [rows, in], out
-        [rows, the product's out] (2-D)."""
+        `key`: a group's key (a fused product's, or a lone module's path); x [rows, in]
+        (2-D); `product`: the group's product (a `FusedLinear`), which for a riding group
+        also returns the shrink as extra columns."""
         view = batch.views.get(key)
         if view is None:
-            return out
+            return product(x)
         a_t, b = view
-        mask = None if batch.masks is None else batch.masks[self.groups[key].width]
+        g = self.groups[key]
+        mask = None if batch.masks is None else batch.masks[g.width]
+        if key in self.riding:  # the shrink comes out of the product: columns [out + lo, out + hi) in rank rows
+            lo, hi = batch.span
+            y = product(x, hi * g.width)
+            out, h = y[:, :g.out_features], y[:, g.out_features + lo * g.width:]
+            if mask is not None:
+                h.mul_(mask)
+            return out.addmm_(h, b, alpha=batch.alpha)
+        out = product(x)
         if x.dtype != a_t.dtype or out.dtype != a_t.dtype:  # a module computing in another dtype
             h = torch.mm(x.to(a_t.dtype), a_t)
             if mask is not None:

@@ -158,3 +158,45 @@ def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> N
         flips32 += int((ref.argmax(-1) != ref32.argmax(-1)).sum())
     positions = len(seqs) * (steps + 1)
     assert flips <= positions // 10 and flips32 <= positions // 10, (flips, flips32, positions)
+
+
+def test_room_below_a_bf16_product_gives_extra_columns_from_the_same_kernel() -> None:
+    """`make_room` (where the LoRA stacks keep their A): the product's columns and the members
+    stay bit for bit what they were, `extra=n` adds x times the first n extra rows (in bf16,
+    like the product) without the bias, and the members' weights move into the wider tensor
+    rather than being kept twice."""
+    torch.manual_seed(6)
+    model = nn.ModuleList([nn.Linear(32, 24, bias=True), nn.Linear(32, 8, bias=False)])
+    lone = nn.ModuleList([nn.Linear(32, 16, bias=True)])
+    bf16_weights.convert(model)
+    bf16_weights.convert(lone)
+    for members in (list(model), list(lone)):
+        product = FusedLinear(members)
+        width = product.out_features
+        for rows in (1, 5, 130):  # mv, W @ x.T and x @ W.T (bf16_weights.matmul's three forms)
+            x = torch.randn(rows, 32)
+            with torch.inference_mode():
+                plain = product(x)
+                room = product.make_room(12)
+                assert room is not None and room.shape == (12, 32) and room.dtype == torch.bfloat16
+                assert not room.any()  # zeros until a LoRA version is written there
+                room.copy_(torch.randn(12, 32))
+                assert all(m.w16.untyped_storage().data_ptr() == room.untyped_storage().data_ptr() for m in members)
+                torch.testing.assert_close(product(x), plain, rtol=0, atol=0)
+                for m, (lo, hi) in zip(members, [(0, 24), (24, 32)] if len(members) == 2 else [(0, 16)]):
+                    torch.testing.assert_close(m(x), plain[:, lo:hi], rtol=0, atol=0)
+                wide = product(x, extra=7)
+            assert wide.shape == (rows, width + 7)
+            torch.testing.assert_close(wide[:, :width], plain, rtol=0, atol=2e-6)
+            expected = x.bfloat16().float() @ room[:7].float().T  # no bias on the extra columns
+            torch.testing.assert_close(wide[:, width:], expected, rtol=1e-2, atol=1e-3)
+
+
+def test_only_one_bf16_weight_makes_room() -> None:
+    """fp32 layers (their LoRA stays a separate fp32 product) and a hooked bf16 layer make none."""
+    plain = FusedLinear([nn.Linear(32, 8), nn.Linear(32, 8)])
+    assert plain.make_room(4) is None
+    hooked = nn.ModuleList([nn.Linear(32, 8)])
+    bf16_weights.convert(hooked)
+    hooked[0].register_forward_hook(lambda *_: None)
+    assert FusedLinear(list(hooked)).make_room(4) is None
