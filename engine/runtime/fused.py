@@ -67,11 +67,7 @@ class FusedLinear:
         with torch.no_grad():
             parts = [m.w16 for m in members]
             wide = parts[0].new_zeros(self.out_features + rows, parts[0].shape[1])
-            lo = 0
-            for m, p in zip(members, parts):
-                wide[lo:lo + p.shape[0]].copy_(p)
-                m.w16 = wide[lo:lo + p.shape[0]]
-                lo += p.shape[0]
+            _copy_into_views(wide, members, parts, lambda m, view: setattr(m, "w16", view))
             bias = _bias(members)
             if bias is not None:
                 bias = torch.cat([bias, bias.new_zeros(rows)])
@@ -158,12 +154,20 @@ def _concat_into_views(modules: list[Any], parts: list[torch.Tensor],
     if _overlapping(parts):
         return None
     with torch.no_grad():
-        whole = torch.cat([p.detach() for p in parts])
-        lo = 0
-        for m, p in zip(modules, parts):
-            set_view(m, whole[lo:lo + p.shape[0]])
-            lo += p.shape[0]
+        whole = parts[0].new_empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        _copy_into_views(whole, modules, parts, set_view)
     return whole
+
+
+def _copy_into_views(whole: torch.Tensor, modules: list[Any], parts: list[torch.Tensor],
+                     set_view: Callable[[Any, torch.Tensor], None]) -> None:
+    """Copy `parts` one after another into the top rows of `whole`; each member then holds
+    its block as a view (`set_view`)."""
+    lo = 0
+    for m, p in zip(modules, parts):
+        whole[lo:lo + p.shape[0]].copy_(p.detach())
+        set_view(m, whole[lo:lo + p.shape[0]])
+        lo += p.shape[0]
 
 
 def _overlapping(parts: list[torch.Tensor]) -> bool:
