@@ -31,8 +31,8 @@ from engine import bf16_weights, fp16_weights
 class FusedLinear:
     """`modules`, all reading the same input, as one call returning [rows, sum of outputs].
 
-    A product of bf16 weights can carry extra rows below its weight (`make_room`): a call
-    with `extra=n` returns n more columns, x times those rows, from the same kernel. The LoRA
+    A product of bf16 weights can carry extra rows below its weight (`make_room`):
+    `with_rows` returns x times those rows too, from the same kernel. The LoRA
     stacks put their A matrices there (see `engine.runtime.lora`), so a LoRA shrink costs no
     product of its own.
     """
@@ -43,14 +43,24 @@ class FusedLinear:
         self.out_features = sum(self.sizes)
         self.kind, self._call = _fuse(self.modules)
         self._wide: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight and bias with the extra rows
+        self._tops: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # extra -> views of their top rows
 
-    def __call__(self, x: torch.Tensor, extra: int = 0) -> torch.Tensor:
-        if not extra:
-            return self._call(x)
-        assert self._wide is not None, "extra rows asked of a product without room for them"
-        weight, bias = self._wide
-        end = self.out_features + extra
-        return bf16_weights.matmul(x, weight[:end], None if bias is None else bias[:end])
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(x)
+
+    def with_rows(self, x: torch.Tensor, extra: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The product of `x` [rows, in] and, from the same kernel, x times extra rows
+        [skip, extra) (see `make_room`): ([rows, out_features], [rows, extra - skip]) views of
+        one result."""
+        top = self._tops.get(extra)
+        if top is None:  # a view per row count, made once: a step asks for a few counts, many times
+            assert self._wide is not None, "extra rows asked of a product without room for them"
+            weight, bias = self._wide
+            end = self.out_features + extra
+            top = self._tops[extra] = (weight[:end], None if bias is None else bias[:end])
+        y = bf16_weights.matmul(x, *top)
+        n = self.out_features
+        return y[:, :n], y[:, n + skip:]
 
     def make_room(self, rows: int) -> torch.Tensor | None:
         """Room for `rows` extra weight rows below the product's, as a zeroed bf16 [rows, in]
@@ -71,7 +81,7 @@ class FusedLinear:
             bias = _bias(members)
             if bias is not None:
                 bias = torch.cat([bias, bias.new_zeros(rows)])
-        self._wide = (wide, bias)
+        self._wide, self._tops = (wide, bias), {}
         base = wide[:self.out_features]
         if self.kind == "bf16":  # the plain call reads the same (moved) weight
             fused_bias = None if bias is None else bias[:self.out_features]

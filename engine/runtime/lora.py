@@ -35,12 +35,15 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from engine.adapter_store import CONFIG_FILE
 from engine.errors import AdapterIncompatible, AdapterInvalid
+
+if TYPE_CHECKING:
+    from engine.runtime.fused import FusedLinear
 
 log = logging.getLogger(__name__)
 
@@ -339,13 +342,12 @@ class LoraSlots:
                          {w: t[:, lo * w:hi * w].index_select(0, slots) for w, t in self.tables.items()},
                          span=(lo, hi))
 
-    def apply(self, key: str, x: torch.Tensor, product: Callable[..., torch.Tensor],
-              batch: LoraBatch) -> torch.Tensor:
+    def apply(self, key: str, x: torch.Tensor, product: "FusedLinear", batch: LoraBatch) -> torch.Tensor:
         """`product(x)` plus the LoRA delta of every row at once: [rows, the product's out].
 
         `key`: a group's key (a fused product's, or a lone module's path); x [rows, in]
         (2-D); `product`: the group's product (a `FusedLinear`), which for a riding group
-        also returns the shrink as extra columns."""
+        also returns the shrink (`FusedLinear.with_rows`)."""
         view = batch.views.get(key)
         if view is None:
             return product(x)
@@ -354,8 +356,7 @@ class LoraSlots:
         mask = None if batch.masks is None else batch.masks[g.width]
         if key in self.riding:  # the shrink comes out of the product: columns [out + lo, out + hi) in rank rows
             lo, hi = batch.span
-            y = product(x, hi * g.width)
-            out, h = y[:, :g.out_features], y[:, g.out_features + lo * g.width:]
+            out, h = product.with_rows(x, hi * g.width, lo * g.width)
             if mask is not None:
                 h.mul_(mask)
             return out.addmm_(h, b, alpha=batch.alpha)

@@ -162,7 +162,7 @@ def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> N
 
 def test_room_below_a_bf16_product_gives_extra_columns_from_the_same_kernel() -> None:
     """`make_room` (where the LoRA stacks keep their A): the product's columns and the members
-    stay bit for bit what they were, `extra=n` adds x times the first n extra rows (in bf16,
+    stay bit for bit what they were, `with_rows` adds x times the first n extra rows (in bf16,
     like the product) without the bias, and the members' weights move into the wider tensor
     rather than being kept twice."""
     torch.manual_seed(6)
@@ -185,11 +185,15 @@ def test_room_below_a_bf16_product_gives_extra_columns_from_the_same_kernel() ->
                 torch.testing.assert_close(product(x), plain, rtol=0, atol=0)
                 for m, (lo, hi) in zip(members, [(0, 24), (24, 32)] if len(members) == 2 else [(0, 16)]):
                     torch.testing.assert_close(m(x), plain[:, lo:hi], rtol=0, atol=0)
-                wide = product(x, extra=7)
-            assert wide.shape == (rows, width + 7)
-            torch.testing.assert_close(wide[:, :width], plain, rtol=0, atol=2e-6)
+                out, extra = product.with_rows(x, 7, 0)
+                out2, extra2 = product.with_rows(x, 7, 3)  # the first 3 extra rows skipped
+            assert out.shape == out2.shape == (rows, width)
+            assert extra.shape == (rows, 7) and extra2.shape == (rows, 4)
+            torch.testing.assert_close(out, plain, rtol=0, atol=2e-6)
+            torch.testing.assert_close(out2, out, rtol=0, atol=0)
             expected = x.bfloat16().float() @ room[:7].float().T  # no bias on the extra columns
-            torch.testing.assert_close(wide[:, width:], expected, rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(extra, expected, rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(extra2, extra[:, 3:], rtol=0, atol=0)
 
 
 def test_only_one_bf16_weight_makes_room() -> None:
