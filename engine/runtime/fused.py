@@ -9,9 +9,11 @@ LoRA delta of a fused group is one product pair instead of one pair per module (
 Memory stays as it was: the fused weight is the only copy. The member modules keep working
 for anyone who calls them (the reference path, a test): a plain `nn.Linear` member's weight
 (or a `Bf16Linear` member's bf16 weight) becomes a view into the fused weight, and an
-`Fp16Linear` member computes through the fused pack and keeps its own columns. Layers whose weights cannot be concatenated (bitsandbytes
-`Linear4bit`/`Linear8bitLt`, hooked or mixed modules) are called one by one and their outputs
-concatenated, so the runner sees one layout for every kind.
+`Fp16Linear` member computes through the fused pack and keeps its own columns; bitsandbytes
+4-bit members (nf4, fp4) keep views of one packed weight (`engine.runtime.fused_4bit`). Layers
+whose weights cannot be concatenated (bitsandbytes `Linear8bitLt`, 4-bit layers repacked for
+bitsandbytes' AVX-512 CPU kernel, hooked or mixed modules) are called one by one and their
+outputs concatenated, so the runner sees one layout for every kind.
 
 The numbers are those of the separate products: each output column is the same dot product
 (checked bit for bit for MKL's sgemm, fbgemm's fp16 GEMM and oneDNN's bf16 product on this
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import bf16_weights, fp16_weights
+from engine.runtime import fused_4bit
 
 
 class FusedLinear:
@@ -106,6 +109,9 @@ def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tenso
     if dense is not None:
         weight, bias = dense
         return "dense", lambda x: F.linear(x, weight, bias)
+    packed = fused_4bit.fuse(modules, _concat_into_views)
+    if packed is not None:
+        return "4-bit packed", packed
     return "concatenated", _concatenated(modules)
 
 

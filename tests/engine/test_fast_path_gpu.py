@@ -3,7 +3,8 @@
 CPU twins: tests/engine/runtime/test_runner.py (tiny models vs peft) and
 tests/engine/test_fast_path.py (the real model, fast vs reference). Here the decode step runs
 as CUDA graphs: equality in fp32, bounded drift in bf16 (nf4, the product's default on CUDA),
-graphs captured for the nf4 kernels, and one host sync per decode step.
+graphs captured for the nf4 kernels (q/k/v and gate/up as one 4-bit product each), and one
+host sync per decode step.
 """
 from __future__ import annotations
 
@@ -90,7 +91,10 @@ async def test_nf4_bf16_on_cuda_drifts_only_late_and_captures_graphs(workdir: Pa
     async with Engine(nf4("fast")) as fast:
         got = await _answers(fast, concurrent=True)
         failed = fast.runtime.graphs.failed
+        layers = fast.runtime.runner.layers
+        kinds = {L.qkv.kind for L in layers} | {L.gate_up.kind for L in layers}
     assert failed is None, f"bitsandbytes nf4 could not be captured: {failed}"
+    assert kinds == {"4-bit packed"}, f"q/k/v and gate/up in nf4 ran as {kinds} (the log says why)"
     for a, b in zip(got, expected):
         assert a.split()[:4] == b.split()[:4]
 

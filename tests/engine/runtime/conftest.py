@@ -25,6 +25,10 @@ ARCHS = {
     # QUANTIZATION=bf16 (the default on a CPU with AMX): bf16 weights and linear products
     "llama-gqa-bf16": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
     "qwen2-bias-bf16": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
+    # QUANTIZATION=nf4 (the CUDA default) in bitsandbytes' row-major layout, the one its CUDA
+    # kernels read: q/k/v and gate/up as one 4-bit product each (`engine.runtime.fused_4bit`)
+    "llama-gqa-nf4": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
+    "qwen2-bias-nf4": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
 }
 
 
@@ -92,7 +96,27 @@ def build_tiny(name: str, tmp: Path) -> TinyModel:
         from engine import bf16_weights
 
         assert bf16_weights.convert(model).modules == 2 * 7 + 1
+    if name.endswith("-nf4"):
+        model = _nf4(model, tmp / f"{name}-base")
     return TinyModel(name, model, adapters, model.config.vocab_size)
+
+
+def _nf4(model: Any, folder: Path) -> Any:
+    """`model` saved and loaded again in nf4 (double quantization, as `QUANTIZATION=nf4`), its
+    4-bit layers kept in bitsandbytes' row-major layout: on a CPU with AVX512-BF16 bitsandbytes
+    would repack them for its CPU kernel on their first call; a GPU reads this layout."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model.save_pretrained(str(folder))
+    quantized = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True)).eval()
+    layers = [m for m in quantized.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return quantized
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

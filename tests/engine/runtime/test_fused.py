@@ -108,7 +108,7 @@ def test_lora_groups_follow_the_products_and_skip_untargeted_members() -> None:
     assert groups["l.o"].columns == ((0, 64),)
 
 
-@pytest.mark.parametrize("tiny", ["llama", "qwen2-bias-fp16"], indirect=True)
+@pytest.mark.parametrize("tiny", ["llama", "qwen2-bias-fp16", "qwen2-bias-nf4"], indirect=True)
 def test_the_reference_path_on_the_same_model_is_unchanged_by_a_runtime(tiny: TinyModel) -> None:
     """The fast runtime fuses the loaded model's own modules; the model itself must answer as
     before and hold the same bytes (the engine's memory report reads it)."""
@@ -132,3 +132,61 @@ def test_served_modules_that_cover_part_of_a_product_match_peft(tiny: TinyModel)
     k = rt.cache.allocate()
     out = rt.prefill([(k, slots["b"], SEQS[1], 0)])
     torch.testing.assert_close(out[0], reference_logits(tiny, "b", SEQS[1])[-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tiny", ["qwen2-bias-nf4", "llama-gqa-nf4"], indirect=True)
+def test_4bit_members_share_one_packed_weight_with_the_same_outputs(tiny: TinyModel) -> None:
+    """nf4 q/k/v (with biases on Qwen2) and gate/up: one 4-bit product each, the members'
+    packed bytes moved into it rather than copied, every column what the member computes."""
+    model = copy.deepcopy(tiny.model)
+    layer = model.model.layers[0]
+    att, mlp = layer.self_attn, layer.mlp
+    x = torch.randn(5, model.config.hidden_size)
+    for members in ([att.q_proj, att.k_proj, att.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        with torch.inference_mode():
+            before = [m(x) for m in members]
+            one = torch.cat([m(x[:1]) for m in members], dim=1)  # one row: bitsandbytes' other kernel
+        held = _storage_bytes(m.weight.data for m in members)
+        fused = FusedLinear(members)
+        assert fused.kind == "4-bit packed"
+        assert len({m.weight.data.untyped_storage().data_ptr() for m in members}) == 1
+        assert _storage_bytes(m.weight.data for m in members) == held
+        with torch.inference_mode():
+            torch.testing.assert_close(fused(x), torch.cat(before, dim=1), rtol=0, atol=0)
+            torch.testing.assert_close(fused(x[:1]), one, rtol=0, atol=0)
+            for m, b in zip(members, before):
+                torch.testing.assert_close(m(x), b, rtol=0, atol=0)
+        again = FusedLinear(members)  # a second runtime over the same model copies nothing
+        assert again.kind == "4-bit packed" and _storage_bytes(m.weight.data for m in members) == held
+
+
+@pytest.mark.parametrize("tiny", ["llama-gqa-nf4"], indirect=True)
+def test_4bit_layers_repacked_for_the_cpu_kernel_or_mixed_are_called_one_by_one(tiny: TinyModel) -> None:
+    """bitsandbytes repacks 4-bit layers for its AVX-512 CPU kernel (not row after row, so
+    not fusable), and members of different settings cannot share a product."""
+    model = copy.deepcopy(tiny.model)
+    att = model.model.layers[0].self_attn
+    att.k_proj.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on such a CPU
+    assert FusedLinear([att.q_proj, att.k_proj, att.v_proj]).kind == "concatenated"
+    mlp = model.model.layers[1].mlp
+    mlp.up_proj.compute_dtype = torch.bfloat16
+    assert FusedLinear([mlp.gate_proj, mlp.up_proj]).kind == "concatenated"
+
+
+@pytest.mark.parametrize("tiny", ["llama-gqa-nf4"], indirect=True)
+def test_a_4bit_product_that_disagrees_with_its_members_is_not_used(tiny: TinyModel) -> None:
+    from engine.runtime import fused_4bit
+
+    members = [getattr(tiny.model.model.layers[0].mlp, n) for n in ("gate_proj", "up_proj")]
+    width = sum(m.out_features for m in members)
+
+    def right(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in members], dim=-1)
+
+    def check(call) -> str | None:
+        return fused_4bit._disagreement(call, members, torch.device("cpu"), torch.float32)
+
+    assert check(right) is None
+    assert "off by" in check(lambda x: right(x).flip(-1))  # columns in the wrong order
+    assert "shape" in check(lambda x: right(x)[:, :width - 1])
+    assert "RuntimeError" in check(lambda x: torch.mm(x, x))  # a kernel that refuses the layout
