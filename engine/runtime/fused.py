@@ -109,7 +109,7 @@ def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tenso
     if dense is not None:
         weight, bias = dense
         return "dense", lambda x: F.linear(x, weight, bias)
-    packed = fused_4bit.fuse(modules, _concat_into_views)
+    packed = fused_4bit.fuse(modules, _concat_into_views, _bias)
     if packed is not None:
         return "4-bit packed", packed
     return "concatenated", _concatenated(modules)
@@ -193,10 +193,11 @@ def _overlapping(parts: list[torch.Tensor]) -> bool:
 
 def _bias(modules: list[Any]) -> torch.Tensor | None:
     """The members' biases side by side (zeros for a member without one); None if none has one."""
-    if all(m.bias is None for m in modules):
+    present = next((m.bias for m in modules if m.bias is not None), None)
+    if present is None:
         return None
-    with torch.no_grad():
-        return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+    with torch.no_grad():  # zeros like a present bias: a member's weight may be packed (4-bit) or made on demand (bf16)
+        return torch.cat([m.bias.detach() if m.bias is not None else present.new_zeros(m.out_features)
                           for m in modules])
 
 

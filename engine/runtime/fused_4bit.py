@@ -30,10 +30,12 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def fuse(modules: list[Any], concat_into_views: Callable[..., torch.Tensor | None]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def fuse(modules: list[Any], concat_into_views: Callable[..., torch.Tensor | None],
+         side_by_side: Callable[[list[Any]], torch.Tensor | None]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One call computing `modules` (bitsandbytes `Linear4bit`s) side by side, or None when
-    they cannot be fused. `concat_into_views`: `fused._concat_into_views` (packs the members'
-    bytes into one tensor the members keep views of)."""
+    they cannot be fused. `concat_into_views` and `side_by_side` are `engine.runtime.fused`'s
+    helpers: the members' bytes packed into one tensor they keep views of, and their biases
+    side by side."""
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import QuantState, dequantize_blockwise
@@ -44,15 +46,12 @@ def fuse(modules: list[Any], concat_into_views: Callable[..., torch.Tensor | Non
     states = [getattr(m.weight, "quant_state", None) for m in modules]
     if any(s is None or getattr(s, "packing_format_for_cpu", False) for s in states):
         return None
-    device = modules[0].weight.device
+    device, dtype = modules[0].weight.device, modules[0].compute_dtype
     if device.type == "cpu" and any(getattr(m, "support_avx512bf16_for_cpu", False) for m in modules):
         return None  # bitsandbytes repacks these for its AVX-512 kernel on their first call
-    first, dtype = states[0], modules[0].compute_dtype
-    if dtype is None or any(
-        (s.quant_type, s.blocksize, s.dtype, m.compute_dtype, m.weight.device) != (first.quant_type, first.blocksize,
-                                                                                   first.dtype, dtype, device)
-        or len(s.shape) != 2 or s.shape[0] * s.shape[1] % s.blocksize for m, s in zip(modules, states)
-    ):
+    settings = {(s.quant_type, s.blocksize, s.dtype, m.compute_dtype, m.weight.device) for m, s in zip(modules, states)}
+    whole_blocks = all(len(s.shape) == 2 and s.shape[0] * s.shape[1] % s.blocksize == 0 for s in states)
+    if dtype is None or len(settings) != 1 or not whole_blocks:
         return None
     with torch.no_grad():
         packed = concat_into_views(modules, [m.weight.data for m in modules],
@@ -61,10 +60,10 @@ def fuse(modules: list[Any], concat_into_views: Callable[..., torch.Tensor | Non
             return None
         absmax = torch.cat([(dequantize_blockwise(s.absmax, s.state2) + s.offset) if s.nested else s.absmax.float()
                             for s in states])
-        bias = None
-        if any(m.bias is not None for m in modules):
-            bias = torch.cat([m.bias.detach().to(dtype) if m.bias is not None
-                              else torch.zeros(m.out_features, dtype=dtype, device=device) for m in modules])
+        bias = side_by_side(modules)
+        if bias is not None:
+            bias = bias.to(dtype)
+    first = states[0]
     state = QuantState(absmax=absmax, shape=torch.Size([sum(int(s.shape[0]) for s in states), int(first.shape[1])]),
                        code=first.code, blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
 
