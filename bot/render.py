@@ -4,6 +4,12 @@ telegramify-markdown turns Markdown into plain text plus MessageEntity offsets, 
 is sent with a parse mode and a model's unbalanced `*` or `_` can never make Telegram
 reject the message. If rendering itself fails, the raw text is sent as plain text.
 
+Angle brackets are text, not HTML: a model writes `<<The Birth of Rome>>`, `<T>` or
+`<john@example.com>` and means those characters, but the renderer would take them for tags
+and drop them. So every `<` is hidden from it (a private-use character of the same UTF-16
+length, restored afterwards, so entity offsets stay right); only an autolink to a web
+address, `<https://...>`, stays a link.
+
 Splitting works on the raw Markdown: the answer is cut into pieces that each render to at
 most 4096 UTF-16 code units, preferring a paragraph break, then a line break, then a space.
 A cut depends only on the text before it, so while an answer streams, a message that is
@@ -12,6 +18,7 @@ full never changes again and the rest continues in the next one.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from aiogram.types import MessageEntity
@@ -22,6 +29,8 @@ log = logging.getLogger(__name__)
 
 TELEGRAM_LIMIT = 4096
 _MARGIN = 64  # room for markup that renders longer than it is written (headings get an emoji)
+_LT = "\ue000"  # stands for "<" while the renderer runs: one UTF-16 unit, like "<"
+_AUTOLINK = re.compile(_LT + r"(?=(?:https?|ftp)://[^\s<>" + _LT + r"]+>)")
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,8 @@ def plain(text: str) -> Rendered:
 def render(markdown: str) -> Rendered:
     """Render Markdown for Telegram; trailing whitespace trimmed (Telegram trims it too)."""
     try:
-        text, entities = convert(markdown)
+        text, entities = convert(_hide_angles(markdown))
+        text = text.replace(_LT, "<")
     except Exception:  # a renderer bug must not cost the user their answer
         log.warning("markdown rendering failed; sending plain text", exc_info=True)
         return plain(markdown)
@@ -61,6 +71,13 @@ def render(markdown: str) -> Rendered:
     if not stripped.strip() and markdown.strip():
         return plain(markdown)  # markup that renders to nothing (e.g. a lone fence): show it raw
     return Rendered(stripped, tuple(clipped))
+
+
+def _hide_angles(markdown: str) -> str:
+    """Every "<" becomes _LT, except the one that opens an autolink to a web address."""
+    if "<" not in markdown:
+        return markdown
+    return _AUTOLINK.sub("<", markdown.replace("<", _LT))
 
 
 def fits(rendered: Rendered, limit: int = TELEGRAM_LIMIT) -> bool:

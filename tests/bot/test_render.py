@@ -55,3 +55,31 @@ def test_markdown_becomes_entities_and_broken_markdown_stays_text():
     assert [(e.type, e.offset, e.length) for e in r.entities] == [("bold", 4, 4), ("code", 13, 4)]
     assert render("unclosed **bold").text == "unclosed **bold"
     assert render("```").text == "```"  # renders to nothing: shown raw rather than lost
+
+
+@pytest.mark.parametrize(("markdown", "shown"), [
+    ("<<The Birth of Rome…>>", "<<The Birth of Rome…>>"),
+    ("<<The Birth of Rome>>", "<<The Birth of Rome>>"),
+    ('a "<T> generic" type', 'a "<T> generic" type'),
+    ("<T> generic", "<T> generic"),
+    ("write to <john@example.com> today", "write to <john@example.com> today"),
+    ("<div>hi</div> and a <br> tag", "<div>hi</div> and a <br> tag"),  # what a model writes is shown
+    ("x < y and y > z", "x < y and y > z"),
+    ("use `<T>` here", "use <T> here"),
+    ("```\nvector<int> v;\n```", "vector<int> v;"),
+])
+def test_text_in_angle_brackets_is_kept(markdown, shown):
+    assert render(markdown).text == shown
+
+
+def test_formatting_around_angle_brackets_keeps_its_offsets():
+    r = render("**<<Title>>** then `List<T>`")
+    assert r.text == "<<Title>> then List<T>"
+    assert [(e.type, r.text[e.offset:e.offset + e.length]) for e in r.entities] == [
+        ("bold", "<<Title>>"), ("code", "List<T>")]
+
+
+def test_an_autolink_to_a_web_address_stays_a_link():
+    r = render("see <https://example.com/a?b=1> now")
+    assert r.text == "see https://example.com/a?b=1 now"
+    assert [(e.type, e.url) for e in r.entities] == [("text_link", "https://example.com/a?b=1")]
