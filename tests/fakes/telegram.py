@@ -5,11 +5,17 @@ The bot under test talks to it exactly as to api.telegram.org (aiogram's
 long polling, error answers. The server keeps the state a user would see (each chat's
 messages with their current text, entities and buttons, every edit), records every call,
 lets a test inject updates (messages, commands, callback presses, photos, stickers...) and
-script failures: 429 with `parameters.retry_after`, 5xx, or a 400 "can't parse entities".
+script failures: 429 with `parameters.retry_after`, 5xx, a 400 "can't parse entities", or
+409 Conflict.
 
 It checks what real Telegram checks and a careless bot trips over: empty or over-long
 text, entity offsets outside the text, and "message is not modified" on an edit that
-changes nothing.
+changes nothing. Like real Telegram, a getUpdates call ends the one already waiting with
+409 Conflict, so two bots polling one token both see it.
+
+`go_down()` takes the server off the network (new connections are refused, open ones are
+cut, as when a data centre or the route to it fails) and `come_back()` listens again on the
+same port with everything it held: the bot under test meets a real outage.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ from aiohttp import web
 
 BOT_ID = 4242
 BOT_USERNAME = "fake_llm_bot"
+#: Telegram's words when a second getUpdates call ends the first (two bots on one token).
+CONFLICT = "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running"
 
 _INT_PARAMS = {
     "chat_id", "message_id", "offset", "limit", "timeout", "reply_to_message_id", "message_thread_id",
@@ -93,7 +101,12 @@ class FakeTelegram:
         self._next_message_id: dict[int, int] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._port = 0
         self._stopping = False
+        self._polls: dict[str, asyncio.Event] = {}  # token -> the waiting getUpdates call's "conflict" flag
+        self.down = False
+        self.refused = 0  # requests cut off during outages
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -103,11 +116,37 @@ class FakeTelegram:
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        await self._listen(port)
+        self.url = f"http://127.0.0.1:{self._port}"
         return self.url
+
+    async def _listen(self, port: int) -> None:
+        self._site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)  # type: ignore[arg-type]
+        await self._site.start()
+        self._port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def go_down(self) -> None:
+        """Off the network: connections are refused and open ones cut until `come_back()`."""
+        self.down = True
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        assert self._runner is not None and self._runner.server is not None
+        for handler in self._runner.server.connections:
+            handler.force_close()
+        await self._notify()
+
+    async def come_back(self) -> None:
+        """Listen again on the same port; chats, messages and queued updates are as they were."""
+        self.down = False
+        await self._listen(self._port)
+        await self._notify()
+
+    async def outage(self, seconds: float) -> None:
+        """go_down(), wait `seconds`, come_back()."""
+        await self.go_down()
+        await asyncio.sleep(seconds)
+        await self.come_back()
 
     async def stop(self) -> None:
         self._stopping = True
@@ -133,6 +172,7 @@ class FakeTelegram:
             description = {
                 429: f"Too Many Requests: retry after {retry_after or 1}",
                 400: "Bad Request: can't parse entities: Can't find end of the entity starting at byte offset 3",
+                409: CONFLICT,
                 500: "Internal Server Error",
                 502: "Bad Gateway",
             }.get(status, "Error")
@@ -314,6 +354,8 @@ class FakeTelegram:
         return params
 
     async def _handle(self, request: web.Request) -> web.Response:
+        if self.down:  # a request already on its way when the route went: the connection is cut
+            return self._cut(request)
         method = request.match_info["method"]
         if request.content_type == "application/json":
             raw = await request.json()
@@ -332,14 +374,25 @@ class FakeTelegram:
                 status, body = 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
             else:
                 try:
-                    result = await handler(params)
+                    if method == "getUpdates":
+                        result = await self._m_getUpdates(params, request.match_info["token"])
+                    else:
+                        result = await handler(params)
                     status, body = 200, {"ok": True, "result": result}
                 except _ApiError as exc:
                     status, body = exc.status, {"ok": False, "error_code": exc.status, "description": exc.description}
+        if self.down:  # went down while this call waited: its answer never leaves
+            return self._cut(request)
         if method != "getUpdates" or status != 200 or body.get("result"):
             self.calls.append(Call(method, params, status, time.monotonic()))
         await self._notify()
         return web.json_response(body, status=status)
+
+    def _cut(self, request: web.Request) -> web.Response:
+        self.refused += 1
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=502)  # written nowhere: the connection is gone
 
     def _take_failure(self, method: str, params: dict[str, Any]) -> Failure | None:
         for f in self.failures:
@@ -377,14 +430,29 @@ class FakeTelegram:
         return {**self.bot_user, "can_join_groups": True, "can_read_all_group_messages": False,
                 "supports_inline_queries": False}
 
-    async def _m_getUpdates(self, p: dict[str, Any]) -> Any:
+    async def _m_getUpdates(self, p: dict[str, Any], token: str = "") -> Any:
+        # the newer request wins, as with real Telegram: the one waiting ends with 409
+        earlier = self._polls.get(token)
+        if earlier is not None:
+            earlier.set()
+            await self._notify()
+        mine = self._polls[token] = asyncio.Event()
+        try:
+            return await self._poll(p, mine)
+        finally:
+            if self._polls.get(token) is mine:
+                del self._polls[token]
+
+    async def _poll(self, p: dict[str, Any], conflict: asyncio.Event) -> Any:
         offset = int(p.get("offset", 0))
         if offset:
             self.updates = [u for u in self.updates if u["update_id"] >= offset]
         timeout = min(float(p.get("timeout", 0)), self.poll_cap_s)
         deadline = time.monotonic() + timeout
         async with self._changed:
-            while not self._stopping:
+            while not self._stopping and not self.down:
+                if conflict.is_set():
+                    raise _ApiError(409, CONFLICT)
                 ready = [u for u in self.updates if u["update_id"] >= offset]
                 if ready:
                     return ready[: int(p.get("limit", 100))]
