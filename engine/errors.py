@@ -59,3 +59,12 @@ class TrainingBusy(TrainingError):
 
 class NoTrainingData(TrainingError):
     """The domain has no usable training data."""
+
+
+class TrainingStorageError(TrainingError):
+    """The adapters volume cannot be written (read-only, full, no permission): `problem` says which."""
+
+    def __init__(self, message: str, *, path: str, problem: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.problem = problem  # "read-only" | "full" | "denied" | "unwritable"

@@ -9,11 +9,17 @@ gate, this service promotes it and calls `reload(domain)` so the live engine hot
 However the child ends — success, crash, cancel, SIGKILL — the service reports exactly one
 final event, counts it in `metrics.training_jobs`, writes it to the job log, and removes
 any staging folder the child left, so no half-written version survives.
+
+A start either happens completely or leaves nothing behind: the adapters volume is checked
+for writing first (a read-only or full volume is refused as TrainingStorageError, saying
+which), and if anything after the spawn fails, the child is stopped and the job forgotten,
+so fixing the volume is enough for the next start.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import json
 import logging
 import os
@@ -25,7 +31,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import engine
 from engine.adapter_store import AdapterStore, utc_now
 from engine.config import EngineSettings
-from engine.errors import AdapterInvalid, AdapterNotFound, TrainingBusy
+from engine.errors import AdapterInvalid, AdapterNotFound, TrainingBusy, TrainingStorageError
 from engine.metrics import EngineMetrics
 from engine.training import lock
 from engine.training.data import FEEDBACK_FILE, data_files, feedback_rows, is_eval_file, load_domain_data, read_file
@@ -45,7 +51,23 @@ CANCEL_GRACE_S = 15.0
 TRAINER_NICE = 10
 #: How often the service looks whether the job log or the training lock changed.
 WATCH_INTERVAL_S = 1.0
+#: What the start's write check writes (and removes) on the adapters volume.
+WRITE_CHECK_BYTES = 65536
 _PROJECT_ROOT = Path(engine.__file__).resolve().parent.parent
+
+#: How an OSError of the adapters volume is told: errno -> TrainingStorageError.problem.
+_VOLUME_PROBLEMS = {errno.EROFS: "read-only", errno.ENOSPC: "full", errno.EDQUOT: "full",
+                    errno.EACCES: "denied", errno.EPERM: "denied"}
+_PROBLEM_WORDS = {"read-only": "is read-only", "full": "is full", "denied": "is not writable (permissions)",
+                  "unwritable": "cannot be written"}
+
+
+def storage_error(adapters_dir: Path | str, exc: OSError) -> TrainingStorageError:
+    """The adapters volume refused a write: which folder, what is wrong, in words an admin can act on."""
+    problem = _VOLUME_PROBLEMS.get(exc.errno or 0, "unwritable")
+    return TrainingStorageError(
+        f"the adapters folder {adapters_dir} {_PROBLEM_WORDS[problem]} ({exc.strerror or exc}); training writes "
+        "its job log, lock and new version there", path=str(adapters_dir), problem=problem)
 
 
 class TrainingService:
@@ -77,7 +99,12 @@ class TrainingService:
                     options: TrainOptions | None = None) -> TrainingJob:
         """Start training `domain`; TrainingBusy / NoTrainingData / AdapterNotFound up front."""
         async with self._start_lock:  # two /train at once: the second sees the first as running
-            return await self._start(domain, requested_by, options)
+            try:
+                return await self._start(domain, requested_by, options)
+            except OSError as exc:  # the lock or the job log on a volume that takes no writes
+                if exc.errno not in _VOLUME_PROBLEMS:
+                    raise
+                raise storage_error(self.settings.adapters_dir, exc) from exc
 
     async def _start(self, domain: str, requested_by: str | None, options: TrainOptions | None) -> TrainingJob:
         running = self.current()
@@ -91,18 +118,21 @@ class TrainingService:
         options = options or TrainOptions()
         if not options.dataset:  # fail fast, with the file-and-line report, before spawning
             await asyncio.to_thread(load_domain_data, self.store.domain_dir(domain) / "data")
+        await asyncio.to_thread(self._check_writable)
 
         job = TrainingJob(new_job_id(), domain, options, requested_by)
         self._job, self._cancelled_by = job, None
         job.publish(TrainingEvent(job.id, domain, "queued", message="starting the training process"))
         try:
             self._proc = await self._spawn(job)
-        except BaseException:
-            self._job = None
+            job.pid = self._proc.pid
+            self.log.append(JobRecord(job.id, domain, "running", utc_now(), requested_by,
+                                      options=options.to_dict(), pid=job.pid, origin=SERVICE))
+        except BaseException as exc:
+            await self._abandon(job, exc)
+            if isinstance(exc, OSError):
+                raise storage_error(self.settings.adapters_dir, exc) from exc
             raise
-        job.pid = self._proc.pid
-        self.log.append(JobRecord(job.id, domain, "running", utc_now(), requested_by,
-                                  options=options.to_dict(), pid=job.pid, origin=SERVICE))
         self._task = asyncio.create_task(self._supervise(job, self._proc), name=f"training-{job.id}")
         log.info("training job %s for %s started (pid %s) by %s", job.id, domain, job.pid, requested_by)
         return job
@@ -184,6 +214,35 @@ class TrainingService:
             known = ", ".join(self.store.domains()) or "none"
             raise AdapterNotFound(f"no adapter domain {domain!r} in {self.store.root} "
                                   f"(expected {d}/data/ or {d}/vN/; known: {known})")
+
+    def _check_writable(self) -> None:
+        """Training writes its job log, lock, run log and new version on the adapters volume:
+        a volume that takes no writes is refused here, before a process is spawned."""
+        runs = lock.runs_dir(self.settings.adapters_dir)
+        probe = runs / f".write-check-{os.getpid()}"
+        try:
+            runs.mkdir(parents=True, exist_ok=True)
+            with probe.open("wb") as fh:
+                fh.write(b"\0" * WRITE_CHECK_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise storage_error(self.settings.adapters_dir, exc) from exc
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    async def _abandon(self, job: TrainingJob, exc: BaseException) -> None:
+        """A start that failed half-way: stop the child, forget the job, end its events."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        self._job = None
+        job.publish(TrainingEvent(job.id, job.domain, "failed", message=f"could not start: {exc}"))
+        log.error("training job %s for %s could not start: %s", job.id, job.domain, exc)
 
     async def _spawn(self, job: TrainingJob) -> asyncio.subprocess.Process:
         argv = [
@@ -313,9 +372,13 @@ class TrainingService:
 
     def _reap(self) -> None:
         """Jobs the log shows running whose process is gone (a killed shell job, or one that died
-        with a previous bot): recorded failed, with what is known, and their staging removed."""
+        with a previous bot): recorded failed, with what is known, and their staging removed.
+        A volume that takes no writes leaves them for later, with a warning."""
         own = self.current()
-        reap_dead_jobs(self.settings.adapters_dir, self.log, keep=[own.id] if own else [])
+        try:
+            reap_dead_jobs(self.settings.adapters_dir, self.log, keep=[own.id] if own else [])
+        except OSError as exc:
+            log.warning("cannot record dead training jobs in %s: %s", self.log.path, exc)
 
     async def _watch(self) -> None:
         """Notice a job that dies while the bot runs (a shell job killed with SIGKILL), at once:
