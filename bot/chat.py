@@ -6,8 +6,12 @@ history, storage, queuing and cancelling behave the same in both. A front end pa
 
 Per user, one generation is in flight: a message that arrives meanwhile waits its turn
 (answered after, never interleaved), beyond `max_pending_per_user` the user is told to wait.
-Whatever was generated is saved before the sink shows the final text, so a stop, a crash of
-the Telegram side or a shutdown never loses the stored answer.
+The answer is a stored row from its start and its text is saved as it grows (at most once
+per PARTIAL_SAVE_S), so even a kill -9 leaves the partial answer behind, marked at the next
+start; whatever was generated is saved again before the sink shows the final text, so a
+stop, a crash of the Telegram side or a shutdown never loses the stored answer. Whatever
+fails after the answer started (the engine or anything else) stops the sink: no "typing…"
+is left running.
 
 Text is cleaned on the way in and out (`bot.text.clean`): a question of undecodable bytes
 is refused (`Outcome.UNREADABLE`), one with some undecodable characters is answered.
@@ -22,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
-from engine.errors import EngineError
 from engine.face import EngineFace
 from engine.types import GenerationResult, Mode, UserContext
 
@@ -32,6 +35,9 @@ from bot.storage import Store, UserRecord
 from bot.text import clean, unreadable
 
 log = logging.getLogger(__name__)
+
+#: The longest a growing answer's text goes unsaved: what a kill -9 can cost at most.
+PARTIAL_SAVE_S = 1.0
 
 
 class Sink(Protocol):
@@ -177,10 +183,13 @@ class ChatService:
             self.store.add_message(user_id, "user", text, conversation=record.conversation, chat_id=chat_id)
         mode = mode_of(record)
         history = self.store.history(user_id, self.settings.history_turns, chat_id)
+        answer_id = self.store.begin_answer(user_id, conversation=record.conversation, chat_id=chat_id,
+                                            adapter=mode.adapter, template=mode.role)
         parts: list[str] = []
         stream: Any = None
         outcome = Outcome.DONE
         error: BaseException | None = None
+        saved_at = time.monotonic()
         if self.metrics:
             self.metrics.active_generations.inc()
         try:
@@ -192,10 +201,13 @@ class ChatService:
                 piece = clean(piece)
                 parts.append(piece)
                 sink.feed(piece)
+                if time.monotonic() - saved_at >= PARTIAL_SAVE_S:
+                    saved_at = time.monotonic()
+                    self._save_partial(answer_id, parts)
         except asyncio.CancelledError:
             outcome = Outcome.STOPPED if s.stop_requested else Outcome.CANCELLED
-        except EngineError as exc:
-            error = exc
+        except Exception as exc:  # the engine's refusal, or anything else: the turn ends the same way
+            error = exc  # raised below, after the sink is stopped; the front end's error handler logs it
         finally:
             if self.metrics:
                 self.metrics.active_generations.dec()
@@ -205,31 +217,55 @@ class ChatService:
         result: GenerationResult | None = getattr(stream, "result", None)
         answer_text = "".join(parts)
         if error is not None and not answer_text:
+            self._forget(answer_id)
             await sink.abort()
             self._count("error")
             raise error
         answer = Answer(Outcome.FAILED if error else outcome, answer_text, None, result)
-        if answer_text:
-            answer.message_id = self._save(user_id, chat_id, record, mode, answer_text, result, t0,
-                                           "error" if error else _finish_reason(outcome, result))
+        try:
+            if answer_text:
+                self._save(answer_id, record, mode, answer_text, result, t0,
+                           "error" if error else _finish_reason(outcome, result))
+                answer.message_id = answer_id
+            else:
+                self._forget(answer_id)
+        except Exception as exc:  # the disk is full, the volume read-only: show the text, then say so
+            log.error("saving the answer of user %s failed", user_id, exc_info=exc)
+            error = error or exc
         self._count("error" if error else outcome.value)
         log.info(
             "answer user=%s mode=%s outcome=%s chars=%d tokens=%s", user_id, mode.key,
             "error" if error else outcome.value, len(answer_text), result.completion_tokens if result else None,
         )
-        await sink.complete(answer)
+        try:
+            await sink.complete(answer)
+        except BaseException:
+            await sink.abort()
+            raise
         if error is not None:
             raise error
         return answer
 
+    def _save_partial(self, answer_id: int, parts: list[str]) -> None:
+        try:
+            self.store.save_partial(answer_id, "".join(parts))
+        except Exception:  # the final save tries again; the answer goes on
+            log.warning("saving the partial answer %s failed", answer_id, exc_info=True)
+
+    def _forget(self, answer_id: int) -> None:
+        """Nothing was generated: the answer's row goes (the question stays, as before)."""
+        try:
+            self.store.delete_message(answer_id)
+        except Exception:  # left 'streaming', the next start reports it as cut off: harmless
+            log.warning("removing the empty answer %s failed", answer_id, exc_info=True)
+
     def _save(
-        self, user_id: int, chat_id: int | None, record: UserRecord, mode: Mode, text: str,
-        result: GenerationResult | None, t0: float, finish_reason: str,
-    ) -> int:
-        return self.store.add_message(
-            user_id, "assistant", text, conversation=record.conversation, chat_id=chat_id,
-            adapter=mode.adapter, adapter_version=result.adapter_version if result else None, template=mode.role,
-            prompt_tokens=result.prompt_tokens if result else None,
+        self, answer_id: int, record: UserRecord, mode: Mode, text: str, result: GenerationResult | None,
+        t0: float, finish_reason: str,
+    ) -> None:
+        self.store.update_message(
+            answer_id, text=text, adapter=mode.adapter, adapter_version=result.adapter_version if result else None,
+            template=mode.role, prompt_tokens=result.prompt_tokens if result else None,
             completion_tokens=result.completion_tokens if result else None,
             latency_s=round(time.monotonic() - t0, 4),
             ttft_s=result.time_to_first_token_s if result else None, finish_reason=finish_reason,

@@ -149,3 +149,61 @@ async def test_history_is_capped_to_the_configured_turns(store):
     for i in range(4):
         await chat.ask(5, f"q{i}", Recorder([], str(i)))
     assert [m.content for m in engine.calls[-1].messages] == ["q2", "[base:assistant] answer to: q2", "q3"]
+
+
+class BrokenSink(Recorder):
+    """A front end that fails while showing the answer (a bug, a renderer crash): not the engine's error."""
+
+    def feed(self, piece: str) -> None:
+        super().feed(piece)
+        if len(self.pieces) == 2:
+            raise RuntimeError("the front end broke")
+
+
+@pytest.mark.parametrize("where", ["engine", "front end"])
+async def test_a_non_engine_error_after_the_answer_started_stops_the_sink(store, where):
+    engine = FakeEngine()
+    if where == "engine":
+        engine.script(error=RuntimeError("not an EngineError"))
+        rec = Recorder([], "a")
+    else:
+        engine.script(pieces=["so ", "far ", "and ", "beyond"])
+        rec = BrokenSink([], "a")
+    chat = service(engine, store)
+    with pytest.raises(RuntimeError):
+        await chat.ask(5, "q", rec)
+    assert rec.aborted or rec.answer is not None, "the sink was left running (typing…, its flusher)"
+    assert chat.generating() == 0
+    if where == "front end":  # what was generated is kept
+        assert assistant_rows(store) == [("so far ", "error")]
+    else:
+        assert assistant_rows(store) == []
+
+
+async def test_the_answer_is_in_the_database_while_it_is_written(store, monkeypatch):
+    import bot.chat
+
+    monkeypatch.setattr(bot.chat, "PARTIAL_SAVE_S", 0.0)  # every piece, so the test needs no clock
+    engine = FakeEngine()
+    script = engine.script(pieces=["one ", "two ", "three"], stepped=True)
+    rec = Recorder([], "a")
+    task = asyncio.create_task(service(engine, store).ask(5, "q", rec))
+    while len(rec.pieces) < 2:
+        if len(rec.pieces) == 1:
+            script.allow()
+        await asyncio.sleep(0.01)
+    assert assistant_rows(store) == [("one two ", "streaming")]  # what a kill -9 now would leave
+    script.allow()
+    assert (await task).outcome is Outcome.DONE
+    assert assistant_rows(store) == [("one two three", "stop")]
+
+
+async def test_a_question_left_unanswered_is_not_sent_with_the_next(store):
+    """A kill before the first word (or an engine error) leaves a question without an answer: the next
+    question goes to the model as itself, never as two user turns in a row."""
+    store.touch_user(5)
+    store.add_message(5, "user", "old question", conversation=1)
+    store.add_message(5, "user", "another old one", conversation=1)
+    engine = FakeEngine()
+    await service(engine, store).ask(5, "new question", Recorder([], "a"))
+    assert [(m.role, m.content) for m in engine.calls[0].messages] == [("user", "new question")]
