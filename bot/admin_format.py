@@ -74,13 +74,56 @@ def format_replicas(replicas: Any, lang: str = "en") -> list[str]:
     return lines
 
 
+#: A job log status -> (icon, i18n key of its word).
+JOB_STATUS = {
+    "promoted": ("✅", "job_promoted"), "candidate": ("🟡", "job_candidate"), "failed": ("❌", "job_failed"),
+    "cancelled": ("⏹", "job_cancelled"), "running": ("🏋️", "job_running"),
+}
+
+
+def _job_status(status: str, lang: str) -> tuple[str, str]:
+    icon, key = JOB_STATUS.get(status, ("•", ""))
+    return icon, t(lang, key) if key else status
+
+
+def _when(at: str) -> str:
+    return (at or "")[:16].replace("T", " ")
+
+
+def job_history(engine: Any, limit: int) -> list[Any] | None:
+    """The newest jobs of the training service's log (engine.training.jobs.JobRecord); None without one."""
+    try:
+        return list(engine.training.history(limit))
+    except Exception:
+        return None
+
+
+def format_jobs(records: list[Any], lang: str = "en") -> str:
+    """/jobs: one line per job, newest first, with how it ended and why."""
+    if not records:
+        return t(lang, "jobs_none")
+    lines = [t(lang, "jobs_title")]
+    for r in records:
+        icon, status = _job_status(r.status, lang)
+        version = f" · {r.version}" if r.version else ""
+        lines.append(t(lang, "job_line", icon=icon, domain=r.domain, status=status, at=_when(r.at), version=version))
+        if r.message and r.status in ("failed", "cancelled"):
+            lines.append(f"   {short(r.message, 160)}")
+    return "\n".join(lines)
+
+
 def training_summary(engine: Any, lang: str = "en") -> str | None:
-    """The training job in a few words for /status; None when the engine has no training service."""
+    """The training job in a few words for /status (or the last one); None without a training service."""
     try:
         job = engine.training.current()
     except Exception:
         return None
     if job is None:
+        last = job_history(engine, 1)
+        if last:
+            _icon, status = _job_status(last[0].status, lang)
+            return t(lang, "st_last_job", training=t(lang, "st_idle"), domain=last[0].domain, status=status,
+                     at=_when(last[0].at))
         return t(lang, "st_idle")
     ev = getattr(job, "last_event", None)
     if ev is None:

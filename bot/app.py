@@ -4,15 +4,21 @@
 when WEBHOOK_URL is set); without it, a terminal chat on the same engine and storage.
 
 Start-up never ends in a traceback: the token's form is checked with the other settings,
-before anything loads; an unreachable Telegram is retried with backoff (one log line per
-attempt) until it answers or the process is told to stop; a token Telegram refuses ends the
-process with exit status 2 naming BOT_TOKEN. Ctrl-C while the model loads ends it at once
-with one line (status 130).
+before anything loads; the database is locked for this instance and opened before the model
+loads (a second instance, a damaged file or a read-only volume ends the start with one line
+naming DATABASE_PATH, status 3); an unreachable Telegram is retried with backoff (one log
+line per attempt) until it answers or the process is told to stop; a token Telegram refuses
+ends the process with exit status 2 naming BOT_TOKEN. Ctrl-C while the model loads ends it
+at once with one line (status 130).
 
-Shutdown (SIGTERM/SIGINT) is ordered so nothing is half-written: stop taking updates,
-let running answers finish for SHUTDOWN_GRACE_S then cancel them (each saves what it has
-and shows it), stop background tasks and the ops port, close the Telegram session; the
-caller then closes the engine and the database.
+Once Telegram answers, the start tells users whose answers a killed process cut off, and
+finishes admins' training progress messages a stopped bot left behind (bot.recovery).
+
+Shutdown (SIGTERM, SIGINT, or SIGHUP: a closed terminal, `docker kill -s HUP`) is ordered so
+nothing is half-written: stop taking updates, let running answers finish for
+SHUTDOWN_GRACE_S then cancel them (each saves what it has and shows it), stop background
+tasks and the ops port, close the Telegram session; the caller then closes the engine and
+the database.
 """
 from __future__ import annotations
 
@@ -44,9 +50,11 @@ from bot import handlers
 from bot.background import Background
 from bot.chat import ChatService
 from bot.config import BotSettings, load_bot_settings
+from bot.instance import AlreadyRunning, InstanceLock, InstanceLockError
 from bot.metrics import ApiCallCounter, BotMetrics
-from bot.storage import Store
-from bot.streaming import ChatPacer
+from bot.pacing import ChatPacer, Retry, SendRate
+from bot.recovery import finish_training_reports, tell_interrupted
+from bot.storage import DatabaseError, Store
 from bot.text import json_loads
 
 log = logging.getLogger(__name__)
@@ -54,11 +62,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EXIT_CONFIG = 2  # a setting is wrong (also what `main` returns for a bad value)
+EXIT_STATE = 3  # the database cannot be used: another instance holds it, or the file or volume is bad
 EXIT_INTERRUPTED = 130  # Ctrl-C before the front end was up, as a shell reports it
+#: Signals that begin the orderly shutdown.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class _StopRequested(Exception):
-    """SIGTERM/SIGINT arrived while start-up was still waiting for Telegram."""
+    """A stop signal arrived while start-up was still waiting for Telegram."""
 
 
 class BotApp:
@@ -83,6 +94,8 @@ class BotApp:
             if settings.bot_api_url else AiohttpSession(json_loads=json_loads)
         )
         session.middleware(self.api_counter)
+        self.send_rate = SendRate(settings.telegram_sends_per_s)
+        session.middleware(self.send_rate)
         self.bot = Bot(settings.token, session=session)
         self.pacer = ChatPacer(settings.stream_edit_interval_s)
         self.chat = ChatService(engine, store, settings, self.metrics)
@@ -99,17 +112,19 @@ class BotApp:
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
-        """What SIGTERM/SIGINT do: begin the orderly shutdown."""
+        """What a stop signal does: begin the orderly shutdown."""
         self._stop.set()
 
     async def run(self, *, handle_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, self.request_stop)
         try:
+            interrupted = self.store.mark_interrupted()  # this process holds the instance lock
             await self._start_ops()
             await self._until_reachable("getMe", self.bot.me)
+            self._recover(interrupted)
             await self._set_commands()
             if self.settings.webhook_url:
                 await self._serve_webhook()
@@ -125,9 +140,17 @@ class BotApp:
                 await self.ops.stop()
             await self.bot.session.close()
             if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
             log.info("bot stopped")
+
+    def _recover(self, interrupted: list[Any]) -> None:
+        """What the previous run left: users whose answers it cut off, admins' frozen progress messages."""
+        retry = Retry.from_settings(self.settings)
+        if interrupted:
+            self.background.spawn(tell_interrupted(self.bot, self.pacer, retry, interrupted), name="tell-interrupted")
+        self.background.spawn(finish_training_reports(self.bot, self.store, self.engine, self.pacer, retry),
+                              name="training-reports")
 
     async def _until_reachable(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """`op()` until Telegram answers: network errors, 5xx and 429 are waited out with backoff.
@@ -283,7 +306,7 @@ async def _start_engine(engine: Any) -> bool:
         task.cancel()
 
     installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             loop.add_signal_handler(sig, interrupt)
             installed.append(sig)
@@ -309,13 +332,30 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def open_state(settings: BotSettings) -> tuple[InstanceLock, Store]:
+    """This instance's lock on the database, then the database: DatabaseError/AlreadyRunning in one line."""
+    lock = InstanceLock(settings.database_path)
+    lock.acquire()
+    try:
+        return lock, Store(settings.database_path)
+    except BaseException:
+        lock.release()
+        raise
+
+
 async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -> int:
+    try:  # before the model loads: a refused start should take a second, not a minute
+        lock, store = open_state(settings)
+    except (AlreadyRunning, InstanceLockError, DatabaseError) as exc:
+        log.error("%s", exc)
+        return EXIT_STATE
     try:
         engine = build_engine(settings.engine_factory, engine_settings, settings.engine_backend)
     except ConfigError as exc:
         log.error("%s", exc)
+        store.close()
+        lock.release()
         return 2
-    store = Store(settings.database_path)
     interrupted = False
     try:
         try:
@@ -342,6 +382,7 @@ async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -
                 await engine.close()
         finally:
             store.close()
+            lock.release()
             if interrupted:
                 _exit_now(EXIT_INTERRUPTED)
 

@@ -69,8 +69,18 @@ class BotSettings(BaseSettings):
     stream_edit_interval_s: float = Field(
         1.0, ge=0.0, le=60.0, description="Minimum time between edits of messages in one chat (Telegram: ~1/s)."
     )
-    telegram_retry_attempts: int = Field(
-        6, ge=1, le=50, description="Attempts for a Telegram call that fails with 5xx or a network error."
+    telegram_retry_for_s: float = Field(
+        600.0, ge=0.0, le=86400.0,
+        description="How long an answer's final text keeps being retried while Telegram is unreachable (5xx, no "
+        "network), seconds; the answer is saved either way.",
+    )
+    telegram_backoff_max_s: float = Field(
+        5.0, gt=0.0, le=300.0,
+        description="Longest wait between two attempts to reach Telegram: the answer lands this soon after it returns.",
+    )
+    telegram_sends_per_s: float = Field(
+        30.0, ge=0.0, le=1000.0,
+        description="Messages sent or edited per second over all chats (Telegram allows about 30); 0 = no limit.",
     )
     shutdown_grace_s: float = Field(
         4.0, ge=0.0, le=600.0, description="On SIGTERM, how long running answers may finish before they are cancelled."

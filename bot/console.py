@@ -347,11 +347,14 @@ async def run_console(settings: BotSettings, engine: EngineFace, store: Store, *
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGTERM, leave)
+    loop.add_signal_handler(signal.SIGHUP, leave)  # the terminal closed
     _start_reader(stdin, loop, queue)
     bot_log = logging.getLogger("bot")
     bot_level = bot_log.level
     bot_log.setLevel(max(logging.WARNING, bot_log.getEffectiveLevel()))  # INFO lines would break the chat
     console.say(t(console.lang, "con_welcome", mode=console.mode_line()))
+    if any(a.user_id == CONSOLE_USER_ID for a in store.mark_interrupted()):
+        console.say(t(console.lang, "con_interrupted"))
     try:
         while True:
             if interactive:
@@ -366,6 +369,7 @@ async def run_console(settings: BotSettings, engine: EngineFace, store: Store, *
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGHUP)
         await console.chat.shutdown(0.0)
         console.say(t(console.lang, "con_bye"))
         bot_log.setLevel(bot_level)

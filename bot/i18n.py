@@ -23,7 +23,7 @@ _EN: dict[str, str] = {
         "/stop – stop the answer being written\n/language – interface language"
     ),
     "help_admin": (
-        "\n\nAdmin: /status, /adapters, /reload [domain], /train <domain>, /cancel, "
+        "\n\nAdmin: /status, /jobs, /adapters, /reload [domain], /train <domain>, /cancel, "
         "/rollback <domain>, /promote <domain> <version>, /export <domain>"
     ),
     "language_choose": "Choose the interface language:",
@@ -136,6 +136,26 @@ _EN: dict[str, str] = {
     "continue_button": "▶ Continue",
     "continue_prompt": "Continue.",
     "continue_stale": "Only the latest answer can be continued.",
+    "interrupted_notice": "⚠️ The bot restarted while writing your last answer, so it was cut off. "
+                          "Press Retry to get the whole answer, or just ask your next question.",
+    "retry_button": "🔁 Retry",
+    "retry_stale": "That answer is no longer the latest one. Send /retry to answer your last question again.",
+    "err_storage": "I can't save our conversation right now, so I couldn't answer. Please try again in a few minutes.",
+    "train_storage": "Cannot start training {domain}: the adapters volume {problem} ({path}). "
+                     "Nothing was started; fix the volume and send /train again.",
+    "training_error": "Training {command} failed: {reason}. The log has the details.",
+    "volume_readonly": "is read-only",
+    "volume_full": "is full",
+    "volume_denied": "is not writable by the bot (permissions)",
+    "jobs_none": "No training jobs yet.",
+    "jobs_title": "Last training jobs:",
+    "job_line": "{icon} {domain} · {status} · {at}{version}",
+    "st_last_job": "{training} · last job: {domain} {status} ({at})",
+    "job_promoted": "promoted",
+    "job_candidate": "kept as a candidate",
+    "job_failed": "failed",
+    "job_cancelled": "cancelled",
+    "job_running": "running",
     "button_unknown": "This button is no longer active. Send the command again.",
     "section_domain_help": "Domain adapter: the expertise the model was fine-tuned for. Pick one in the rows below.",
     "section_role_help": "Role: how the assistant talks (its instructions). Pick one in the rows below.",
@@ -169,6 +189,7 @@ _EN: dict[str, str] = {
     "con_language_unknown": "no language '{name}'; available: en, ru",
     "con_error": "error: {error}",
     "con_stopped": "[stopped]",
+    "con_interrupted": "[the last answer was cut off by a restart; /retry answers it again]",
     "con_cut": "[cut at the length limit; /continue goes on]",
     "con_nothing_to_continue": "there is no answer to continue",
     "con_bye": "bye",
@@ -188,7 +209,7 @@ _RU: dict[str, str] = {
         "/stop – остановить ответ\n/language – язык интерфейса"
     ),
     "help_admin": (
-        "\n\nАдмин: /status, /adapters, /reload [домен], /train <домен>, /cancel, "
+        "\n\nАдмин: /status, /jobs, /adapters, /reload [домен], /train <домен>, /cancel, "
         "/rollback <домен>, /promote <домен> <версия>, /export <домен>"
     ),
     "language_choose": "Выберите язык интерфейса:",
@@ -297,6 +318,26 @@ _RU: dict[str, str] = {
     "continue_button": "▶ Продолжить",
     "continue_prompt": "Продолжай.",
     "continue_stale": "Продолжить можно только последний ответ.",
+    "interrupted_notice": "⚠️ Бот перезапустился, пока писал ваш последний ответ, и ответ оборвался. "
+                          "Нажмите «Повторить», чтобы получить его целиком, или просто задайте следующий вопрос.",
+    "retry_button": "🔁 Повторить",
+    "retry_stale": "Этот ответ уже не последний. Отправьте /retry, чтобы ответить на последний вопрос заново.",
+    "err_storage": "Сейчас я не могу сохранить наш разговор, поэтому не ответил. Попробуйте через несколько минут.",
+    "train_storage": "Не удалось начать обучение {domain}: том адаптеров {problem} ({path}). "
+                     "Ничего не запущено; исправьте том и отправьте /train ещё раз.",
+    "training_error": "Команда обучения {command} не выполнена: {reason}. Подробности в логе.",
+    "volume_readonly": "доступен только для чтения",
+    "volume_full": "заполнен",
+    "volume_denied": "недоступен боту для записи (права)",
+    "jobs_none": "Обучений ещё не было.",
+    "jobs_title": "Последние обучения:",
+    "job_line": "{icon} {domain} · {status} · {at}{version}",
+    "st_last_job": "{training} · последнее: {domain} {status} ({at})",
+    "job_promoted": "принята",
+    "job_candidate": "оставлена кандидатом",
+    "job_failed": "не удалось",
+    "job_cancelled": "остановлено",
+    "job_running": "идёт",
     "button_unknown": "Эта кнопка больше не действует. Отправьте команду ещё раз.",
     "section_domain_help": "Доменный адаптер: специализация, на которую дообучена модель. Выберите в строках ниже.",
     "section_role_help": "Роль: как говорит ассистент (его инструкции). Выберите в строках ниже.",
@@ -329,6 +370,7 @@ _RU: dict[str, str] = {
     "con_language_unknown": "языка '{name}' нет; доступны: en, ru",
     "con_error": "ошибка: {error}",
     "con_stopped": "[остановлено]",
+    "con_interrupted": "[последний ответ оборвался при перезапуске; /retry — ответить заново]",
     "con_cut": "[обрезано по лимиту длины; /continue — продолжить]",
     "con_nothing_to_continue": "продолжать нечего",
     "con_bye": "пока",

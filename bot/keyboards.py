@@ -46,6 +46,10 @@ class ContinueCB(CallbackData, prefix="cont"):
     message_id: int  # the stored assistant message that was cut at the length limit
 
 
+class RetryCB(CallbackData, prefix="again"):
+    message_id: int  # the stored assistant message a restart cut off
+
+
 def domain_title(name: str | None, lang: str) -> str:
     if name is None:
         return t(lang, "base_model")
@@ -120,6 +124,13 @@ def feedback_keyboard(message_id: int, rated: int | None = None, *, cut_lang: st
     if cut_lang is not None:
         kb.button(text=t(cut_lang, "continue_button"), callback_data=ContinueCB(message_id=message_id))
         kb.adjust(2, 1)
+    return kb.as_markup()
+
+
+def retry_keyboard(message_id: int, lang: str) -> InlineKeyboardMarkup:
+    """One "Retry" button under the notice that an answer was cut off by a restart."""
+    kb = InlineKeyboardBuilder()
+    kb.button(text=t(lang, "retry_button"), callback_data=RetryCB(message_id=message_id))
     return kb.as_markup()
 
 

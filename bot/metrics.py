@@ -2,20 +2,30 @@
 
 Telegram API traffic is counted in one place, a request middleware on the bot's session,
 so every call (handlers, streaming, polling) is seen and the "bot connected" health check
-knows when the last call to Telegram succeeded.
+knows when the last call to Telegram succeeded. A 409 Conflict on getUpdates means another
+process polls with this token and receives the updates: it is logged as such (once when it
+begins, once when no conflict came for CONFLICT_QUIET_S) and the health check fails while
+it lasts. (Two pollers take turns: each sees successes between the conflicts, so a single
+success does not end it.)
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiogram.client.session.middlewares.base import BaseRequestMiddleware
-from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
+from aiogram.exceptions import TelegramConflictError, TelegramNetworkError, TelegramRetryAfter, TelegramServerError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from aiogram import Bot
     from aiogram.methods import TelegramMethod
+
+log = logging.getLogger(__name__)
+
+#: A conflict is over once getUpdates has answered without one for this long.
+CONFLICT_QUIET_S = 60.0
 
 
 class BotMetrics:
@@ -45,12 +55,23 @@ class ApiCallCounter(BaseRequestMiddleware):
 
     def __init__(self, metrics: BotMetrics) -> None:
         self.metrics = metrics
+        self.conflict_since: float | None = None  # another instance is polling with this token
+        self.last_conflict = 0.0
 
     async def __call__(self, make_request: Any, bot: "Bot", method: "TelegramMethod[Any]") -> Any:
         name = type(method).__name__
         m = self.metrics
         try:
             response = await make_request(bot, method)
+        except TelegramConflictError as exc:
+            m.api_calls.labels(name, "conflict").inc()
+            m.last_api_ok = self.last_conflict = time.monotonic()
+            if self.conflict_since is None:
+                self.conflict_since = time.monotonic()
+                log.error("another instance is polling with this bot token: Telegram answers 409 Conflict (%s) and "
+                          "gives the updates to one of us at a time; stop the other instance (docs/operations.md)",
+                          exc.message)
+            raise
         except TelegramRetryAfter:
             m.retry_after.inc()
             m.api_calls.labels(name, "retry_after").inc()
@@ -66,6 +87,11 @@ class ApiCallCounter(BaseRequestMiddleware):
             raise
         m.api_calls.labels(name, "ok").inc()
         m.last_api_ok = time.monotonic()
+        if (name == "GetUpdates" and self.conflict_since is not None
+                and time.monotonic() - self.last_conflict >= CONFLICT_QUIET_S):
+            log.warning("no other instance is polling any more (the conflict lasted %.0f s); receiving updates",
+                        time.monotonic() - self.conflict_since)
+            self.conflict_since = None
         if name == "SendMessage":
             m.messages_sent.inc()
         elif name == "EditMessageText":
@@ -73,6 +99,7 @@ class ApiCallCounter(BaseRequestMiddleware):
         return response
 
     def connected(self) -> bool:
-        """The last Bot API call answered (errors in requests still prove a connection)."""
+        """The last Bot API call answered (errors in requests still prove a connection), and no other
+        instance takes our updates."""
         ok, err = self.metrics.last_api_ok, self.metrics.last_api_error
-        return ok is not None and (err is None or ok >= err)
+        return ok is not None and (err is None or ok >= err) and self.conflict_since is None

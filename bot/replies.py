@@ -17,7 +17,8 @@ from bot.i18n import t
 from bot.keyboards import feedback_keyboard
 from bot.metrics import BotMetrics
 from bot.storage import Store
-from bot.streaming import ChatPacer, ReplyStream
+from bot.pacing import ChatPacer, Retry
+from bot.streaming import ReplyStream
 
 
 class TelegramSink:
@@ -65,7 +66,7 @@ async def answer_question(
     stream = ReplyStream(
         bot, message.chat.id, pacer, metrics=metrics, reply_to=message.message_id if in_group else None,
         thread_id=message.message_thread_id if message.is_topic_message else None,
-        attempts=settings.telegram_retry_attempts, empty_text=t(lang, "empty_answer"), started_at=started,
+        retry=Retry.from_settings(settings), empty_text=t(lang, "empty_answer"), started_at=started,
     )
 
     async def on_queued() -> None:

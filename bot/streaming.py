@@ -5,7 +5,9 @@
   most one edit per STREAM_EDIT_INTERVAL_S per chat (shared by every stream in that chat),
   and never an edit that changes nothing;
 - a 429 pauses the whole chat for its `retry_after` and the text that arrived meanwhile is
-  shown in one edit afterwards (coalesced, never dropped); 5xx and network errors back off;
+  shown in one edit afterwards (coalesced, never dropped); 5xx and network errors back off
+  (bot.pacing.Retry): an edit in the middle gives up at once (newer text follows), the final
+  one keeps trying through an outage of minutes and lands within seconds of Telegram's return;
 - over 4096 characters the answer continues in new messages (bot.render.split_markdown);
 - Markdown is rendered to entities; if Telegram still rejects them, the stream switches
   to plain text, so an answer is never lost to formatting;
@@ -27,34 +29,12 @@ from aiogram.types import InlineKeyboardMarkup, ReplyParameters
 from aiogram.utils.chat_action import ChatActionSender
 
 from bot.metrics import BotMetrics
+from bot.pacing import ChatPacer, Retry
 from bot.render import Rendered, plain, render, split_markdown
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class ChatPacer:
-    """Reserves time slots per chat: at most one Telegram write per `interval`, pauses on 429.
-
-    Shared by every stream of the bot, because Telegram's flood control counts per chat,
-    not per message.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next: dict[int, float] = {}
-
-    async def wait(self, chat_id: int) -> None:
-        now = time.monotonic()
-        slot = max(now, self._next.get(chat_id, 0.0))
-        self._next[chat_id] = slot + self.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
-
-    def pause(self, chat_id: int, seconds: float) -> None:
-        """Nothing more is written to this chat for `seconds` (Telegram's retry_after, or a backoff)."""
-        self._next[chat_id] = max(self._next.get(chat_id, 0.0), time.monotonic() + seconds)
 
 
 class EntitiesRejected(Exception):
@@ -69,33 +49,32 @@ _SAME = object()  # "message is not modified": the chat already shows this
 
 
 class TelegramWriter:
-    """One chat's Telegram writes with pacing and retries; `final=False` calls give up fast."""
+    """One chat's Telegram writes with pacing and retries; `final=False` calls give up fast.
 
-    def __init__(self, bot: Bot, chat_id: int, pacer: ChatPacer, *, attempts: int = 6) -> None:
+    The backoff grows with the failures in a row, whichever call met them, so a stream does
+    not hammer a Telegram that is down; the time a final call may keep trying is its own.
+    """
+
+    def __init__(self, bot: Bot, chat_id: int, pacer: ChatPacer, *, retry: Retry = Retry()) -> None:
         self.bot = bot
         self.chat_id = chat_id
         self.pacer = pacer
-        self.attempts = attempts
-        self._errors = 0  # consecutive 5xx / network errors, for the backoff
+        self.retry = retry
+        self._failures = 0  # 5xx / network errors in a row, for the backoff
+        self._failing_since: float | None = None
 
     async def call(self, op: Callable[[], Awaitable[T]], *, final: bool) -> T | object | None:
         """Run `op` paced; None = skipped (not final) or gave up; _SAME = nothing to change."""
-        for _ in range(self.attempts * 4 if final else 1):
+        deadline: float | None = None
+        while True:
             await self.pacer.wait(self.chat_id)
             try:
                 result = await op()
-                self._errors = 0
-                return result
             except TelegramRetryAfter as exc:
                 log.info("telegram flood control in chat %s: retry after %s s", self.chat_id, exc.retry_after)
                 self.pacer.pause(self.chat_id, float(exc.retry_after))
             except (TelegramServerError, TelegramNetworkError) as exc:
-                self._errors += 1
-                if self._errors >= self.attempts and final:
-                    log.error("telegram unavailable for chat %s after %d attempts: %s", self.chat_id, self._errors, exc)
-                    return None
-                self.pacer.pause(self.chat_id, min(0.25 * 2 ** self._errors, 8.0))
-                log.warning("telegram error in chat %s (attempt %d): %s", self.chat_id, self._errors, exc)
+                self._failed(exc)
             except TelegramBadRequest as exc:
                 text = str(exc).lower()
                 if "not modified" in text:
@@ -105,7 +84,34 @@ class TelegramWriter:
                 if "message to edit not found" in text or "message_id_invalid" in text:
                     raise Gone(str(exc)) from exc
                 raise
-        return None
+            else:
+                self._recovered()
+                return result
+            if not final:
+                return None
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.retry.for_s
+            elif now >= deadline:
+                log.error("telegram unavailable for chat %s for %.0f s (%d failed attempts): gave up on the final "
+                          "text; the answer is saved", self.chat_id, self.retry.for_s, self._failures)
+                return None
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        wait = self.retry.backoff(self._failures)
+        self.pacer.pause(self.chat_id, wait)
+        if self._failures == 1 or self._failures % 10 == 0:  # an outage of minutes: a line now and then
+            log.warning("telegram error in chat %s (attempt %d, next in %.1f s): %s",
+                        self.chat_id, self._failures, wait, exc)
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.info("telegram answers chat %s again after %.1f s and %d failed attempts",
+                     self.chat_id, time.monotonic() - self._failing_since, self._failures)
+        self._failures, self._failing_since = 0, None
 
 
 @dataclass
@@ -125,11 +131,14 @@ class ReplyStream:
     def __init__(
         self, bot: Bot, chat_id: int, pacer: ChatPacer, *, metrics: BotMetrics | None = None,
         reply_to: int | None = None, thread_id: int | None = None, typing: bool = True,
-        markdown: bool = True, attempts: int = 6, empty_text: str = "…", started_at: float | None = None,
+        markdown: bool = True, retry: Retry = Retry(), empty_text: str = "…", started_at: float | None = None,
+        on_first_message: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_first_message(message_id)` is called once the first message is in the chat."""
         self.bot = bot
         self.chat_id = chat_id
-        self.writer = TelegramWriter(bot, chat_id, pacer, attempts=attempts)
+        self.writer = TelegramWriter(bot, chat_id, pacer, retry=retry)
+        self.on_first_message = on_first_message
         self.metrics = metrics
         self.reply_to = reply_to
         self.thread_id = thread_id
@@ -295,6 +304,11 @@ class ReplyStream:
             if self.metrics is not None:
                 self.metrics.first_text.observe(self.first_text_at - self.started_at)
             await self._stop_typing()
+            if self.on_first_message is not None:
+                try:
+                    self.on_first_message(self._shown[0].message_id)
+                except Exception:  # bookkeeping must not cost the user the answer
+                    log.exception("recording the first message of chat %s failed", self.chat_id)
         return True
 
 

@@ -1,6 +1,7 @@
-"""Admin commands: /status, /adapters, /reload; refusal for everyone else."""
+"""Admin commands: /status, /jobs, /adapters, /reload; refusal for everyone else."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -11,7 +12,9 @@ from aiogram.types import Message
 
 from engine.errors import EngineError
 
-from bot.admin_format import format_adapters, format_reload, format_status, short, training_summary
+from bot.admin_format import (
+    format_adapters, format_jobs, format_reload, format_status, job_history, short, training_summary,
+)
 from bot.chat import ChatService
 from bot.filters import IsAdmin
 from bot.i18n import t
@@ -19,7 +22,9 @@ from bot.storage import Store
 
 log = logging.getLogger(__name__)
 
-ADMIN_COMMANDS = ("status", "adapters", "reload", "train", "cancel", "rollback", "promote", "export")
+#: How many jobs /jobs lists.
+JOBS_SHOWN = 10
+ADMIN_COMMANDS = ("status", "jobs", "adapters", "reload", "train", "cancel", "rollback", "promote", "export")
 
 
 
@@ -43,6 +48,11 @@ async def on_status(message: Message, engine: Any, chat: ChatService, store: Sto
         bot_uptime_s=time.monotonic() - started_at, training=training_summary(engine, lang), lang=lang,
     )
     await message.answer(text)
+
+
+async def on_jobs(message: Message, engine: Any, lang: str) -> None:
+    records = await asyncio.to_thread(job_history, engine, JOBS_SHOWN)
+    await message.answer(format_jobs(records, lang) if records is not None else t(lang, "training_unavailable"))
 
 
 async def on_adapters(message: Message, engine: Any, lang: str) -> None:
@@ -71,6 +81,7 @@ def router() -> Router:
     r = Router(name="admin")
     r.message.register(refuse, Command(*ADMIN_COMMANDS, ignore_case=True), ~IsAdmin())
     r.message.register(on_status, Command("status", ignore_case=True), IsAdmin())
+    r.message.register(on_jobs, Command("jobs", ignore_case=True), IsAdmin())
     r.message.register(on_adapters, Command("adapters", ignore_case=True), IsAdmin())
     r.message.register(on_reload, Command("reload", ignore_case=True), IsAdmin())
     return r

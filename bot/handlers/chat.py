@@ -1,4 +1,5 @@
-"""Plain text -> a streamed answer; /new, /retry, /stop; "Continue" under a cut answer."""
+"""Plain text -> a streamed answer; /new, /retry, /stop; "Continue" under a cut answer; "Retry"
+under the notice that a restart cut an answer off."""
 from __future__ import annotations
 
 from aiogram import Bot, F, Router
@@ -12,11 +13,11 @@ from bot.chat import ChatService, mode_of
 from bot.config import BotSettings
 from bot.filters import Addressed, NotCommand
 from bot.i18n import t
-from bot.keyboards import ContinueCB, describe_mode, feedback_keyboard
+from bot.keyboards import ContinueCB, RetryCB, describe_mode, feedback_keyboard
 from bot.metrics import BotMetrics
 from bot.replies import answer_question
 from bot.storage import Store, UserRecord
-from bot.streaming import ChatPacer
+from bot.pacing import ChatPacer
 
 
 async def on_text(
@@ -58,6 +59,28 @@ async def on_continue(
                           settings=settings, metrics=metrics, lang=lang, user=query.from_user)
 
 
+async def on_retry_button(
+    query: CallbackQuery, callback_data: RetryCB, bot: Bot, chat: ChatService, store: Store, pacer: ChatPacer,
+    settings: BotSettings, metrics: BotMetrics, lang: str,
+) -> None:
+    """Answer again the question whose answer a restart cut off, while it is still the latest."""
+    message = query.message
+    if not isinstance(message, Message):
+        await query.answer(t(lang, "retry_stale"))
+        return
+    latest = store.last_answer(query.from_user.id, message.chat.id)
+    if latest is None or latest[0] != callback_data.message_id:
+        await query.answer(t(lang, "retry_stale"), show_alert=True)
+        return
+    await query.answer()
+    try:  # pressed once is enough
+        await message.edit_reply_markup(reply_markup=None)
+    except TelegramBadRequest:
+        pass
+    await answer_question(message, None, bot=bot, chat=chat, store=store, pacer=pacer, settings=settings,
+                          metrics=metrics, lang=lang, user=query.from_user)
+
+
 async def on_new(message: Message, store: Store, user_record: UserRecord, lang: str, engine: EngineFace) -> None:
     store.new_conversation(user_record.id)
     await message.answer(t(lang, "new_conversation", mode=describe_mode(mode_of(user_record), lang, engine.modes())))
@@ -76,4 +99,5 @@ def router() -> Router:
     r.message.register(on_retry, Command("retry", ignore_case=True))
     r.message.register(on_text, F.text, NotCommand(), Addressed())
     r.callback_query.register(on_continue, ContinueCB.filter())
+    r.callback_query.register(on_retry_button, RetryCB.filter())
     return r

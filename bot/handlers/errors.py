@@ -1,7 +1,8 @@
-"""Engine errors -> one short reply, in one place. The log keeps the detail."""
+"""Engine and storage errors -> one short reply, in one place. The log keeps the detail."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from aiogram import Router
@@ -14,6 +15,7 @@ from engine.errors import (
 )
 
 from bot.i18n import normalize_language, t
+from bot.storage import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ REPLIES: tuple[tuple[tuple[type[Exception], ...], str], ...] = (
     ((TemplateNotFound, TemplateError), "err_template"),
     ((InputTooLong,), "err_too_long"),
     ((EngineError,), "err_generic"),
+    ((sqlite3.Error, DatabaseError), "err_storage"),  # a full disk, a read-only volume, a damaged file
 )
 
 
@@ -42,6 +45,10 @@ async def _reply(event: ErrorEvent, key: str, lang: str | None) -> None:
         log.warning("could not tell the user about an error", exc_info=True)
 
 
+#: Replies whose cause the log shows with its traceback (the others are one line).
+UNEXPECTED = ("err_generic", "err_storage")
+
+
 def _handler(key: str, expected: bool) -> Any:
     async def handle(event: ErrorEvent, lang: str | None = None) -> None:
         if expected:
@@ -56,6 +63,6 @@ def _handler(key: str, expected: bool) -> Any:
 def router() -> Router:
     r = Router(name="errors")
     for types, key in REPLIES:
-        r.errors.register(_handler(key, expected=key != "err_generic"), ExceptionTypeFilter(*types))
+        r.errors.register(_handler(key, expected=key not in UNEXPECTED), ExceptionTypeFilter(*types))
     r.errors.register(_handler("err_generic", expected=False), ExceptionTypeFilter(Exception))
     return r

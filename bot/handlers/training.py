@@ -1,9 +1,11 @@
 """/train, /cancel, /rollback, /promote, /export: wired to `engine.training`.
 
-Training is optional: when the engine has no training service, or it fails for a reason
-that is not a domain error, the admin is told "training is not available" — not an error.
+Training is optional: when the engine has no training service the admin is told "training
+is not available" — not an error. A volume that takes no writes is named as such (read-only,
+full), and any other failure says that it failed, never that training does not exist.
 /train answers at once and follows the job in a background task, editing one progress
-message at the same safe rate as answers.
+message at the same safe rate as answers; the message is remembered in the store, so if the
+bot stops before the job's end, the next start finishes it (bot.recovery).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from aiogram import Bot, Router
 from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
-from engine.errors import AdapterNotFound, EngineError
+from engine.errors import AdapterNotFound, EngineError, TrainingStorageError
+from engine.face import EngineFace
 
 from bot.admin_format import format_event, short
 from bot.background import Background
@@ -24,10 +27,15 @@ from bot.handlers.admin import domain_names, unknown_domain
 from bot.i18n import t
 from bot.metrics import BotMetrics
 from bot.storage import Store
-from bot.streaming import ChatPacer, ReplyStream, edit_progress
+from bot.pacing import ChatPacer, Retry
+from bot.streaming import ReplyStream, edit_progress
 
 log = logging.getLogger(__name__)
 
+
+
+#: engine.training method -> the admin command that calls it (for error replies).
+COMMAND_OF = {"start": "train", "rollback": "rollback", "promote": "promote", "export_examples": "export"}
 
 
 class Unavailable(Exception):
@@ -55,6 +63,12 @@ async def call_training(
     """
     try:
         return await getattr(service(engine), fn_name)(*args, **kw), ""
+    except TrainingStorageError as exc:
+        log.warning("training %s refused: %s", fn_name, exc)
+        problem = {"read-only": "volume_readonly", "full": "volume_full", "denied": "volume_denied"}.get(exc.problem)
+        await message.answer(t(lang, "train_storage", domain=words.get("domain", ""), path=exc.path,
+                               problem=t(lang, problem) if problem else short(str(exc))))
+        return None, f"refused: {exc}"
     except EngineError as exc:
         reason = str(exc)
         if isinstance(exc, AdapterNotFound) and "known:" not in reason:
@@ -63,10 +77,15 @@ async def call_training(
         log.info("training %s refused: %s", fn_name, exc)
         await message.answer(t(lang, refused, reason=short(reason), **words))
         return None, f"refused: {exc}"
-    except Exception as exc:  # missing, half-wired or broken service: not the admin's problem
+    except (Unavailable, NotImplementedError, AttributeError) as exc:  # no service, or one half-wired
         log.warning("training %s unavailable: %s", fn_name, exc, exc_info=not isinstance(exc, Unavailable))
         await message.answer(t(lang, "training_unavailable"))
         return None, "unavailable"
+    except Exception as exc:  # it exists and broke: say so, not that training does not exist
+        log.error("training %s failed", fn_name, exc_info=exc)
+        await message.answer(t(lang, "training_error", command=f"/{COMMAND_OF.get(fn_name, fn_name)}",
+                               reason=short(f"{type(exc).__name__}: {exc}", 200)))
+        return None, f"failed: {exc}"
 
 
 def _args(command: CommandObject) -> list[str]:
@@ -95,15 +114,23 @@ async def on_train(
     if job is None:
         store.log_admin(admin, "train", domain, failure)
         return
-    store.log_admin(admin, "train", domain, f"started {getattr(job, 'id', '')}")
-    stream = ReplyStream(bot, message.chat.id, pacer, metrics=metrics, typing=False, markdown=False,
-                         attempts=settings.telegram_retry_attempts)
+    job_id = str(getattr(job, "id", ""))
+    store.log_admin(admin, "train", domain, f"started {job_id}")
+    chat_id = message.chat.id
+
+    def remember(message_id: int) -> None:
+        store.follow_training(job_id, domain, admin, chat_id, message_id, lang)
+
+    stream = ReplyStream(bot, chat_id, pacer, metrics=metrics, typing=False, markdown=False,
+                         retry=Retry.from_settings(settings), on_first_message=remember)
     stream.set_text(t(lang, "tr_starting", domain=domain))
 
     async def follow() -> None:
         last = await edit_progress(stream, job.events(), lambda ev: format_event(ev, lang))
         if last is not None:
             store.log_admin(admin, "train_result", domain, f"{last.kind} {last.version or ''} {last.message}")
+            if last.final and stream.message_ids:
+                store.training_reported(job_id, last.kind)
 
     background.spawn(follow(), name=f"train-progress-{domain}")
 

@@ -8,7 +8,8 @@ from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 
-from bot.streaming import ChatPacer, ReplyStream
+from bot.pacing import ChatPacer
+from bot.streaming import ReplyStream
 from tests.conftest import TEST_TOKEN
 
 pytestmark = pytest.mark.timeout(60)
