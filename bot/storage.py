@@ -332,10 +332,14 @@ class Store:
 
         Called at start, when this process holds the instance lock: nobody else is writing them.
         """
-        with self.db.conn:
-            rows = self._rows(
-                "update messages set finish_reason = ? where finish_reason = ? "
-                "returning id, user_id, chat_id, length(text) as chars", [INTERRUPTED, STREAMING])
+        try:
+            with self.db.conn:
+                rows = self._rows(
+                    "update messages set finish_reason = ? where finish_reason = ? "
+                    "returning id, user_id, chat_id, length(text) as chars", [INTERRUPTED, STREAMING])
+        except sqlite3.Error as exc:  # housekeeping: a database that takes no writes is reported elsewhere
+            log.warning("%s: cannot mark answers cut off by a restart: %s", self.path, exc)
+            return []
         out = []
         for r in sorted(rows, key=lambda r: r["id"]):
             user = self.get_user(r["user_id"])

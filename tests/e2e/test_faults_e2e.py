@@ -243,3 +243,20 @@ async def test_a_restart_after_a_clean_stop_tells_nobody(tg, engine, start_bot):
     tg.send_text(7, "after the restart")
     await tg.wait_for_buttons(7, "answer to: after the restart")
     assert not any("cut off" in text for text in tg.texts(7))
+
+
+async def test_a_full_database_disk_gets_a_clear_reply_and_the_bot_recovers_when_space_returns(
+    tg, engine, start_bot, tmp_path
+):
+    with full(tmp_path / "state", size_kib=1024) as disk:
+        bot = await start_bot(engine, database_path=tmp_path / "state" / "bot.sqlite3")
+        tg.send_text(7, "before")
+        await tg.wait_for_buttons(7, "answer to: before")
+        disk.fill()
+        tg.send_text(7, "while the disk is full")
+        await tg.wait_for_text(7, "can't save our conversation")
+        assert not any("Something went wrong" in text for text in tg.texts(7))
+        disk.fix()
+        tg.send_text(7, "after")
+        await tg.wait_for_buttons(7, "answer to: after")
+        await bot.stop()
