@@ -67,8 +67,8 @@ def _hint(message: str, v: LoraVersion) -> str:
     """What to change, for the refusals an operator can fix on the replicas."""
     if "max_lora_rank" in message:
         return f" (start the replicas with --max-lora-rank {v.rank} or more)"
-    if "No adapter found" in message:
-        return " (do the replicas see the adapters folder at VLLM_ADAPTERS_DIR?)"
+    if "No adapter found" in message:  # vLLM hides the path in its answer: say which one it was asked for
+        return f" (it was asked for {v.path}: do the replicas see the adapters folder at VLLM_ADAPTERS_DIR?)"
     return ""
 
 

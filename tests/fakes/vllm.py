@@ -8,7 +8,8 @@ such point has a contract test that runs against this fake and a real vLLM alike
   `GET /health`, `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (plain
   "Success: ..." text, or `{"error": {message, type, param, code}}` with vLLM's words and
   status codes: 400 already loaded, 404 no adapter at the path, 500 for a rank above
-  `--max-lora-rank` or LoRA not enabled, worded as the engine's RPC wraps them).
+  `--max-lora-rank` or LoRA not enabled, worded as the engine's RPC wraps them; file paths in
+  error messages hidden as `<path>`, as vLLM hides them).
 - The Bearer API key is checked first for every path under /v1, a route that does not exist
   included (401 `{"error": "Unauthorized"}`); without runtime LoRA updating the load and
   unload routes do not exist (FastAPI's 404 `{"detail": "Not Found"}`).
@@ -100,7 +101,14 @@ def _error(status: int, message: str, err_type: str, param: str | None = None) -
 
 
 def _error_body(status: int, message: str, err_type: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return {"error": {"message": _sanitized(message), "type": err_type, "param": param, "code": status}}
+
+
+def _sanitized(message: str) -> str:
+    """vLLM hides file paths in the errors it sends: those under the usual system and home
+    folders, and any ending in a file name with an extension, become `<path>`."""
+    message = re.sub(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+", "<path>", message)
+    return re.sub(r"(?:/[\w\-]+)+/[\w\-]+\.\w+", "<path>", message).strip()
 
 
 def _invalid(message: str, parameter: str | None = None, value: Any = None) -> tuple[str, str | None]:

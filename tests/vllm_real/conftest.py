@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
+from tests.engine.vllm_support import adapters_dir, make_engine  # noqa: F401  (fixtures)
 from tests.fakes.vllm import FakeVllm
 from tests.vllm_real import servers
 from tests.vllm_real.servers import API_KEY, MAX_LORA_RANK, MAX_MODEL_LEN, SERVED_NAME, VllmServer
@@ -102,7 +103,7 @@ async def vllm_server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
 @pytest.fixture
 def shipped_adapters(tmp_path: Path) -> Path:
     """A copy of the shipped adapters (legal, medical, finance; trained, rank 8)."""
-    root = tmp_path / "adapters"
+    root = tmp_path / "shipped"
     for domain in ("legal", "medical", "finance"):
         shutil.copytree(REPO / "adapters" / domain, root / domain,
                         ignore=shutil.ignore_patterns("data", "candidates", ".staging-*"))
@@ -116,31 +117,16 @@ def engine_settings(adapters_dir: Path, **engine: Any) -> Any:
                             "templates_dir": REPO / "templates", "max_new_tokens": 24, **engine})
 
 
-def vllm_settings(*urls: str, **vllm: Any) -> Any:
-    from engine.vllm.config import load_vllm_settings
-
-    return load_vllm_settings(**{"_env_file": None, "vllm_urls": ",".join(urls), "vllm_model": SERVED_NAME,
-                                 "vllm_api_key": API_KEY, "vllm_health_interval_s": 3600, "vllm_retry_after_s": 0,
-                                 **vllm})
-
-
 @pytest.fixture
-async def vllm_engines() -> AsyncIterator[Any]:
-    """start(urls, adapters_dir, engine={...}, **vllm) -> a started VllmEngine; all closed at the end."""
-    from engine.vllm.engine import VllmEngine
+def vllm_engines(make_engine: Any) -> Any:
+    """start(urls, adapters_dir, engine={...}, **vllm) -> a started VllmEngine on real (or fake)
+    servers, as the replicas here are configured; all closed at the end (vllm_support's make_engine)."""
 
-    engines: list[VllmEngine] = []
+    async def start(urls: list[str], adapters_dir: Path, engine: dict[str, Any] | None = None, **vllm: Any) -> Any:
+        return await make_engine(*urls, engine={"adapters_dir": adapters_dir, "max_new_tokens": 24, **(engine or {})},
+                                 **{"vllm_model": SERVED_NAME, "vllm_api_key": API_KEY, **vllm})
 
-    async def start(urls: list[str], adapters_dir: Path, engine: dict[str, Any] | None = None,
-                    **vllm: Any) -> VllmEngine:
-        e = VllmEngine(engine_settings(adapters_dir, **(engine or {})), vllm_settings(*urls, **vllm))
-        engines.append(e)
-        await e.start()
-        return e
-
-    yield start
-    for e in engines:
-        await e.close()
+    return start
 
 
 @pytest.fixture(autouse=True)

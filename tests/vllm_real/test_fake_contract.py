@@ -91,7 +91,7 @@ async def test_loading_answers_in_vllms_words(vllm_server, tmp_path):
     status, missing = await post(vllm_server, "/v1/load_lora_adapter",
                                  {"lora_name": "gone__v1", "lora_path": str(tmp_path / "nothing")})
     assert (status, missing["error"]["type"]) == (404, "NotFoundError")
-    assert missing["error"]["message"] == f"Loading lora gone__v1 failed: No adapter found for {tmp_path / 'nothing'}"
+    assert missing["error"]["message"] == "Loading lora gone__v1 failed: No adapter found for <path>"  # hidden
     status, clash = await post(vllm_server, "/v1/load_lora_adapter", {**body, "lora_name": vllm_server.model})
     assert (status, clash["error"]["message"]) == (400, f"The lora adapter '{vllm_server.model}' conflicts with a "
                                                         "served base model.")

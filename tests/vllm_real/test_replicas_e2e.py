@@ -189,10 +189,10 @@ async def test_idle_past_vllms_keep_alive_then_a_request_takes_no_replica_out(re
         port = int(fake.url.rsplit(":", 1)[1])
     else:
         port = (await asyncio.to_thread(request.getfixturevalue("real_replicas").standard))[0].port
-    (tmp_path / "adapters").mkdir()
+    (tmp_path / "none").mkdir()
     try:
         async with SlowLink(port, latency_s=0.3) as link:
-            engine = await vllm_engines([link.url], tmp_path / "adapters")
+            engine = await vllm_engines([link.url], tmp_path / "none")
             for _ in range(2):
                 assert (await collect(engine.generate(QUESTION, Mode(), GREEDY))).strip()
                 await asyncio.sleep(4.7)
