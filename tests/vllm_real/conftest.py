@@ -44,7 +44,12 @@ class RealReplicas:
         servers.start_all(changed)
         return self.servers
 
-    def restart(self, server: VllmServer, *, lora: bool = True) -> None:
+    def ensure(self, server: VllmServer, *, lora: bool = True) -> None:
+        """`server` running with (or without) LoRA: (re)started only if it is not already so,
+        since a start costs half a minute or more; tests that need the same odd set-up follow
+        each other, so it is started once for them."""
+        if server.running and server.lora == lora:
+            return
         server.stop()
         server.lora = lora
         server.start()

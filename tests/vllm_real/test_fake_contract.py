@@ -249,7 +249,8 @@ def _idle_until_closed(url: str) -> float:
 @pytest.mark.parametrize("kind", ["fake", pytest.param("real", marks=pytest.mark.vllm_real)])
 async def test_a_replica_without_lora_says_so_when_asked_to_load(request, tmp_path, kind):
     """Not on `vllm_server`: it needs a replica started without --enable-lora (the real one
-    is the second replica, restarted so; `standard()` puts it back for the next test)."""
+    is the second replica, restarted so; the first test of test_replicas_e2e.py uses it as it
+    is, then `standard()` puts it back). Last in this module for that reason."""
     from tests.fakes.vllm import FakeVllm
     from tests.vllm_real.servers import API_KEY, SERVED_NAME
 
@@ -261,7 +262,7 @@ async def test_a_replica_without_lora_says_so_when_asked_to_load(request, tmp_pa
     else:
         replicas = request.getfixturevalue("real_replicas")
         bare = replicas.servers[1]
-        await asyncio.to_thread(replicas.restart, bare, lora=False)
+        await asyncio.to_thread(replicas.ensure, bare, lora=False)
         url = bare.url
     try:
         async with open_session() as session:
