@@ -15,6 +15,7 @@ from bot.config import BotSettings, load_bot_settings
 from engine.config import EngineSettings, load_settings, misspelt_settings
 from engine.errors import ConfigError, ModelLoadError
 from engine.logs import setup_logging_from
+from engine.vllm.config import VllmSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ def preflight() -> int | None:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
     setup_logging_from(settings)
-    for warning in misspelt_settings([*EngineSettings.model_fields, *BotSettings.model_fields], complete=True):
+    known = [*EngineSettings.model_fields, *BotSettings.model_fields, *VllmSettings.model_fields]
+    for warning in misspelt_settings(known, complete=True):
         log.warning("%s", warning)
     try:
         engine_settings = load_settings()

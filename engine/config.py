@@ -58,7 +58,11 @@ class EngineSettings(BaseSettings):
     context_tokens: int = Field(
         2048, ge=128, le=131072, description="Prompt + answer budget; oldest turns are trimmed to fit."
     )
-    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Default sampling temperature; 0 = greedy.")
+    temperature: float = Field(
+        0.7, ge=0.0, le=2.0,
+        description="Default sampling temperature; 0 = greedy. At most 2, as vLLM (since 0.24) accepts, so a "
+        "setting works on both backends.",
+    )
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=0, description="0 disables top-k.")
     repetition_penalty: float = Field(1.1, ge=1.0, le=3.0)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from engine import cpu_threads
 from engine.adapter_store import AdapterStore
 from engine.config import EngineSettings, load_settings
-from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineClosed, EngineError
+from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.model import memory_footprint
 from engine.types import (
@@ -127,25 +127,19 @@ class Engine:
                  len(self.templates.roles(refresh=False)))
 
     def _load_templates(self) -> Any:
-        from engine.prompts import TemplateLibrary
+        from engine.prompts import load_templates
 
-        s = self.settings
-        library = TemplateLibrary(s.templates_dir, s.template_poll_s, render_timeout_s=s.template_render_timeout_s,
-                                  max_chars=s.template_max_chars)
-        if not library.roles(refresh=False):
-            errors = "; ".join(library.errors().values()) or "no *.j2 files"
-            raise ConfigError(f"TEMPLATES_DIR={str(s.templates_dir)!r}: no role template can be rendered ({errors})")
-        return library
+        return load_templates(self.settings)
 
     def _start_sync(self) -> None:
         from engine import model as model_loader
         from engine.adapters import AdapterRegistry, LoraRuntime
-        from engine.prompts import PromptBuilder
+        from engine.prompts import PromptMaker
         from engine.scheduler import Scheduler
 
         self.loaded = model_loader.load(self.settings)
         tok = self.loaded.tokenizer
-        self.prompts = PromptBuilder(tok, self.settings.context_tokens, self.settings.history_tokens)
+        self.prompts = PromptMaker(self.templates, tok, self.settings)
         self.runtime_kind = self._choose_runtime()
         if self.runtime_kind == "fast":
             from engine.runtime import FastRuntime
@@ -271,11 +265,7 @@ class Engine:
     def _prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
                 max_new: int) -> tuple[list[int], int]:
         """System prompt + history -> token ids (worker thread)."""
-        system = self.templates.render_system(role, user)
-        try:
-            return self.prompts.build(system, messages, max_new)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from exc
+        return self.prompts.build(role, user, messages, max_new)
 
     def modes(self) -> ModeCatalog:
         # no disk access here (the poller thread refreshes the templates): modes() runs on the loop

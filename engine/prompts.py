@@ -16,13 +16,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from jinja2 import StrictUndefined, TemplateError as JinjaError, TemplateSyntaxError
 
-from engine.errors import InputTooLong, TemplateError, TemplateNotFound
+from engine.errors import ConfigError, EngineError, InputTooLong, TemplateError, TemplateNotFound
 from engine.template_limits import LimitedSandbox, RenderLimit, limits, render_limited
 from engine.types import Message, RoleInfo, UserContext
+
+if TYPE_CHECKING:
+    from engine.config import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -366,3 +369,36 @@ def _next_start(turns: list[Message], start: int) -> int:
     while start < len(turns) - 1 and turns[start].role != "user":
         start += 1
     return start
+
+
+def load_templates(settings: "EngineSettings") -> TemplateLibrary:
+    """The role templates with TEMPLATES_DIR, TEMPLATE_POLL_S and their render limits, as every
+    backend serves them; ConfigError when not one role can be rendered (reads disk: off the loop)."""
+    library = TemplateLibrary(settings.templates_dir, settings.template_poll_s,
+                              render_timeout_s=settings.template_render_timeout_s,
+                              max_chars=settings.template_max_chars)
+    if not library.roles(refresh=False):
+        errors = "; ".join(library.errors().values()) or "no *.j2 files"
+        raise ConfigError(f"TEMPLATES_DIR={str(settings.templates_dir)!r}: no role template can be rendered ({errors})")
+    return library
+
+
+class PromptMaker:
+    """(role, user, history) -> prompt token ids, the same for every backend: the role's system
+    prompt, then `PromptBuilder` with CONTEXT_TOKENS and HISTORY_TOKENS. One construction, so the
+    local engine and the vLLM backend cannot drift apart. Renders and tokenizes: call it off the
+    event loop, one call at a time per tokenizer."""
+
+    def __init__(self, templates: TemplateLibrary, tokenizer: Any, settings: "EngineSettings") -> None:
+        self.templates = templates
+        self.builder = PromptBuilder(tokenizer, settings.context_tokens, settings.history_tokens)
+
+    def build(self, role: str, user: UserContext | None, messages: Sequence[Message],
+              max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the prompt and how many old turns were dropped; EngineError for a history
+        that cannot be sent (InputTooLong when the newest message alone is too long)."""
+        system = self.templates.render_system(role, user)
+        try:
+            return self.builder.build(system, messages, max_new_tokens)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc

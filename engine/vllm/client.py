@@ -19,8 +19,17 @@ vllm/entrypoints/serve/lora in vllm-project/vllm):
   An adapter the replica does not know: 404 "The model `x` does not exist." (param "model").
 
 Errors are `{"error": {"message", "type", "param", "code"}}` (older releases: the same fields
-at the top level with `"object": "error"`); a wrong API key is 401 `{"error": "Unauthorized"}`.
+at the top level with `"object": "error"`); a wrong API key is 401 `{"error": "Unauthorized"}`,
+checked before anything else under /v1 (a route that does not exist included). vLLM validates
+part of a request only once the stream has begun (the prompt's and the stop tokens' ids against
+the vocabulary, in some releases the sampling ranges): those refusals arrive as an error chunk
+with a 4xx `code` after HTTP 200, and are the request's fault like a 400 before the stream.
 Closing a streaming response closes the connection, and vLLM aborts the request.
+
+vLLM (uvicorn) closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); a request
+written on it just as it closes fails with a disconnect before any answer. So pooled
+connections are dropped here after KEEPALIVE_S, and a request that meets such a disconnect is
+sent once more on a new connection instead of failing the replica.
 """
 from __future__ import annotations
 
@@ -35,6 +44,51 @@ import aiohttp
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+#: Seconds an idle pooled connection is reused: well below vLLM's 5 s keep-alive, so the server
+#: never closes one under a request the client is writing.
+KEEPALIVE_S = 2.0
+
+#: vLLM's words when an adapter itself cannot be loaded (vllm/lora/peft_helper.py,
+#: lora_model.py, utils.py), whatever the replica: a refusal of that version. Any other 500 from
+#: /v1/load_lora_adapter is the engine's trouble (vLLM maps every engine error to 500) and is
+#: retried.
+ADAPTER_REFUSALS = (
+    "greater than max_lora_rank", "Missing required configuration fields", "must be a positive integer",
+    "vLLM does not support", "Unsupported modules_to_save", "expected target modules", "doesn't contain tensors",
+    "Error while deserializing", "unsupported LoRA weight", "must be consistent with", "is missing weight",
+    "full classification module",
+)
+#: vLLM's words when the replica was started without --enable-lora: the replica's fault.
+LORA_DISABLED = "LoRA is not enabled"
+#: Attempts at loading an adapter when vLLM answers an engine error (500 of unknown cause).
+LOAD_ATTEMPTS = 3
+LOAD_BACKOFF_S = 0.5
+
+
+def open_session() -> aiohttp.ClientSession:
+    """The session every replica client shares (no connection limit; see KEEPALIVE_S)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S))
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """The server closed the connection the request went out on (not: nobody listens)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+
+
+def prompt_too_long(message: str, param: str | None) -> bool:
+    """vLLM's refusal of a prompt longer than its context, in the wordings its releases use:
+    "This model's maximum context length is N tokens. However, your prompt contains M input
+    tokens ..." (param input_tokens / input_text), "You passed N input tokens and requested M
+    output tokens. However, the model's context length is only L tokens ...", "The decoder
+    prompt (length N) is longer than the maximum model length of L"."""
+    if param in ("input_tokens", "input_text"):
+        return True
+    text = message.lower()
+    return any(words in text for words in ("maximum context length", "context length is only",
+                                            "maximum model length"))
 
 
 class ReplicaUnavailable(EngineError):
@@ -51,6 +105,18 @@ class ReplicaRejected(EngineError):
 
 class ModelMissing(ReplicaRejected):
     """The replica does not know the model name asked for: it restarted and forgot an adapter."""
+
+
+class PromptTooLong(ReplicaRejected):
+    """The replica refused the prompt as longer than its context (see `prompt_too_long`)."""
+
+
+class LoraDisabled(ReplicaRejected):
+    """The replica cannot load any adapter: it was started without --enable-lora."""
+
+
+class AdapterLoadFailed(ReplicaUnavailable):
+    """Loading an adapter kept failing with an engine error of no known cause (retried)."""
 
 
 class StreamFailed(ReplicaUnavailable):
@@ -84,6 +150,26 @@ def parse_error(status: int, text: str) -> tuple[str, str, str | None]:
     return "HTTPError", text.strip()[:300], None
 
 
+def _error_code(payload: dict[str, Any]) -> int:
+    """The HTTP status an in-stream error stands for (vLLM's ErrorInfo.code); 500 when absent."""
+    err = payload.get("error")
+    code = err.get("code") if isinstance(err, dict) else payload.get("code")
+    try:
+        return int(code)
+    except (TypeError, ValueError):
+        return 500
+
+
+def rejection(url: str, status: int, text: str) -> ReplicaRejected:
+    """The ReplicaRejected (or subclass) for an error answer about the request."""
+    etype, message, param = parse_error(status, text)
+    if status == 404 and (param == "model" or "does not exist" in message):
+        return ModelMissing(url, status, etype, message, param)
+    if status == 400 and prompt_too_long(message, param):
+        return PromptTooLong(url, status, etype, message, param)
+    return ReplicaRejected(url, status, etype, message, param)
+
+
 class CompletionStream:
     """The events of one streaming completion. `close()` drops the connection (vLLM aborts)."""
 
@@ -111,6 +197,9 @@ class CompletionStream:
                 except ValueError as exc:
                     raise ReplicaUnavailable(f"{self.url} sent a chunk that is not JSON: {data[:200]!r}") from exc
                 if isinstance(payload, dict) and "error" in payload:
+                    status = _error_code(payload)
+                    if 400 <= status < 500:  # the request's fault, told after the headers
+                        raise rejection(self.url, status, data)
                     etype, message, _ = parse_error(500, data)
                     raise StreamFailed(f"{self.url} failed while streaming: {etype}: {message}")
                 return payload
@@ -148,24 +237,29 @@ class ReplicaClient:
         return aiohttp.ClientTimeout(total=total, connect=self._timeouts.connect_s)
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
-        try:
-            async with self._session.request(
-                method, self.url + path, json=body, headers=self._headers, timeout=self._timeout(self._timeouts.admin_s),
-            ) as resp:
-                return resp.status, await resp.text()
-        except asyncio.TimeoutError:
-            raise ReplicaUnavailable(f"{self.url}{path}: no answer within {self._timeouts.admin_s:g} s") from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise ReplicaUnavailable(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                async with self._session.request(
+                    method, self.url + path, json=body, headers=self._headers,
+                    timeout=self._timeout(self._timeouts.admin_s),
+                ) as resp:
+                    return resp.status, await resp.text()
+            except asyncio.TimeoutError:
+                raise ReplicaUnavailable(f"{self.url}{path}: no answer within {self._timeouts.admin_s:g} s") from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                if attempt == 1 and _stale_connection(exc):
+                    log.info("%s%s: the connection was closed under the request (%s); sending it again",
+                             self.url, path, exc)
+                    continue
+                raise ReplicaUnavailable(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
 
-    def _rejected(self, status: int, text: str, *, server_errors_are_answers: bool = False) -> EngineError:
-        """The exception for an error answer. A 5xx means the replica is unwell (try another),
-        except where vLLM reports a refusal as 500 (loading an adapter: the rank, LoRA off)."""
-        etype, message, param = parse_error(status, text)
-        if status >= 500 and not (status == 500 and server_errors_are_answers):
+    def _rejected(self, status: int, text: str) -> EngineError:
+        """The exception for an error answer: a 5xx means the replica is unwell (try another)."""
+        if status >= 500:
+            etype, message, _ = parse_error(status, text)
             return ReplicaUnavailable(f"{self.url} answered {status} {etype}: {message}")
-        cls = ModelMissing if status == 404 and (param == "model" or "does not exist" in message) else ReplicaRejected
-        return cls(self.url, status, etype, message, param)
+        return rejection(self.url, status, text)
 
     async def models(self) -> list[dict[str, Any]]:
         status, text = await self._call("GET", "/v1/models")
@@ -193,14 +287,34 @@ class ReplicaClient:
         return isinstance(data, dict) and ("error" in data or data.get("object") == "error")
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Register an adapter; already registered under that name counts as done."""
-        status, text = await self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        if status == 200:
-            return
-        etype, message, _ = parse_error(status, text)
-        if status == 400 and "already been loaded" in message:
-            return
-        raise self._rejected(status, text, server_errors_are_answers=True)
+        """Register an adapter; already registered under that name counts as done.
+
+        ReplicaRejected: the adapter was refused (vLLM's known words, or a 4xx such as a path
+        the replica cannot see); LoraDisabled: the replica runs without --enable-lora;
+        AdapterLoadFailed: a 500 of no known cause (vLLM's engine errors), still there after
+        LOAD_ATTEMPTS; ReplicaUnavailable: no answer, or another 5xx.
+        """
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            status, text = await self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            if status == 200:
+                return
+            etype, message, param = parse_error(status, text)
+            if status == 400 and "already been loaded" in message:
+                return
+            if status < 500:
+                raise rejection(self.url, status, text)
+            if status != 500:  # 502, 503...: the replica (or what is in front of it) is not answering well
+                raise self._rejected(status, text)
+            if LORA_DISABLED in message:
+                raise LoraDisabled(self.url, status, etype, message, param)
+            if any(words in message for words in ADAPTER_REFUSALS):
+                raise ReplicaRejected(self.url, status, etype, message, param)
+            if attempt < LOAD_ATTEMPTS:
+                log.warning("%s could not load adapter %s (attempt %d of %d): %s %s: %s", self.url, name, attempt,
+                            LOAD_ATTEMPTS, status, etype, message)
+                await asyncio.sleep(LOAD_BACKOFF_S * attempt)
+        raise AdapterLoadFailed(f"{self.url} could not load adapter {name} ({LOAD_ATTEMPTS} attempts): "
+                                f"{status} {etype}: {message}")
 
     async def unload_adapter(self, name: str) -> bool:
         """Unregister an adapter; False when the replica did not have it."""
@@ -213,15 +327,21 @@ class ReplicaClient:
 
     async def complete(self, body: dict[str, Any], first_token_timeout_s: float) -> CompletionStream:
         """Send a streaming completion; returns once the replica accepted it (HTTP 200)."""
-        try:
-            resp = await asyncio.wait_for(self._session.post(
-                self.url + "/v1/completions", json=body, headers=self._headers, timeout=self._timeout(None),
-            ), first_token_timeout_s)
-        except asyncio.TimeoutError:
-            raise ReplicaUnavailable(f"{self.url} did not accept the request within {first_token_timeout_s:g} s") \
-                from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise ReplicaUnavailable(f"{self.url}/v1/completions: {type(exc).__name__}: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                resp = await asyncio.wait_for(self._session.post(
+                    self.url + "/v1/completions", json=body, headers=self._headers, timeout=self._timeout(None),
+                ), first_token_timeout_s)
+                break
+            except asyncio.TimeoutError:
+                raise ReplicaUnavailable(f"{self.url} did not accept the request within {first_token_timeout_s:g} s") \
+                    from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                if attempt == 1 and _stale_connection(exc):  # nothing was answered: vLLM never saw it
+                    log.info("%s/v1/completions: the connection was closed under the request (%s); sending it "
+                             "again", self.url, exc)
+                    continue
+                raise ReplicaUnavailable(f"{self.url}/v1/completions: {type(exc).__name__}: {exc}") from exc
         if resp.status != 200:
             try:
                 text = await asyncio.wait_for(resp.text(), self._timeouts.admin_s)

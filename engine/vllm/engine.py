@@ -2,8 +2,9 @@
 
 Inference runs on one or more vLLM OpenAI-compatible servers (multi-LoRA continuous
 batching, quantization, tensor parallelism are theirs). This process keeps what makes the
-bot the same bot: the role templates and the prompt code (with only the tokenizer loaded,
-no weights), the adapters folder with its versions, validation and `current` pointers,
+bot the same bot: the role templates and the prompt code, built exactly as the local engine
+builds them (engine.prompts: the same limits, HISTORY_TOKENS and CONTEXT_TOKENS; only the
+tokenizer loaded, no weights), the adapters folder with its versions, validation and `current` pointers,
 training, and the metrics. See docs/deployment.md for when to use it.
 
 At start every replica is checked (reachable, the configured base model, a context of at
@@ -30,7 +31,7 @@ from engine.metrics import EngineMetrics
 from engine.types import (
     EngineStatus, GenerationParams, Message, Mode, ModeCatalog, ReloadReport, UserContext,
 )
-from engine.vllm.client import ReplicaClient, Timeouts
+from engine.vllm.client import ReplicaClient, Timeouts, open_session
 from engine.vllm.config import VllmSettings, load_vllm_settings
 from engine.vllm.fleet import Fleet, Replica
 from engine.vllm.lora import LoraBook, LoraVersion, replica_path, validate_version
@@ -107,7 +108,7 @@ class VllmEngine:
         """Load the tokenizer and templates, validate adapters, check and fill the replicas."""
         await asyncio.to_thread(self._load_sync)
         v = self.vllm
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._session = open_session()
         timeouts = Timeouts(v.vllm_connect_timeout_s, v.vllm_admin_timeout_s)
         replicas = [Replica(ReplicaClient(url, self._session, v.api_key, timeouts)) for url in v.vllm_urls]
         self.fleet = Fleet(replicas, self.book, model=self.served_model, context_tokens=self.settings.context_tokens,
@@ -131,6 +132,7 @@ class VllmEngine:
             log.warning("no vLLM replica is ready yet (%s); answering starts when one is",
                         self.fleet.why_none(None))
         self._start_training()
+        self.templates.start_polling()
         self._watch = asyncio.create_task(self.fleet.watch(v.vllm_health_interval_s), name="vllm-health")
         self.started = True
         log.info("vLLM engine ready: %d of %d replicas, %d adapters serving, model %s", ready, len(replicas),
@@ -138,15 +140,15 @@ class VllmEngine:
 
     def _load_sync(self) -> None:
         from engine import model as model_loader
-        from engine.prompts import PromptBuilder, TemplateLibrary
+        from engine.prompts import PromptMaker, load_templates
 
+        self.templates = load_templates(self.settings)  # first: a wrong TEMPLATES_DIR fails in a second
         source = model_loader.prepare(self.settings)
         self.model_id = source.model_id
         self.served_model = self.vllm.vllm_model or source.model_id
         tokenizer = model_loader.load_tokenizer(source)
         self.stop_token_ids = stop_token_ids(tokenizer, source.load_path)
-        self.templates = TemplateLibrary(self.settings.templates_dir, self.settings.template_poll_s)
-        self.prompts = PromptBuilder(tokenizer, self.settings.context_tokens)
+        self.prompts = PromptMaker(self.templates, tokenizer, self.settings)
         self._shapes = linear_shapes(source.load_path)
 
     def _validate_serving(self) -> list[LoraVersion]:
@@ -194,6 +196,9 @@ class VllmEngine:
             await asyncio.gather(self._watch, return_exceptions=True)
         if self._unloads:
             await asyncio.gather(*self._unloads, return_exceptions=True)
+        templates = getattr(self, "templates", None)
+        if templates is not None:
+            await asyncio.to_thread(templates.stop_polling)
         await self._close_http()
         self._prompt_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -214,10 +219,12 @@ class VllmEngine:
                  *, user: UserContext | None = None) -> VllmStream:
         return VllmStream(self, list(messages), mode, params or GenerationParams(), user)
 
-    async def build_prompt(self, system: str, messages: Sequence[Message], max_new: int) -> tuple[list[int], int]:
-        """Token ids of the prompt and the turns trimmed, exactly as the local engine builds them."""
+    async def build_prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
+                           max_new: int) -> tuple[list[int], int]:
+        """Token ids of the prompt and the turns trimmed, exactly as the local engine builds them
+        (template render and tokenizing in the prompt thread, never on the event loop)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prompt_pool, self.prompts.build, system, messages, max_new)
+        return await loop.run_in_executor(self._prompt_pool, self.prompts.build, role, user, messages, max_new)
 
     def register_stream(self, stream: VllmStream) -> None:
         self._streams.add(stream)
@@ -234,7 +241,7 @@ class VllmEngine:
             task.add_done_callback(self._unloads.discard)
 
     def modes(self) -> ModeCatalog:
-        return ModeCatalog(tuple(self.book.catalog()), tuple(self.templates.roles()))
+        return ModeCatalog(tuple(self.book.catalog()), tuple(self.templates.roles(refresh=False)))
 
     async def reload(self, name: str | None = None) -> ReloadReport:
         """Register the disk's current version of one domain (or all, plus templates) on every

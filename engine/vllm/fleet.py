@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import AdapterInvalid, EngineError
 from engine.types import ReplicaState, ReplicaStatus
-from engine.vllm.client import ReplicaClient, ReplicaRejected, ReplicaUnavailable
+from engine.vllm.client import AdapterLoadFailed, LoraDisabled, ReplicaClient, ReplicaRejected, ReplicaUnavailable
 from engine.vllm.lora import LORA_NAME_RE, LoraBook, LoraVersion
 from engine.vllm.metrics import ReplicaMetrics
 
@@ -58,17 +58,17 @@ class Replica:
                              self.failures, self.error, retry)
 
 
-def _is_replica_fault(message: str) -> bool:
-    """A refusal that says the replica is set up wrong, not that the adapter is."""
-    return "not enabled" in message.lower()
+def _lora_disabled(r: "Replica", exc: LoraDisabled) -> str:
+    return (f"{r.url} cannot load adapters: {exc.detail} (start vLLM with --enable-lora and --max-lora-rank at "
+            "least the adapters' rank)")
 
 
 def _hint(message: str, v: LoraVersion) -> str:
     """What to change, for the refusals an operator can fix on the replicas."""
     if "max_lora_rank" in message:
         return f" (start the replicas with --max-lora-rank {v.rank} or more)"
-    if "No adapter found" in message:
-        return " (do the replicas see the adapters folder at VLLM_ADAPTERS_DIR?)"
+    if "No adapter found" in message:  # vLLM hides the path in its answer: say which one it was asked for
+        return f" (it was asked for {v.path}: do the replicas see the adapters folder at VLLM_ADAPTERS_DIR?)"
     return ""
 
 
@@ -166,12 +166,14 @@ class Fleet:
     async def bring_in(self, r: Replica) -> None:
         """Probe `r`, give it the serving adapters, drop ours it should not hold; then ready.
 
+        A version it could not load for an engine error of no known cause is left off it (its
+        requests go to replicas that have it) and tried again at the next health check.
         Hold `self.lock`.
         """
-        if r.state == "ready":
-            self._set(r, "registering", None)  # no requests while its adapters are put back
         try:
             held = await self.probe(r)
+            if r.state == "ready" and r.registered - held:
+                self._set(r, "registering", None)  # it restarted: no requests while its adapters are put back
             r.registered = set(held)
             for v in self.book.wanted():
                 if v.key not in r.registered:
@@ -194,11 +196,16 @@ class Fleet:
         (or the message says so); otherwise `v` is refused everywhere."""
         try:
             await r.client.load_adapter(v.key, v.path)
+        except AdapterLoadFailed as exc:  # not the adapter's fault as far as anyone can tell: try again later
+            self.metrics.adapter_loads.labels(r.url, "failed").inc()
+            log.error("replica %s: adapter %s not registered for now, tried again at the next check: %s",
+                      r.url, v.key, exc)
+            return
+        except LoraDisabled as exc:
+            self.metrics.adapter_loads.labels(r.url, "refused").inc()
+            raise Incompatible(_lora_disabled(r, exc)) from exc
         except ReplicaRejected as exc:
             self.metrics.adapter_loads.labels(r.url, "refused").inc()
-            if _is_replica_fault(exc.detail):
-                raise Incompatible(f"{r.url} cannot load adapters: {exc.detail} (start vLLM with --enable-lora, "
-                                   "--max-lora-rank at least the adapters' rank)") from exc
             if any(o is not r and o.state == "ready" and v.key in o.registered for o in self.replicas):
                 raise Incompatible(f"{r.url} refused adapter {v.key}, which other replicas serve: {exc.detail}") \
                     from exc
@@ -229,7 +236,7 @@ class Fleet:
         missing = {v.key for v in self.book.wanted() if v.state == "ready"} - held
         stale = held - self.book.keep()
         if missing:
-            log.warning("replica %s lost %s (restarted?): registering the serving adapters again",
+            log.warning("replica %s lacks %s (restarted, or a load failed): registering the serving adapters",
                         r.url, ", ".join(sorted(missing)))
         if missing or stale:
             async with self.lock:
@@ -264,7 +271,12 @@ class Fleet:
             results = await asyncio.gather(*(self._load(r, v) for r in targets), return_exceptions=True)
             refusals, loaded = [], []
             for r, res in zip(targets, results):
-                if isinstance(res, ReplicaUnavailable):
+                if isinstance(res, LoraDisabled):  # the replica's set-up, not the version: leave it out
+                    self._set(r, "incompatible", _lora_disabled(r, res))
+                elif isinstance(res, AdapterLoadFailed):  # an engine error, retried: nothing switches, nothing is out
+                    refusals.append(f"{r.url}: {res.args[0]} (vLLM failed, not the adapter as far as it says; "
+                                    f"/reload {v.domain} tries again)")
+                elif isinstance(res, ReplicaUnavailable):
                     self.take_out(r, str(res))  # it gets the serving set when it comes back
                 elif isinstance(res, ReplicaRejected):
                     refusals.append(f"{r.url}: {res.detail}{_hint(res.detail, v)}")
@@ -293,7 +305,7 @@ class Fleet:
         except ReplicaRejected:
             self.metrics.adapter_loads.labels(r.url, "refused").inc()
             raise
-        except ReplicaUnavailable:
+        except ReplicaUnavailable:  # AdapterLoadFailed included
             self.metrics.adapter_loads.labels(r.url, "failed").inc()
             raise
         self.metrics.adapter_loads.labels(r.url, "ok").inc()

@@ -1,12 +1,16 @@
 """One answer from a vLLM replica, as the engine face's text stream.
 
-The prompt is built here, by the project's own prompt code (role template, history trimmed
-to CONTEXT_TOKENS, the tokenizer's chat template), and sent as token ids, so both backends
-see the same prompt. The request goes to the least busy ready replica; a replica that fails,
-times out or is not ready before the first piece arrives is taken out and the request is
-retried on another. After the first piece the answer is committed to its replica: a failure
-then ends the stream with an error, the pieces so far kept. Leaving early closes the HTTP
-response, and vLLM aborts the request.
+The prompt is built by the same code, with the same settings, as the local engine's (role
+template under its limits, HISTORY_TOKENS, history trimmed to CONTEXT_TOKENS, the tokenizer's
+chat template: engine.prompts.PromptMaker) and sent as token ids, so both backends see the
+same prompt. The request goes to the least busy ready replica; a replica that fails, times out
+or is not ready before the first piece arrives is taken out and the request is retried on
+another. A replica that fails in the middle of an answer is taken out too, and another one
+continues the answer: it gets the prompt plus the token ids streamed so far (vLLM sends them
+with each piece, `return_token_ids`) and the rest of the token budget, so the user's answer
+goes on where it stopped. A refusal of the request itself (a 4xx, before or inside the stream)
+ends it with an error naming what vLLM refused, and takes no replica out. Leaving early closes
+the HTTP response, and vLLM aborts the request.
 """
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
 from engine.types import FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext
-from engine.vllm.client import CompletionStream, ModelMissing, ReplicaRejected, ReplicaUnavailable, StreamFailed
+from engine.vllm.client import (
+    CompletionStream, ModelMissing, PromptTooLong, ReplicaRejected, ReplicaUnavailable, StreamFailed,
+)
 
 if TYPE_CHECKING:
     from engine.vllm.engine import VllmEngine
@@ -32,7 +38,12 @@ _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], params: GenerationParams,
                     max_new: int) -> dict[str, Any]:
-    """The /v1/completions request: the engine's sampling settings mapped one to one."""
+    """The /v1/completions request: the engine's sampling settings mapped one to one.
+
+    `ignore_eos` (benchmarks: a fixed amount of work) also drops our stop ids, since vLLM stops
+    on `stop_token_ids` whatever `ignore_eos` says, as the local engine's ignore_eos ignores
+    every end-of-sequence id.
+    """
     s, p = engine.settings, params
     top_k = s.top_k if p.top_k is None else p.top_k
     body: dict[str, Any] = {
@@ -43,11 +54,14 @@ def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], par
         "top_p": p.top_p or s.top_p,
         "top_k": top_k if top_k > 0 else -1,  # ours: 0 disables; vLLM: -1 (every release accepts it)
         "repetition_penalty": p.repetition_penalty or s.repetition_penalty,
-        "stop_token_ids": engine.stop_token_ids,
+        "stop_token_ids": [] if p.ignore_eos else engine.stop_token_ids,
         "skip_special_tokens": True,
+        "return_token_ids": True,  # what another replica continues from, should this one fail mid-answer
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if p.ignore_eos:
+        body["ignore_eos"] = True
     if p.seed is not None:
         body["seed"] = p.seed
     return body
@@ -67,9 +81,15 @@ class VllmStream:
         self._replica: "Replica | None" = None
         self._lease: "LoraVersion | None" = None
         self._finish: FinishReason | None = None
-        self._usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None  # the first replica's usage (prompt, prefix cache)
+        self._last_usage: dict[str, Any] | None = None
+        self._body: dict[str, Any] = {}
+        self._key: str | None = None
+        self._prompt_ids: list[int] = []
+        self._ids: list[int] | None = []  # token ids streamed so far; None once a piece came without them
         self._t0 = time.monotonic()
         self.replica_url: str | None = None  # who answered (tests and logs)
+        self.replicas_used: list[str] = []  # more than one when another replica continued the answer
 
     def __aiter__(self) -> "VllmStream":
         return self
@@ -91,7 +111,11 @@ class VllmStream:
                 if self._events is None or self._events.closed:
                     self._end(self._finish or "stop")
                     raise StopAsyncIteration
-                event = await self._events.next_event(self._engine.vllm.vllm_stall_timeout_s)
+                try:
+                    event = await self._events.next_event(self._engine.vllm.vllm_stall_timeout_s)
+                except ReplicaUnavailable as exc:
+                    await self._continue_elsewhere(exc)
+                    continue
                 if event is None:
                     self._end(self._finish or "stop")
                     raise StopAsyncIteration
@@ -104,11 +128,9 @@ class VllmStream:
         except asyncio.CancelledError:
             self.cancel()
             raise
-        except ReplicaUnavailable as exc:
-            if self._replica is not None and not isinstance(exc, StreamFailed):
-                self._engine.fleet.take_out(self._replica, str(exc))
+        except ReplicaRejected as exc:  # inside the stream, after the first piece
             self._end("error")
-            raise EngineError(f"the answer broke off: {exc}") from exc
+            raise EngineError(f"the vLLM replica refused the request: {exc.detail}") from exc
         except EngineError:
             self._end("error")
             raise
@@ -129,22 +151,41 @@ class VllmStream:
         if mode.adapter is not None:
             self._lease = engine.book.lease(mode.adapter)
             self.result.adapter_version = self._lease.version
-        system = engine.templates.render_system(mode.role, self._user)
-        try:
-            ids, trimmed = await engine.build_prompt(system, self._messages, max_new)
-        except ValueError as exc:
-            if isinstance(exc, EngineError):
-                raise
-            raise EngineError(str(exc)) from exc
+        ids, trimmed = await engine.build_prompt(mode.role, self._user, self._messages, max_new)
         self.result.prompt_tokens, self.result.trimmed_turns = len(ids), trimmed
         model = self._lease.key if self._lease is not None else engine.served_model
-        body = completion_body(engine, model, ids, p, max_new)
-        await self._send(body, model if self._lease is not None else None)
+        self._prompt_ids, self._key = ids, (model if self._lease is not None else None)
+        self._body = completion_body(engine, model, ids, p, max_new)
+        await self._send(self._body, self._key)
 
-    async def _send(self, body: dict[str, Any], key: str | None) -> None:
-        """Send to replicas in turn until one streams its first event."""
+    async def _continue_elsewhere(self, exc: ReplicaUnavailable) -> None:
+        """The replica failed mid-answer: take it out, and have another continue the answer
+        from the token ids streamed so far with what is left of the budget."""
+        r, fleet = self._replica, self._engine.fleet
+        if r is not None and not isinstance(exc, StreamFailed):  # an error chunk: it still answers
+            fleet.take_out(r, str(exc))
+        failed = {r.url} if r is not None else set()
+        self._drop_replica("failover")
+        if self._finish is not None:  # the answer was complete; only the end of the stream was lost
+            return
+        if self._ids is None:
+            raise EngineError(f"the answer broke off: {exc} (the replica sent no token ids to continue from)") from exc
+        left = self._body["max_tokens"] - len(self._ids)
+        if left <= 0:
+            self._finish = "length"
+            return
+        log.warning("replica %s failed mid-answer after %d tokens (%s); another replica continues it",
+                    r.url if r else "?", len(self._ids), exc)
+        body = dict(self._body, prompt=self._prompt_ids + self._ids, max_tokens=left)
+        try:
+            await self._send(body, self._key, failed)
+        except EngineBusy as busy:
+            raise EngineError(f"the answer broke off: {exc}; no other replica could continue it ({busy})") from exc
+
+    async def _send(self, body: dict[str, Any], key: str | None, exclude: Iterable[str] = ()) -> None:
+        """Send to replicas in turn (none in `exclude`) until one streams its first event."""
         fleet, timeout = self._engine.fleet, self._engine.vllm.vllm_first_token_timeout_s
-        tried: set[str] = set()
+        tried: set[str] = set(exclude)
         recovered: set[str] = set()
         last: Exception | None = None
         while True:
@@ -158,6 +199,7 @@ class VllmStream:
             tried.add(r.url)
             fleet.acquire(r)
             self._replica, self.replica_url = r, r.url
+            self.replicas_used.append(r.url)
             started = time.monotonic()
             try:
                 self._events = await r.client.complete(body, timeout)
@@ -187,13 +229,13 @@ class VllmStream:
                 fleet.take_out(r, str(exc))
                 log.warning("replica %s failed before the first token; trying another: %s", r.url, exc)
                 last = exc
-            except ReplicaRejected as exc:
+            except ReplicaRejected as exc:  # the request's fault (before or inside the stream): no failover
                 self._drop_replica("error")
                 if exc.status in (401, 403):
                     fleet.take_out(r, f"the API key (VLLM_API_KEY) was refused: {exc.detail}")
                     last = exc
                     continue
-                if "maximum context length" in exc.detail:
+                if isinstance(exc, PromptTooLong):
                     raise InputTooLong(f"the replica refused the prompt: {exc.detail}") from exc
                 raise EngineError(f"the vLLM replica refused the request: {exc.detail}") from exc
             except BaseException:
@@ -217,9 +259,16 @@ class VllmStream:
     def _absorb(self, event: dict[str, Any]) -> None:
         usage = event.get("usage")
         if isinstance(usage, dict):
-            self._usage = usage
+            self._usage = self._usage or usage
+            self._last_usage = usage
         for choice in event.get("choices") or ():
             text = choice.get("text") or ""
+            ids = choice.get("token_ids")
+            if self._ids is not None:
+                if isinstance(ids, list):
+                    self._ids.extend(ids)
+                elif text:
+                    self._ids = None
             if text:
                 if self.result.time_to_first_token_s is None:
                     self.result.time_to_first_token_s = time.monotonic() - self._t0
@@ -241,9 +290,12 @@ class VllmStream:
         if res.finish_reason is None:
             res.finish_reason = reason
         res.duration_s = time.monotonic() - self._t0
+        if self._ids:  # exact, however many replicas wrote the answer
+            res.completion_tokens = len(self._ids)
+        elif self._last_usage:
+            res.completion_tokens = int(self._last_usage.get("completion_tokens") or res.completion_tokens)
         if self._usage:
             res.prompt_tokens = int(self._usage.get("prompt_tokens") or res.prompt_tokens)
-            res.completion_tokens = int(self._usage.get("completion_tokens") or res.completion_tokens)
             details = self._usage.get("prompt_tokens_details") or {}  # vLLM's prefix caching, when it reports it
             if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                 res.cached_prompt_tokens = details["cached_tokens"]

@@ -370,20 +370,38 @@ async def test_a_replica_failing_before_the_first_token_is_replaced_by_another(f
     assert "".join(await collect(stream)).startswith("vllm-2:")
 
 
-async def test_after_the_first_token_the_answer_is_not_moved(fakes, make_engine):
+async def test_a_replica_failing_mid_answer_is_taken_out_and_another_continues_the_answer(fakes, make_engine):
     a, b = await fakes(2)
     engine = await make_engine(a, b)
     reply = a.script("one two three", drop_after=2, stepped=True)  # stepped: the test reads each piece first
+    b.script(pieces=[" three", " four"])
     stream = engine.generate([Message("user", "q")], Mode("legal"))
     got = [await stream.__anext__()]
     reply.allow()
     got.append(await stream.__anext__())
     reply.allow()
-    with pytest.raises(EngineError, match="broke off"):
-        await stream.__anext__()
+    got += [piece async for piece in stream]
+    assert got == ["one", " two", " three", " four"] and stream.result.text == "one two three four"
+    assert stream.result.finish_reason == "stop" and stream.result.completion_tokens == 4
+    assert stream.replicas_used == [a.url, b.url]
+    (first,), (rest,) = a.completions, b.completions
+    sent_ids = [1000 + (len(first.prompt) + i) % 1000 for i in range(2)]  # the fake's token ids of "one two"
+    assert rest.model == "legal__v1" and rest.prompt == first.prompt + sent_ids
+    assert rest.body["max_tokens"] == first.body["max_tokens"] - 2
+    assert [r.state for r in engine.status().replicas] == ["down", "ready"]
+
+
+async def test_a_replica_failing_mid_answer_with_none_left_ends_the_answer_keeping_the_pieces(fakes, make_engine):
+    (a,) = await fakes(1)
+    engine = await make_engine(a)
+    reply = a.script("one two three", drop_after=2, stepped=True)
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    got = [await stream.__anext__()]
+    reply.allow(2)
+    with pytest.raises(EngineError, match="broke off.*no other replica could continue it"):
+        async for piece in stream:
+            got.append(piece)
     assert got == ["one", " two"] and stream.result.text == "one two" and stream.result.finish_reason == "error"
-    assert b.completions == []
-    assert engine.status().replicas[0].state == "down"
 
 
 @pytest.mark.parametrize("how", ["all down", "all full"])
@@ -538,3 +556,148 @@ def test_importing_the_backend_does_not_import_torch():
     code = "import sys, engine.vllm.engine, engine.vllm; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ---- what the fake long hid (issue 30): each fails against the backend before its fix -----------
+
+
+@pytest.mark.parametrize("refusal", [
+    "temperature must be in [0, 2], got 3.0. (parameter=temperature, value=3.0)",  # releases that validate lazily
+    "token_id(s) [49152] in stop_token_ids contain out-of-vocab token ids. Vocabulary size: 49152",
+])
+async def test_a_4xx_inside_the_stream_fails_that_request_and_takes_no_replica_out(fakes, make_engine, refusal):
+    a, b = await fakes(2)
+    engine = await make_engine(a, b)
+    for replica in (a, b):
+        replica.script(fail_after=0, fail_status=400, fail_message=refusal)
+    with pytest.raises(EngineError, match="refused the request") as err:
+        await collect(engine.generate([Message("user", "q")], Mode("legal")))
+    assert refusal in str(err.value)
+    assert len(a.completions) + len(b.completions) == 1  # the request's fault: not tried elsewhere
+    assert [r.state for r in engine.status().replicas] == ["ready", "ready"]
+    a.replies.clear()
+    b.replies.clear()
+    assert "vllm-" in "".join(await collect(engine.generate([Message("user", "q")], Mode("legal"))))
+
+
+async def test_a_transient_engine_error_loading_an_adapter_is_retried_not_taken_as_a_refusal(fakes, make_engine):
+    (replica,) = await fakes(1)
+    replica.fail("/v1/load_lora_adapter", 500, message="Call to add_lora method failed: Worker failed with error "
+                 "'EngineCore RPC timed out', please check the stack trace above for the root cause")
+    engine = await make_engine(replica)
+    assert set(replica.adapters) == {"legal__v1", "medical__v1"}
+    assert [(a.name, a.current, a.error) for a in engine.modes().adapters] == [("legal", "v1", None),
+                                                                               ("medical", "v1", None)]
+    assert "vllm-1:legal__v1" in "".join(await collect(engine.generate([Message("user", "q")], Mode("legal"))))
+
+
+async def test_an_engine_error_that_stays_leaves_the_version_off_that_replica_and_is_retried(fakes, make_engine):
+    a, b = await fakes(2, )
+    a.fail("/v1/load_lora_adapter", 500, times=3, message="Call to add_lora method failed: Worker failed with "
+           "error 'EngineCore RPC timed out', please check the stack trace above for the root cause")
+    engine = await make_engine(a, b, vllm_health_interval_s=0.05)
+    assert engine.modes().adapter("legal").current == "v1"  # not refused: it serves from b meanwhile
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    await collect(stream)
+    assert stream.replica_url == b.url
+    await a.wait_for(lambda: {"legal__v1", "medical__v1"} <= set(a.adapters))  # the health check tried again
+    assert [r.state for r in engine.status().replicas] == ["ready", "ready"]
+
+
+async def test_a_promotion_failing_on_an_engine_error_keeps_the_old_version_and_no_replica_out(
+        fakes, make_engine, adapters_dir):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    replica.fail("/v1/load_lora_adapter", 500, times=3, message="Call to add_lora method failed: boom")
+    with pytest.raises(AdapterInvalid, match="/reload legal tries again"):
+        await engine.training.promote("legal", "v2")
+    assert engine.modes().adapter("legal").current == "v1" and engine.status().replicas[0].state == "ready"
+    assert (await engine.reload("legal")).failed == {}  # the admin tries again: it goes through
+    assert engine.modes().adapter("legal").current == "v1"  # reload follows `current`, which the promotion undid
+
+
+def test_temperature_is_bounded_as_vllm_bounds_it():
+    from engine.config import load_settings
+    from engine.errors import ConfigError
+
+    assert load_settings(_env_file=None, temperature=2.0).temperature == 2.0
+    with pytest.raises(ConfigError, match="TEMPERATURE"):
+        load_settings(_env_file=None, temperature=2.5)
+
+
+@pytest.mark.parametrize("message", [
+    "You passed 2100 input tokens and requested 32 output tokens. However, the model's context length is only "
+    "2048 tokens, resulting in a maximum input length of 2016 tokens. Please reduce the length of the input prompt.",
+    "This model's maximum context length is 2048 tokens. However, your prompt contains 2100 input tokens, which "
+    "exceeds this limit even without any output tokens. Please reduce the length of the input prompt.",
+    "The decoder prompt (length 2100) is longer than the maximum model length of 2048. Make sure that "
+    "`max_model_len` is no smaller than the number of text tokens.",
+])
+async def test_every_wording_of_a_prompt_too_long_is_told_as_too_long(fakes, make_engine, message):
+    from engine.errors import InputTooLong
+
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    replica.fail("/v1/completions", 400, message=message)
+    with pytest.raises(InputTooLong, match="refused the prompt"):
+        await collect(engine.generate([Message("user", "q")], Mode()))
+    assert engine.status().replicas[0].state == "ready"
+
+
+async def test_ignore_eos_is_forwarded_and_our_stop_ids_are_left_out(fakes, make_engine):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    await collect(engine.generate([Message("user", "q")], Mode(), GenerationParams(ignore_eos=True)))
+    await collect(engine.generate([Message("user", "q")], Mode()))
+    fixed, normal = (c.body for c in replica.completions)
+    assert fixed["ignore_eos"] is True and fixed["stop_token_ids"] == []  # vLLM stops on stop ids regardless
+    assert "ignore_eos" not in normal and normal["stop_token_ids"] == engine.stop_token_ids
+
+
+@pytest.mark.parametrize("when", ["at start", "restarted without it"])
+async def test_a_replica_without_lora_is_left_out_and_the_adapter_is_not_blamed(fakes, make_engine, adapters_dir,
+                                                                              when):
+    import shutil
+
+    shutil.rmtree(adapters_dir)
+    adapters_dir.mkdir()  # nothing to register at start: both replicas take requests
+    good, = await fakes(1)
+    bare, = await fakes(1, enable_lora=(when != "at start"))
+    engine = await make_engine(good, bare)
+    assert [r.state for r in engine.status().replicas] == ["ready", "ready"]
+    bare.enable_lora = False
+    write_adapter(adapters_dir, "legal", "v1", current=False)
+    assert await engine.training.promote("legal", "v1") == "v1"  # the version is fine: it goes live
+    states = {r.name: (r.state, r.error) for r in engine.status().replicas}
+    assert states[good.url] == ("ready", None)
+    assert states[bare.url][0] == "incompatible" and "--enable-lora" in states[bare.url][1]
+    assert engine.modes().adapter("legal").current == "v1" and engine.modes().adapter("legal").error is None
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    assert "legal__v1" in "".join(await collect(stream)) and stream.replica_url == good.url
+
+
+async def test_history_tokens_and_template_limits_apply_as_in_the_local_engine(fakes, make_engine, tokenizer,
+                                                                              tmp_path):
+    from engine.config import load_settings
+    from engine.prompts import PromptMaker, load_templates
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "assistant.j2").write_text("You are a helpful assistant.\n", encoding="utf-8")
+    (templates / "poet.j2").write_text("{{ 'Write verse. ' * 40 }}\n", encoding="utf-8")  # 600 chars
+    knobs = {"history_tokens": 64, "template_max_chars": 200, "templates_dir": templates}
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica, engine=knobs)
+    paste = "Please review this contract: " + "clause " * 300
+    history = [Message("user", paste), Message("assistant", "It looks fine."), Message("user", "And the deposit?")]
+    for role in ("assistant", "poet"):
+        stream = engine.generate(history, Mode(None, role), GenerationParams(max_new_tokens=32))
+        await collect(stream)
+        assert stream.result.trimmed_turns == 2  # the long paste is over HISTORY_TOKENS
+    settings = load_settings(_env_file=None, model_cache_dir=REPO / "models", max_new_tokens=32, **knobs)
+    local = PromptMaker(load_templates(settings), tokenizer, settings)  # what engine.Engine builds prompts with
+    for request, role in zip(replica.completions, ("assistant", "poet")):
+        assert request.prompt == local.build(role, None, history, 32)[0]
+    assert tokenizer.decode(replica.completions[1].prompt).count("Write verse") == 0  # over TEMPLATE_MAX_CHARS
+    assert len(replica.completions[0].prompt) < 100

@@ -99,3 +99,15 @@ async def test_missing_folders_and_typos_are_reported_before_heavy_imports(tmp_p
     assert any("QUANTISATION" in m and "did you mean QUANTIZATION?" in m for m in messages)
     (error,) = [e for e in events if e["level"] == "ERROR"]
     assert "TEMPLATES_DIR='templates'" in error["msg"] and str(tmp_path) in error["msg"]
+
+
+async def test_the_vllm_settings_are_known_to_the_start_up_check(tmp_path: Path) -> None:
+    """VLLM_ADAPTERS_DIR and friends are read by the vLLM backend: no "is not a setting" for them,
+    and a typo of one is pointed at it."""
+    (tmp_path / ".env").write_text("VLLM_ADAPTERS_DIR=/adapters\nVLLM_API_KEY=k\nVLLM_ADAPTER_DIR=/x\n",
+                                   encoding="utf-8")
+    _, err = await run_bot(tmp_path, LOG_FORMAT="json")  # no BOT_TOKEN, no terminal: it stops after the checks
+    messages = [json.loads(line)["msg"] for line in err if line.startswith("{")]
+    assert not any("VLLM_ADAPTERS_DIR" in m and "not a setting" in m and "did you mean" not in m for m in messages)
+    assert not any("VLLM_API_KEY" in m for m in messages)
+    assert any("VLLM_ADAPTER_DIR " in m and "did you mean VLLM_ADAPTERS_DIR?" in m for m in messages)
