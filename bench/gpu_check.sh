@@ -19,7 +19,7 @@
 # (0 = all passed).
 #
 # Limits in seconds: ENV_S, PREPARE_S, PYTEST_S, BENCH_S, CONV_S. The defaults (10 + 50 + 90 +
-# 180 + 30) add up to 6 minutes, so one run fits a 15-minute lease with room to run it again.
+# 170 + 40) add up to 6 minutes, so one run fits a 15-minute lease with room to run it again.
 # A limit of 0 skips its step (it never means "no limit"); anything but a whole number is
 # refused before anything runs. BENCH_ARGS replaces the benchmark's extra arguments
 # (default "--users 1,16,64").
@@ -34,7 +34,7 @@ if [ ! -f /tmp/site/.ready ] && [ "${DEVICE:-cuda}" != cpu ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda}
-ENV_S=${ENV_S:-10} PREPARE_S=${PREPARE_S:-50} PYTEST_S=${PYTEST_S:-90} BENCH_S=${BENCH_S:-180} CONV_S=${CONV_S:-30}
+ENV_S=${ENV_S:-10} PREPARE_S=${PREPARE_S:-50} PYTEST_S=${PYTEST_S:-90} BENCH_S=${BENCH_S:-170} CONV_S=${CONV_S:-40}
 BENCH_ARGS=${BENCH_ARGS---users 1,16,64}
 for limit in ENV_S PREPARE_S PYTEST_S BENCH_S CONV_S; do
   case ${!limit} in

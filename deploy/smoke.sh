@@ -10,7 +10,8 @@
 #   1. Docker: uses the running daemon, or installs docker.io (Debian) and starts dockerd;
 #   2. the base image: present, pulled, or made locally (deploy/base_image.sh);
 #   3. the compose file checked by the compose installed here (docker-compose 1.x or v2);
-#   4. `docker build --network host` (NO_CACHE=1 for a build from scratch), image size;
+#   4. `docker build --network host` (NO_CACHE=1 for a build from scratch; BUILD_ARGS for
+#      e.g. the CPU-only image, see docs/deployment.md), image size;
 #   5. without BOT_TOKEN the container must exit 2 with a message naming it;
 #   6. start on named volumes: seconds to /healthz 200 and to Docker's own "healthy";
 #   7. one chat turn through the emulator (a message in, the bot's finished answer out);
@@ -22,6 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-loratg:smoke}
 NO_CACHE=${NO_CACHE:-0}
+# e.g. "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg TORCH_VARIANT=cpu"
+BUILD_ARGS=${BUILD_ARGS:-}
 KEEP_IMAGE=${KEEP_IMAGE:-0}
 HEALTH_TIMEOUT_S=${HEALTH_TIMEOUT_S:-600}
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -82,9 +85,10 @@ RESULT[compose]="accepted by $("${compose[@]}" version --short 2>/dev/null || "$
 say "compose: ${RESULT[compose]}"
 
 # ---- 4. build -----------------------------------------------------------------------------
-say "building $IMAGE$([ "$NO_CACHE" = 1 ] && echo ' (no cache)')"
+say "building $IMAGE$([ "$NO_CACHE" = 1 ] && echo ' (no cache)')${BUILD_ARGS:+ with $BUILD_ARGS}"
 t0=$(now)
-docker build --network host $([ "$NO_CACHE" = 1 ] && echo --no-cache) -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
+# shellcheck disable=SC2086  # BUILD_ARGS: words on purpose
+docker build --network host $([ "$NO_CACHE" = 1 ] && echo --no-cache) $BUILD_ARGS -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
   || { tail -30 "$WORK/build.log"; fail "docker build"; }
 built=1
 RESULT[build]="$(since "$t0") s$([ "$NO_CACHE" = 1 ] && echo ', no cache' || echo ', layer cache allowed')"
