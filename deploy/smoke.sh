@@ -119,6 +119,7 @@ say "Telegram emulator: Bot API $api, control $control; ops port $ops_port"
 start_container() {
   docker run -d --name "$NAME" --network host \
     -e BOT_TOKEN=4242:smoke-test-token -e BOT_API_URL="$api" -e OPS_PORT="$ops_port" -e ADMIN_IDS=7 \
+    -e MAX_NEW_TOKENS=64 \
     -v "$NAME-models:/models" -v "$NAME-adapters:/adapters" -v "$NAME-templates:/templates" -v "$NAME-data:/data" \
     "$IMAGE" >/dev/null
 }
@@ -149,7 +150,10 @@ say_to_bot() {  # say_to_bot TEXT -> the bot's finished answer as JSON
     -d "$("$PY" -c 'import json,sys; print(json.dumps({"user": 7, "text": sys.argv[1], "timeout": 540}))' "$1")" \
     "$control/say" || { docker logs --tail 30 "$NAME"; fail "no answer to: $1"; }
 }
-field() { "$PY" -c 'import json,sys; d = json.loads(sys.argv[1]); print(d[sys.argv[2]])' "$1" "$2"; }
+field() {  # field JSON KEY [MAX_CHARS]
+  "$PY" -c 'import json,sys; v = str(json.loads(sys.argv[1])[sys.argv[2]]); n = int(sys.argv[3]); print(v[:n] + ("..." if len(v) > n else ""))' \
+    "$1" "$2" "${3:-100000}"
+}
 db_messages() {
   docker exec "$NAME" python -c 'import sqlite3; print(sqlite3.connect("/data/bot.sqlite3").execute("select count(*) from messages where user_id = 7").fetchone()[0])'
 }
@@ -164,7 +168,7 @@ say "memory after the start: ${RESULT[rss]}"
 question="What should I check before signing a rental contract?"
 say "user 7: $question"
 answer=$(say_to_bot "$question")
-say "bot ($(field "$answer" seconds) s, $(field "$answer" edits) edits): $(field "$answer" reply | head -c 400)"
+say "bot ($(field "$answer" seconds) s, $(field "$answer" edits) edits): $(field "$answer" reply 400)"
 RESULT[chat]="answered in $(field "$answer" seconds) s, $(field "$answer" edits) streamed edits"
 rows_before=$(db_messages)
 model_before=$(model_stamp)
@@ -185,7 +189,7 @@ grep -q "converted in" "$WORK/first.log" || fail "the first start's log does not
 [ "$(model_stamp)" = "$model_before" ] || fail "the converted model changed: $model_before -> $(model_stamp)"
 [ "$(db_messages)" = "$rows_before" ] || fail "the conversation changed over the restart: $rows_before -> $(db_messages) messages"
 again=$(say_to_bot /retry)
-say "bot, /retry after the restart ($(field "$again" seconds) s): $(field "$again" reply | head -c 300)"
+say "bot, /retry after the restart ($(field "$again" seconds) s): $(field "$again" reply 300)"
 [ "$(db_messages)" -gt "$rows_before" ] || fail "/retry after the restart stored no new answer"
 RESULT[restart]="model not converted again (same file), $rows_before messages kept, /retry answered the stored question"
 grep -h "ops server listening" "$WORK/second.log" | tail -1 | sed 's/^/    /'
