@@ -17,8 +17,9 @@
 #   7. one chat turn through the emulator (a message in, the bot's finished answer out);
 #   8. stop (seconds to exit after SIGTERM), a new container on the same volumes: healthy
 #      again, the model not converted again, the conversation still there (/retry answers it).
-# Everything it started (containers, volumes, the emulator, dockerd, the image unless
-# KEEP_IMAGE=1) is removed on exit, also on failure. Exit 0 only if every check passed.
+# Everything it started (containers and their volumes, the emulator, dockerd, the image and
+# its build's layer images unless KEEP_IMAGE=1) is removed on exit, also on failure; a base
+# image it made stays, as a pulled one would. Exit 0 only if every check passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-loratg:smoke}
@@ -43,10 +44,15 @@ cleanup() {
   local rc=$?
   set +e
   say "cleaning up"
-  docker rm -f "$NAME" "$NAME-notoken" >/dev/null 2>&1
+  docker rm -fv "$NAME" "$NAME-notoken" >/dev/null 2>&1
   for v in "${VOLUMES[@]}"; do docker volume rm -f "$NAME-$v" >/dev/null 2>&1; done
   [ -n "$emulator_pid" ] && kill "$emulator_pid" 2>/dev/null && wait "$emulator_pid" 2>/dev/null
-  if [ "$built" = 1 ] && [ "$KEEP_IMAGE" != 1 ]; then docker rmi -f "$IMAGE" >/dev/null 2>&1; fi
+  if [ "$built" = 1 ] && [ "$KEEP_IMAGE" != 1 ]; then
+    # the image and every layer image this build made (the build stage's stay behind untagged);
+    # not the base image: like a pulled one, it serves the next build
+    docker rmi -f "$IMAGE" >/dev/null 2>&1
+    docker images -aq --no-trunc | sort -u | comm -13 "$WORK/images.before" - | xargs -r docker rmi -f >/dev/null 2>&1
+  fi
   if [ -n "$dockerd_pid" ]; then kill "$dockerd_pid" 2>/dev/null; wait "$dockerd_pid" 2>/dev/null; fi
   rm -rf "$WORK"
   say "smoke test $([ $rc = 0 ] && echo PASSED || echo "FAILED (exit $rc)")"
@@ -85,6 +91,7 @@ RESULT[compose]="accepted by $("${compose[@]}" version --short 2>/dev/null || "$
 say "compose: ${RESULT[compose]}"
 
 # ---- 4. build -----------------------------------------------------------------------------
+docker images -aq --no-trunc | sort -u >"$WORK/images.before"
 say "building $IMAGE$([ "$NO_CACHE" = 1 ] && echo ' (no cache)')${BUILD_ARGS:+ with $BUILD_ARGS}"
 t0=$(now)
 # shellcheck disable=SC2086  # BUILD_ARGS: words on purpose
@@ -101,7 +108,7 @@ docker history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | awk -F'\t' '$1 !~
 set +e
 out=$(timeout 120 docker run --name "$NAME-notoken" --network none "$IMAGE" 2>&1); rc=$?
 set -e
-docker rm -f "$NAME-notoken" >/dev/null 2>&1
+docker rm -fv "$NAME-notoken" >/dev/null 2>&1  # -v: its anonymous volumes (the image declares four)
 echo "$out" | tail -3 | sed 's/^/    /'
 [ "$rc" = 2 ] && grep -q BOT_TOKEN <<<"$out" || fail "without BOT_TOKEN: exit $rc, expected 2 and a message naming BOT_TOKEN"
 RESULT[notoken]="exit 2, names BOT_TOKEN"
