@@ -9,7 +9,7 @@ TORCH_INDEX_URL ?=
 # The stamp changes whenever the dependency list does, so re-running installs nothing twice.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run test test-fast vllm test-vllm bench lint clean help
+.PHONY: setup model run test test-fast vllm test-vllm bench lint smoke clean help
 help:
 	@echo "make run        - set up, then start the bot (console chat without BOT_TOKEN)"
 	@echo "make test       - set up, then run the whole test suite (about 20 min on 2 CPU cores)"
@@ -20,6 +20,7 @@ help:
 	@echo "make model      - convert the embedded default model once (part of setup)"
 	@echo "make bench      - set up, then print the benchmark tables"
 	@echo "make lint       - hadolint the Dockerfile"
+	@echo "make smoke      - as root: build the image, start it on the CPU, chat, restart (deploy/smoke.sh; GBs)"
 	@echo "make clean      - remove .venv, converted models and caches"
 	@echo "variables: TORCH=torch==2.13.0 (the torch requirement), TORCH_INDEX_URL= (a wheel index,"
 	@echo "           e.g. https://download.pytorch.org/whl/cu128), PYTHON=python3.11,"
@@ -80,6 +81,10 @@ bench: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
+
+# Not part of `make test`: builds the multi-GB image (NO_CACHE=1 for a build from scratch).
+smoke: $(STAMP)
+	bash deploy/smoke.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) models/*/ .pytest_cache

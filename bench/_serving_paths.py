@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from bench._serving_report import HotLoad, Row, Trace, count_syncs, hotload_summary, summarize
+from bench._serving_report import HotLoad, Row, Trace, attention_kinds, count_syncs, hotload_summary, summarize
 from engine.config import EngineSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +220,7 @@ class Profile:
         self._prof.__exit__(None, None, None)
         names = [e.name for e in self._prof.events()]
         self.syncs, self.dtoh = count_syncs(names)
+        self.attention = attention_kinds(names)
         #: CUDA runtime calls seen at all: 0 on a GPU means the profiler missed them (not "no syncs")
         self.runtime_calls = sum(1 for n in names if n.startswith("cuda"))
 
@@ -253,7 +254,34 @@ class EnginePath:
     def describe(self) -> str:
         st = self.engine.status()
         return (f"{self.name:<8} Engine(serving_runtime={self.runtime!r}): {st.model}, {st.quantization}, "
-                f"{st.dtype}, {st.device}, model {st.model_bytes / 2**20:.0f} MiB")
+                f"{st.dtype}, {st.device}, model {st.model_bytes / 2**20:.0f} MiB; {self.graph_state()}; "
+                f"attention {self.attention()}")
+
+    def _graphs(self) -> Any:
+        """The fast path's DecodeGraphs (None on a CPU, on the reference path, or with graphs off)."""
+        return getattr(getattr(self.engine, "runtime", None), "graphs", None)
+
+    def graph_state(self) -> str:
+        """Whether decode steps replay CUDA graphs; a failed capture is said loudly, with its cause."""
+        runtime = getattr(self.engine, "runtime", None)
+        if not hasattr(runtime, "graphs"):
+            return "no CUDA graphs (transformers + peft decoding)"
+        graphs = runtime.graphs
+        if graphs is None:
+            return "CUDA graphs off" if self.device.startswith("cuda") else "no CUDA graphs (CPU)"
+        if graphs.failed:
+            return f"WITHOUT CUDA GRAPHS (capture failed, decoding eagerly: {graphs.failed})"
+        return f"CUDA graphs ({graphs.captures} captured so far)"
+
+    def attention(self) -> str:
+        """Which SDPA backends the path may use: the fast path names its own, transformers its setting."""
+        runtime = getattr(self.engine, "runtime", None)
+        runner = getattr(runtime, "runner", None)
+        if runner is not None and hasattr(runner, "sdpa_backends"):
+            return "SDPA " + ", ".join(b.name.lower() for b in runner.sdpa_backends) + " (chosen by the fast path)"
+        model = getattr(getattr(self.engine, "loaded", None), "model", None)
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        return f"transformers {impl or '?'} ({enabled_sdpa_backends(self.device)})"
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -310,14 +338,19 @@ class EnginePath:
                 result = None
         return traces, started, ended, bool(pending), result
 
-    async def warm_up(self, sizes: Sequence[int], deadline: float) -> None:
-        """Compile, capture, touch every adapter once: none of that belongs in the timed rows."""
-        warm, tokens = workloads([]), 2
-        if self.device.startswith("cuda"):  # every batch size the rows use (graph capture, kernel choice)
+    async def warm_up(self, sizes: Sequence[int], tokens: int, deadline: float) -> None:
+        """Compile, capture, touch every adapter once: none of that belongs in the timed rows.
+
+        On CUDA every batch size the rows use runs too (kernel choice); with CUDA graphs as
+        long as a timed row (`tokens`): a decode graph is captured per batch bucket and
+        key-length bucket (128, 256, ...) on first use, and the timed rows' prompts plus their
+        new tokens pass the first key bucket."""
+        warm = workloads([])
+        if self.device.startswith("cuda"):
             warm += [Workload("warm", "warm", tuple(MODES[i % 4] for i in range(n))) for n in sorted(set(sizes)) if n > 1]
-            tokens = 4
+        length = tokens if self._graphs() is not None else (4 if self.device.startswith("cuda") else 2)
         for wl in warm:
-            await self.drive(wl, tokens, deadline)
+            await self.drive(wl, length, deadline)
 
     def cold_prefix_cache(self) -> None:
         """Empty the new path's prefix cache: a row reuses only what its own users share (their
@@ -328,15 +361,24 @@ class EnginePath:
 
     async def measure(self, wl: Workload, tokens: int, deadline: float) -> Row:
         self.cold_prefix_cache()
+        graphs = self._graphs()
+        captures = graphs.captures if graphs is not None else 0
         with PeakMemory(self.device) as mem:
             traces, started, ended, cut, _ = await self.drive(wl, tokens, deadline)
         row = summarize(traces, workload=wl.key, label=wl.label, path=self.name, tokens_each=tokens,
                         started=started, ended=ended, cut=cut, deadline_s=deadline)
         row.peak_mib = mem.mib
+        notes = []
+        if graphs is not None and graphs.failed:
+            notes.append("eager: no CUDA graphs (capture failed)")
+        elif graphs is not None and graphs.captures > captures:
+            notes.append(f"{graphs.captures - captures} CUDA graph captures inside the timed row")
+        row.note = "; ".join(filter(None, [row.note, *notes]))
         return row
 
-    async def syncs(self, wl: Workload, deadline: float) -> tuple[float, float, int] | str:
-        """(host syncs per decode step, DtoH copies per step, steps) over a window of a running batch."""
+    async def syncs(self, wl: Workload, deadline: float) -> tuple[float, float, int, str | None] | str:
+        """(host syncs per decode step, DtoH copies per step, steps, attention kernels seen) over a
+        window of a running batch."""
         async def window(traces: list[Trace], stop: Callable[[], None], progress: Progress) -> tuple[int, int, int] | str:
             try:
                 if not await progress.until(lambda: all(len(t.arrivals) >= 3 for t in traces), deadline):
@@ -353,15 +395,15 @@ class EnginePath:
                                 or (steps() >= 4 and time.perf_counter() - began > PROFILE_MAX_S), deadline)
                     n = steps()
                 prof.check(self.device)
-                return prof.syncs, prof.dtoh, n
+                return prof.syncs, prof.dtoh, n, prof.attention
             finally:
                 stop()
 
         *_, got = await self.drive(wl, _long(self.device), deadline * 2, hook=window)
         if not isinstance(got, tuple):
             return got or "no profile"
-        syncs, dtoh, steps = got
-        return (syncs / steps, dtoh / steps, steps) if steps else "no decode step in the window"
+        syncs, dtoh, steps, attention = got
+        return (syncs / steps, dtoh / steps, steps, attention) if steps else "no decode step in the window"
 
     async def hot_load(self, streams: int, deadline: float) -> HotLoad:
         """`reload('legal')` to v2 while `streams` users decode (v1 was serving at start)."""
@@ -404,6 +446,34 @@ class EnginePath:
                                reload_from=got["r0"], reload_to=got["r1"],
                                loaded=f"{ONE_ADAPTER} v1 -> {report.loaded.get(ONE_ADAPTER, '?')}",
                                note="; ".join(notes))
+
+
+def use_the_fast_paths_attention(device: str) -> str:
+    """Let every path's SDPA use only the backends the fast path chooses on this device, so the
+    paths differ in how they decode, not in their attention kernel: on CUDA memory-efficient
+    attention (math where it cannot run); transformers would otherwise take cuDNN or flash
+    where they apply. The switches are process-wide; returns what was set, for the header."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return "each path's SDPA as torch picks it on a CPU (flash for CPUs, math where it cannot run)"
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(True)
+    torch.backends.cuda.enable_math_sdp(True)
+    return f"the same on every path: SDPA {enabled_sdpa_backends(device)} (the fast path's choice on CUDA)"
+
+
+def enabled_sdpa_backends(device: str) -> str:
+    """The SDPA backends this process allows on CUDA (torch's process-wide switches)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return "SDPA as torch picks it on a CPU"
+    b = torch.backends.cuda
+    switches = (("flash", b.flash_sdp_enabled), ("efficient", b.mem_efficient_sdp_enabled),
+                ("cuDNN", getattr(b, "cudnn_sdp_enabled", lambda: False)), ("math", b.math_sdp_enabled))
+    return "allowed: " + ", ".join(name for name, on in switches if on())
 
 
 def _long(device: str) -> int:
@@ -488,9 +558,11 @@ class NaivePath:
         from engine import model as loader
 
         lm = self.loaded
+        impl = getattr(lm.model.config, "_attn_implementation", None)
         return (f"{self.name:<8} transformers generate + peft set_adapter, one request at a time: "
                 f"{lm.source.model_id}, {lm.quantization}, {lm.dtype}, {lm.device}, "
-                f"model {loader.memory_footprint(lm.model) / 2**20:.0f} MiB")
+                f"model {loader.memory_footprint(lm.model) / 2**20:.0f} MiB; no CUDA graphs; "
+                f"attention transformers {impl or '?'} ({enabled_sdpa_backends(self.device)})")
 
     async def close(self) -> None:
         self.model = None
@@ -522,7 +594,7 @@ class NaivePath:
             trace.tokens, trace.finish = len(trace.arrivals), "length"
         return traces, started, time.perf_counter(), cut
 
-    async def warm_up(self, sizes: Sequence[int], deadline: float) -> None:
+    async def warm_up(self, sizes: Sequence[int], tokens: int, deadline: float) -> None:
         for a in (None, ONE_ADAPTER):
             await _in_passing_thread(self._generate, 0, a, 2, None)
 
@@ -534,18 +606,18 @@ class NaivePath:
         row.peak_mib = mem.mib
         return row
 
-    async def syncs(self, wl: Workload, deadline: float) -> tuple[float, float, int] | str:
+    async def syncs(self, wl: Workload, deadline: float) -> tuple[float, float, int, str | None] | str:
         """Per generated token (= one decode step each) over the workload's first four requests."""
         tokens = 8
         firsts = wl.adapters[:4]
 
-        def run() -> tuple[int, int]:
+        def run() -> tuple[int, int, str | None]:
             with Profile() as prof:
                 for i, a in enumerate(firsts):
                     self._generate(i, a, tokens, None)
             prof.check(self.device)
-            return prof.syncs, prof.dtoh
+            return prof.syncs, prof.dtoh, prof.attention
 
-        syncs, dtoh = await _in_passing_thread(run)
+        syncs, dtoh, attention = await _in_passing_thread(run)
         steps = tokens * len(firsts)
-        return syncs / steps, dtoh / steps, steps
+        return syncs / steps, dtoh / steps, steps, attention

@@ -61,15 +61,17 @@ class Row:
     syncs_per_step: float | None = None
     dtoh_per_step: float | None = None
     sync_steps: int | None = None  # decode steps the sync count was divided by
+    attention: str | None = None  # the SDPA kernels the sync profile saw ("efficient", ...), if it ran
     cut: bool = False
     note: str = ""
     runs: list[float] = field(default_factory=list)  # tok/s of every repetition (the row is their median)
 
     def cells(self) -> list[str]:
         syncs = "n/a" if self.syncs_per_step is None else f"{self.syncs_per_step:.2f}"
+        note = "; ".join(filter(None, [self.note, f"attention: {self.attention}" if self.attention else ""]))
         return [
             self.label, self.path, f"{self.tokens}", fmt(self.tokens_per_s), fmt(self.ttft_p50_ms),
-            fmt(self.ttft_p95_ms), fmt(self.gap_p50_ms), fmt(self.gap_p99_ms), fmt(self.peak_mib), syncs, self.note,
+            fmt(self.ttft_p95_ms), fmt(self.gap_p50_ms), fmt(self.gap_p99_ms), fmt(self.peak_mib), syncs, note,
         ]
 
 
@@ -365,3 +367,27 @@ def count_syncs(event_names: Iterable[str]) -> tuple[int, int]:
         elif name.startswith("Memcpy DtoH") or "Device -> Pageable" in name or "Device -> Pinned" in name:
             dtoh += 1
     return syncs, dtoh
+
+
+#: Which attention kernel ran, by the name of a profiler event. The profiler is started on the
+#: benchmark's thread and records CPU ops of that thread only, but the CUDA kernels of every
+#: thread: on a GPU the kernel names say it (a replayed CUDA graph shows kernels, no aten op);
+#: aten's SDPA ops count where the profiled code runs on the profiler's own thread (naive path).
+ATTENTION_EVENTS = (
+    ("_scaled_dot_product_efficient_attention", "efficient"), ("_efficient_attention_forward", "efficient"),
+    ("_scaled_dot_product_flash_attention_for_cpu", "flash (CPU)"), ("_scaled_dot_product_flash_attention", "flash"),
+    ("_scaled_dot_product_cudnn_attention", "cuDNN"), ("_scaled_dot_product_attention_math", "math"),
+    ("fmha_cutlass", "efficient"), ("flash_fwd", "flash"), ("cudnn_generated_fort_native_sdpa", "cuDNN"),
+)
+
+
+def attention_kinds(event_names: Iterable[str]) -> str | None:
+    """The attention backends a profile saw, e.g. "efficient" or "cuDNN + math"; None for none."""
+    seen: list[str] = []
+    for name in event_names:
+        for needle, kind in ATTENTION_EVENTS:
+            if needle in name:
+                if kind not in seen:
+                    seen.append(kind)
+                break
+    return " + ".join(sorted(seen)) or None

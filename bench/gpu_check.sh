@@ -10,14 +10,19 @@
 #   2. prepare  python -m engine.model --prepare (GGUF -> safetensors, ~30 s on the H200)
 #   3. pytest   pytest -m gpu over the test files that carry the mark (the bot's test modules
 #               need packages that are not staged, so they are not collected)
-#   4. bench    python -m bench.serving --device cuda --json (new, previous, naive paths)
+#   4. bench    python -m bench.serving --device cuda --json (new, previous, naive paths;
+#               users 1,16,64 by default: BENCH_ARGS)
 #   5. conversation  python -m bench.conversation --device cuda (TTFT per message, prefix cache on/off)
 # Everything is tee'd into $OUT (the device machine's output folder; ./gpu-check-out when
 # unset): one .log per step, serving.json, pytest-gpu.xml and summary.txt (the step verdicts
-# and the benchmark's target table). The exit code is
-# the number of steps that failed (0 = all passed). Limits (seconds) can be changed with
-# ENV_S, PREPARE_S, PYTEST_S, BENCH_S, CONV_S; the defaults add up to 9 minutes. BENCH_ARGS adds
-# arguments to the benchmark (e.g. BENCH_ARGS="--quick").
+# and the benchmark's target table). The exit code is the number of steps that failed
+# (0 = all passed).
+#
+# Limits in seconds: ENV_S, PREPARE_S, PYTEST_S, BENCH_S, CONV_S. The defaults (10 + 50 + 90 +
+# 170 + 40) add up to 6 minutes, so one run fits a 15-minute lease with room to run it again.
+# A limit of 0 skips its step (it never means "no limit"); anything but a whole number is
+# refused before anything runs. BENCH_ARGS replaces the benchmark's extra arguments
+# (default "--users 1,16,64").
 set -u
 cd "$(dirname "$0")/.." || exit 99
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -29,7 +34,13 @@ if [ ! -f /tmp/site/.ready ] && [ "${DEVICE:-cuda}" != cpu ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 DEVICE=${DEVICE:-cuda}
-ENV_S=${ENV_S:-20} PREPARE_S=${PREPARE_S:-60} PYTEST_S=${PYTEST_S:-120} BENCH_S=${BENCH_S:-280} CONV_S=${CONV_S:-60}
+ENV_S=${ENV_S:-10} PREPARE_S=${PREPARE_S:-50} PYTEST_S=${PYTEST_S:-90} BENCH_S=${BENCH_S:-170} CONV_S=${CONV_S:-40}
+BENCH_ARGS=${BENCH_ARGS---users 1,16,64}
+for limit in ENV_S PREPARE_S PYTEST_S BENCH_S CONV_S; do
+  case ${!limit} in
+    ''|*[!0-9]*) echo "gpu_check: $limit=${!limit}: expected a whole number of seconds (0 skips the step)" >&2; exit 99 ;;
+  esac
+done
 
 summary="$OUT/summary.txt"
 : > "$summary"
@@ -37,9 +48,15 @@ failed=0
 started=$(date +%s)
 
 # step NAME LIMIT_S CMD...: run CMD under `timeout`, output to the screen and $OUT/NAME.log.
+# A limit of 0 skips the step: `timeout 0` would run it without any limit.
 step() {
   local name=$1 limit=$2; shift 2
   local t0 rc verdict
+  if [ "$limit" -le 0 ]; then
+    echo "=== $name: skipped (limit 0)" | tee "$OUT/$name.log"
+    printf '%-8s %-34s %4d s\n' "$name" "skipped (limit 0)" 0 | tee -a "$summary"
+    return
+  fi
   t0=$(date +%s)
   echo "=== [$(date +%H:%M:%S)] $name (limit ${limit} s): $*" | tee "$OUT/$name.log"
   timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
@@ -87,10 +104,13 @@ else
   step pytest "$PYTEST_S" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest-gpu.xml" "${gpu_files[@]}"
 fi
-# --budget leaves the benchmark time to print its tables before the step's limit.
+# --budget leaves the benchmark a quarter of its limit (at least 30 s where the limit allows)
+# to start CUDA, load and print its tables before the step's limit.
+bench_budget=$(( BENCH_S > 60 ? BENCH_S - (BENCH_S / 4 > 30 ? BENCH_S / 4 : 30) : BENCH_S / 2 ))
+[ "$bench_budget" -ge 1 ] || bench_budget=1
 # shellcheck disable=SC2086
 step bench "$BENCH_S" "$PY" -m bench.serving --device "$DEVICE" --json "$OUT/serving.json" \
-  --budget $(( BENCH_S - 40 )) ${BENCH_ARGS:-}
+  --budget "$bench_budget" $BENCH_ARGS
 sed -n '/^## Issue 8 targets/,/^$/p' "$OUT/bench.log" | tee -a "$summary"
 step conversation "$CONV_S" "$PY" -m bench.conversation --device "$DEVICE" --json "$OUT/conversation.json"
 sed -n '/^| message/,/median/p' "$OUT/conversation.log" | tee -a "$summary"

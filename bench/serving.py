@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bench._serving_paths import (
-    DOMAINS, ONE_ADAPTER, PROMPTS, ROLE, ROOT, SAMPLED, BenchError, EnginePath, NaivePath, Workload, make_workdir, workloads,
+    DOMAINS, ONE_ADAPTER, PROMPTS, ROLE, ROOT, SAMPLED, BenchError, EnginePath, NaivePath, Workload, make_workdir,
+    use_the_fast_paths_attention, workloads,
 )
 from bench._serving_report import (
     COLUMNS, HOTLOAD_COLUMNS, TARGET_COLUMNS, HotLoad, Row, median_run, render_table, targets,
@@ -206,6 +207,7 @@ class Report:
                f"{m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}",
                f"device:       {m['device']}, dtype {m['dtype']}, quantization {m['quantization']}, "
                f"KV cache {m.get('kv_cache', '?')}, model {m['model']}",
+               f"attention:    {m.get('attention', '?')}; the note column names the kernels a row's sync profile saw",
                f"workload:     {m['workload']}"]
         out += [f"path          {d}" for d in self.paths.values()]
         order = {w.key: i for i, w in enumerate(workloads(plan.users))}
@@ -273,7 +275,7 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
         _say(report.paths[name])
         chosen = [w for w in workloads(plan.users)
                   if name != "naive" or (w.users <= plan.naive_max_users and not w.sampled)]
-        await runner.warm_up([w.users for w in chosen], deadline())
+        await runner.warm_up([w.users for w in chosen], plan.tokens, deadline())
         runs: dict[str, list[Row]] = {}
         # repetitions go round the workloads, so a drift of the machine's speed hits every row alike
         for rep in range(plan.repeat):
@@ -295,7 +297,7 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
                 except Exception as exc:  # the profiler is a guest here: its failure is a note, not a crash
                     got = f"profile failed: {type(exc).__name__}: {exc}"
                 if isinstance(got, tuple):
-                    row.syncs_per_step, row.dtoh_per_step, row.sync_steps = got
+                    row.syncs_per_step, row.dtoh_per_step, row.sync_steps, row.attention = got
                 else:
                     row.note = "; ".join(filter(None, [row.note, f"syncs: {got}"]))
             report.rows.append(row)
@@ -322,7 +324,8 @@ async def run_path(name: str, plan: Plan, root: Path, report: Report, budget_end
 
 async def run(plan: Plan, argv: Sequence[str]) -> int:
     """Every path in turn; on SIGTERM (a `timeout` around the run) the tables so far still print."""
-    report = Report(header(plan, argv), plan.json_path)
+    attention = use_the_fast_paths_attention(plan.device)  # process-wide: before any path loads
+    report = Report(header(plan, argv) | {"attention": attention}, plan.json_path)
     root = make_workdir()
     budget_end = None if plan.budget_s is None else time.monotonic() + plan.budget_s
     task = asyncio.current_task()

@@ -112,7 +112,10 @@ class OpsServer:
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or ()
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._requested_port
-        log.info("ops server listening on %s (/healthz, /metrics)", self.url)
+        # the address bound, not `url` (which names 127.0.0.1 for a wildcard host: where to ask, not where it listens)
+        host = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
+        everywhere = "all interfaces; " if self.host in ("0.0.0.0", "::", "") else ""
+        log.info("ops server listening on http://%s:%d (%s/healthz, /metrics)", host, self.port, everywhere)
 
     async def stop(self) -> None:
         """Stop listening; safe to call twice or before start()."""

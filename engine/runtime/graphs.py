@@ -9,8 +9,13 @@ never forces a re-capture. Buckets: batch 1, 2, 4, 8, ... up to the slot count; 
 captured without the LoRA stacks (3 kernels per linear layer fewer). Graphs are captured on
 first use and share one memory pool.
 
-If capture fails (a kernel that cannot be captured), the error is logged once and the step
-runs eagerly from then on: correct, only slower.
+Captures run in CUDA's thread-local capture mode: only this (the model) thread may not make
+capture-unsafe calls while a graph is recorded. In the default global mode a `torch.cuda.
+synchronize()` or an allocation on any other thread of the process (an adapter loading, a
+profiler, a benchmark reading memory statistics) would fail there and invalidate the capture.
+
+If capture fails (a kernel that cannot be captured), the error is logged once with its
+traceback and the step runs eagerly from then on: correct, only slower; `failed` says why.
 """
 from __future__ import annotations
 
@@ -38,6 +43,20 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
     return out
 
 
+def failure_text(exc: BaseException) -> str:
+    """`Type: message` of an exception, led by the first error of its chain: when a capture
+    fails, ending it raises too ("operation failed due to a previous error during capture"),
+    and that second error hides the cause."""
+    chain = [exc]
+    while chain[-1].__context__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__context__)
+    first = chain[-1]
+    text = f"{type(first).__name__}: {first}".strip()
+    if first is not exc:
+        text += f" (then {type(exc).__name__}: {exc})".rstrip()
+    return text
+
+
 class DecodeGraphs:
     def __init__(self, step: Callable[[int, int, bool], torch.Tensor], slots: int, context: int) -> None:
         self.step = step  # (rows, key_len, lora) -> logits, reading only static buffers
@@ -62,9 +81,11 @@ class DecodeGraphs:
             try:
                 entry = self._capture(*shape)
             except Exception as exc:  # evidence for the log, then eager for good
-                self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graph capture failed for batch %d, keys %d, LoRA %s; decoding eagerly: %s",
-                            shape[0], shape[1], shape[2], self.failed)
+                self.failed = failure_text(exc)
+                # exc_info: the traceback names the kernel; a capture that fails inside often
+                # fails again when it is ended, and the first error is the one that says why
+                log.warning("CUDA graph capture failed for batch %d, keys %d, LoRA %s; decoding eagerly from now on: "
+                            "%s", shape[0], shape[1], shape[2], self.failed, exc_info=True)
                 torch.cuda.synchronize()
                 return self.step(*shape)
             self._graphs[shape] = entry
@@ -80,8 +101,14 @@ class DecodeGraphs:
                 self.step(rows, key_len, lora)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.step(rows, key_len, lora)
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self.step(rows, key_len, lora)
+        except BaseException:
+            # when ending a failed capture raises, torch leaves its capture stream current
+            torch.cuda.set_stream(stream)
+            raise
         self.captures += 1
         log.info("captured the decode step for batch %d, keys %d%s", rows, key_len, "" if lora else ", base model only")
         return graph, out

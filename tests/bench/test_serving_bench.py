@@ -86,8 +86,13 @@ def test_smallest_run_prints_every_row_of_every_path(tmp_path: Path) -> None:
     sampled = [ln.split("|")[2].strip() for ln in lines if ln.startswith("| 2 users, 4 modes, sampled ")]
     assert sampled == ["new", "previous"]
     for field in ("machine:", "torch threads 1", "torch 2", "device:       cpu", "quantization", "EOS ignored",
-                  "temperature 0.7", "KV cache float32"):
+                  "temperature 0.7", "KV cache float32", "attention:"):
         assert field in text
+    # each path says whether it decodes through CUDA graphs and which attention it may use
+    described = data["paths"]
+    assert "no CUDA graphs (CPU)" in described["new"] and "attention SDPA" in described["new"]
+    assert "no CUDA graphs" in described["previous"] and "attention transformers sdpa" in described["previous"]
+    assert "no CUDA graphs" in described["naive"] and "attention transformers sdpa" in described["naive"]
 
 
 @pytest.mark.model
@@ -103,6 +108,8 @@ def test_sync_profile_window_runs_on_a_live_engine(tmp_path: Path) -> None:
     for r in rows:
         assert r["syncs_per_step"] == 0.0 and r["dtoh_per_step"] == 0.0, r["note"]
         assert r["sync_steps"] >= 4
+        # the profiler sees the model thread's CUDA kernels, not its CPU ops: nothing to name on a CPU
+        assert r["attention"] is None
 
 
 def test_a_row_without_a_sync_count_shows_n_a() -> None:
@@ -239,6 +246,19 @@ def test_sync_count_reads_the_cuda_runtime_calls_of_a_profile() -> None:
              "Memcpy DtoH (Device -> Pageable)", "cudaStreamSynchronize", "Memcpy HtoD (Pageable -> Device)",
              "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize"]
     assert rep.count_syncs(names) == (5, 1)
+
+
+def test_attention_is_named_by_the_aten_op_or_the_cuda_kernel_a_profile_saw() -> None:
+    assert rep.attention_kinds(["aten::mm", "aten::_scaled_dot_product_efficient_attention",
+                                "aten::_efficient_attention_forward"]) == "efficient"
+    assert rep.attention_kinds(["aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_attention_math"]) \
+        == "cuDNN + math"
+    # a replayed CUDA graph shows kernels only
+    assert rep.attention_kinds(["cudaGraphLaunch", "fmha_cutlassF_f32_aligned_64x64_rf_sm80(...)"]) == "efficient"
+    assert rep.attention_kinds(["aten::_scaled_dot_product_flash_attention_for_cpu"]) == "flash (CPU)"
+    assert rep.attention_kinds(["aten::mm", "cudaLaunchKernel"]) is None
+    row = rep.Row("single-base", "1 user", "new", 1, 2, 2, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0, note="x", attention="efficient")
+    assert row.cells()[-1] == "x; attention: efficient"
 
 
 def test_a_spent_budget_lists_what_was_not_run_and_still_prints_the_tables(tmp_path: Path) -> None:

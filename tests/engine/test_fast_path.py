@@ -254,3 +254,70 @@ async def test_the_model_thread_computes_with_cpu_threads_and_the_loader_runs_lo
     fast = engines[0]
     threads, lowered = await asyncio.wrap_future(fast.registry._loader.submit(fast.registry._single_threaded, loader_view))
     assert threads == 1 and lowered
+
+
+async def window_while_decoding(engine: Engine, params: GenerationParams, window, steps: int = 24,
+                                timeout: float = 300.0):
+    """Open `window()` (a context manager, e.g. a profiler) over at least `steps` decode steps of
+    a full batch whose every row is still decoding, then cancel the rows; (what the window
+    gave, the decode steps inside it).
+
+    The rows ask for far more tokens than the window lasts (`params`: hundreds, within
+    CONTEXT_TOKENS with the prompt, EOS ignored), so none
+    finishes inside it and none waits for a slot (as many rows as the engine has). A window in
+    which a CUDA graph was captured (a key-length bucket crossed: the capture syncs the device)
+    is taken again; the next bucket is at least 128 steps away."""
+    rows = engine.settings.max_batch_size
+    streams = [engine.generate([Message("user", q)], m, params) for m, q, _n in (CASES * rows)[:rows]]
+    pieces = [0] * rows
+
+    async def drain(i: int) -> None:
+        async for _ in streams[i]:
+            pieces[i] += 1
+
+    async def until(cond, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            ended = [t for t in tasks if t.done()]
+            assert not ended, f"a row ended before {what}: {ended[0].exception() or 'finished'}"
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{what} not within {timeout} s: pieces per row {pieces}, {engine.scheduler.steps} steps")
+            await asyncio.sleep(0.005)
+
+    tasks = [asyncio.create_task(drain(i)) for i in range(rows)]
+    try:
+        await until(lambda: all(n >= 3 for n in pieces), "every row decoding")
+        graphs = getattr(engine.runtime, "graphs", None)
+        for _ in range(3):
+            captures, before = (graphs.captures if graphs is not None else 0), engine.scheduler.steps
+            with window() as seen:
+                await until(lambda: engine.scheduler.steps - before >= steps, f"{steps} decode steps")
+                inside = engine.scheduler.steps - before
+            if graphs is None or graphs.captures == captures:
+                break
+        assert not any(t.done() for t in tasks), "a row ended inside the window"
+        assert all(n < params.max_new_tokens for n in pieces)
+        return seen, inside
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_window_of_decode_steps_sees_every_row_decoding(engines) -> None:
+    """CPU twin of test_fast_path_gpu.py::test_one_host_sync_per_decode_step: the profile
+    window lies inside the decoding of a full batch (no CUDA call to count on a CPU), and the
+    rows are cancelled afterwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fast, _ = engines
+    params = GenerationParams(max_new_tokens=300, temperature=0.7, top_k=50, top_p=0.9, ignore_eos=True)
+    prof, steps = await window_while_decoding(fast, params, lambda: profile(activities=[ProfilerActivity.CPU]),
+                                              steps=6)
+    assert steps >= 6
+    assert not [e.key for e in prof.key_averages() if "Synchronize" in e.key]
+    for _ in range(200):  # the cancelled rows leave their slots at the next turn of the model thread
+        if fast.status().active_requests == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert fast.status().active_requests == 0
