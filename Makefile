@@ -9,7 +9,7 @@ TORCH_INDEX_URL ?=
 # The stamp changes whenever the dependency list does, so re-running installs nothing twice.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run test test-fast bench lint clean help
+.PHONY: setup model llamacpp run test test-fast bench lint clean help
 help:
 	@echo "make run        - set up, then start the bot (console chat without BOT_TOKEN)"
 	@echo "make test       - set up, then run the whole test suite (about 20 min on 2 CPU cores)"
@@ -17,6 +17,7 @@ help:
 	@echo "make setup      - create .venv, install torch and the project, convert the model"
 	@echo "make model      - convert the embedded default model once (part of setup)"
 	@echo "make bench      - set up, then print the benchmark tables"
+	@echo "make llamacpp   - install llama.cpp (node-llama-cpp, pinned) for bench.serving --peer llamacpp (needs Node)"
 	@echo "make lint       - hadolint the Dockerfile"
 	@echo "make clean      - remove .venv, converted models and caches"
 	@echo "variables: TORCH=torch==2.13.0 (the torch requirement), TORCH_INDEX_URL= (a wheel index,"
@@ -38,20 +39,33 @@ setup: $(STAMP) model
 model: $(STAMP)
 	$(PY) -m engine.model --prepare
 
+# llama.cpp beside the engine in the benchmarks: node-llama-cpp as bench/peers/package-lock.json pins
+# it (prebuilt CPU binaries from npm; its install script is skipped, the runner never builds). Without
+# npm this says so and installs nothing; the bench and its test then skip the peer with that reason.
+PEERS := bench/peers
+llamacpp: $(PEERS)/node_modules/.package-lock.json
+
+$(PEERS)/node_modules/.package-lock.json: $(PEERS)/package.json $(PEERS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(PEERS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "make llamacpp: npm not found: install Node.js >= 20 to compare with llama.cpp (skipped)"; \
+	fi
+
 run: setup
 	$(PY) -m bot
 
-test: setup
+test: setup llamacpp
 	$(PY) -m pytest -q
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not model and not slow"
 
-bench: setup
+bench: setup llamacpp
 	$(PY) -m bench
 
 lint: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
-	rm -rf $(VENV) models/*/ .pytest_cache
+	rm -rf $(VENV) models/*/ .pytest_cache $(PEERS)/node_modules
