@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +40,14 @@ SPREAD_TARGET = 0.15
 RUN_TIMEOUT_S = 900.0
 COLUMNS = ("comparison", "engine: median (min-max)", "llama.cpp: median (min-max)", "ratio: median",
            "ratio: range", "engine spread", "llama.cpp spread", "target", "met?")
+
+
+class Stopped(Exception):
+    """SIGTERM (a `timeout` round the bench): the running child is ended, the tables so far print."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,23 +164,34 @@ def play(users: Sequence[int], tokens: int, runs: int, threads: int, settings: d
     labels = {w.key: w.label for w in workloads(users)}
     engine_job = {"tokens": tokens, "users": list(users), "repeat_single": repeat_single, "deadline_s": 180.0,
                   **settings}
-    for i in range(runs):
-        if match.skipped is None:
-            _say(f"llama.cpp run {i + 1}/{runs}")
+
+    def alternate() -> None:
+        for i in range(runs):
+            if match.skipped is None:
+                _say(f"llama.cpp run {i + 1}/{runs}")
+                try:
+                    got = llamacpp.measure(prompts, peer_rows(users, repeat_single), labels, tokens, threads,
+                                           RUN_TIMEOUT_S)
+                    match.peer.append(got.rows)
+                    match.peer_info = got.info
+                except llamacpp.PeerError as exc:
+                    match.peer.append(None)
+                    match.failures.append(f"llama.cpp run {i + 1}: {exc}")
+            _say(f"engine run {i + 1}/{runs}")
             try:
-                got = llamacpp.measure(prompts, peer_rows(users, repeat_single), labels, tokens, threads, RUN_TIMEOUT_S)
-                match.peer.append(got.rows)
-                match.peer_info = got.info
-            except llamacpp.PeerError as exc:
-                match.peer.append(None)
-                match.failures.append(f"llama.cpp run {i + 1}: {exc}")
-        _say(f"engine run {i + 1}/{runs}")
-        try:
-            rows, match.engine_info = engine_run(engine_job, RUN_TIMEOUT_S)
-            match.engine.append(rows)
-        except (RuntimeError, json.JSONDecodeError, KeyError) as exc:
-            match.engine.append(None)
-            match.failures.append(f"engine run {i + 1}: {exc}")
+                rows, match.engine_info = engine_run(engine_job, RUN_TIMEOUT_S)
+                match.engine.append(rows)
+            except (RuntimeError, json.JSONDecodeError, KeyError) as exc:
+                match.engine.append(None)
+                match.failures.append(f"engine run {i + 1}: {exc}")
+
+    previous = signal.signal(signal.SIGTERM, _stop)  # subprocess.run kills its child on the way out
+    try:
+        alternate()
+    except (Stopped, KeyboardInterrupt):
+        match.failures.append("stopped before the last run (SIGTERM or Ctrl-C): the tables hold what was measured")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return match
 
 
