@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from bench._serving_paths import PROMPTS, ROLE, ROOT, TODAY, workloads

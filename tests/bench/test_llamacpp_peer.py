@@ -7,7 +7,6 @@ with the line the bench itself prints. No timing threshold anywhere (the machine
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
