@@ -9,7 +9,7 @@ TORCH_INDEX_URL ?=
 # The stamp changes whenever the dependency list does, so re-running installs nothing twice.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup model run test test-fast vllm test-vllm bench lint smoke clean help
+.PHONY: setup model llamacpp run test test-fast vllm test-vllm bench lint smoke clean help
 help:
 	@echo "make run        - set up, then start the bot (console chat without BOT_TOKEN)"
 	@echo "make test       - set up, then run the whole test suite (about 20 min on 2 CPU cores)"
@@ -19,6 +19,7 @@ help:
 	@echo "make setup      - create .venv, install torch and the project, convert the model"
 	@echo "make model      - convert the embedded default model once (part of setup)"
 	@echo "make bench      - set up, then print the benchmark tables"
+	@echo "make llamacpp   - install llama.cpp (node-llama-cpp, pinned) for bench.serving --peer llamacpp (needs Node)"
 	@echo "make lint       - hadolint the Dockerfile"
 	@echo "make smoke      - as root: build the image, start it on the CPU, chat, restart (deploy/smoke.sh; GBs)"
 	@echo "make clean      - remove .venv, converted models and caches"
@@ -63,10 +64,23 @@ vllm: $(VLLM_STAMP)
 model: $(STAMP)
 	$(PY) -m engine.model --prepare
 
+# llama.cpp beside the engine in the benchmarks: node-llama-cpp as bench/peers/package-lock.json pins
+# it (prebuilt CPU binaries from npm; its install script is skipped, the runner never builds). Without
+# npm this says so and installs nothing; the bench and its test then skip the peer with that reason.
+PEERS := bench/peers
+llamacpp: $(PEERS)/node_modules/.package-lock.json
+
+$(PEERS)/node_modules/.package-lock.json: $(PEERS)/package.json $(PEERS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(PEERS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "make llamacpp: npm not found: install Node.js >= 20 to compare with llama.cpp (skipped)"; \
+	fi
+
 run: setup
 	$(PY) -m bot
 
-test: setup
+test: setup llamacpp
 	$(PY) -m pytest -q -m "not vllm_real"
 
 test-fast: setup
@@ -76,7 +90,7 @@ test-fast: setup
 test-vllm: setup vllm
 	VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm_real tests/vllm_real
 
-bench: setup
+bench: setup llamacpp
 	$(PY) -m bench
 
 lint: $(STAMP)
@@ -87,4 +101,4 @@ smoke: $(STAMP)
 	bash deploy/smoke.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) models/*/ .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) models/*/ .pytest_cache $(PEERS)/node_modules

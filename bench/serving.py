@@ -3,6 +3,7 @@
     python -m bench.serving [--device cpu|cuda] [--quick] [--tokens N] [--users 1,4,16,64]
                             [--paths new,previous,naive] [--json FILE]
     python -m bench serving -- --quick          (the same, through the bench runner)
+    python -m bench.serving --peer llamacpp [--quick] (the engine beside llama.cpp: bench.peers.side_by_side)
 
 Paths, all in the same run and process, one after the other:
   new       Engine(serving_runtime="fast"): the batched multi-LoRA decode path (issue 8)
@@ -436,11 +437,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive(int),
                    help="torch CPU threads for every path (default: the engine's CPU_THREADS rule, every usable "
                    "core)")
+    p.add_argument("--peer", choices=("llamacpp",),
+                   help="instead of the paths above: the engine beside llama.cpp (node-llama-cpp) in alternating "
+                   "processes, median ratios and their range (bench.peers.side_by_side; users 1,16,64 unless "
+                   "--users says otherwise; CPU only)")
+    p.add_argument("--peer-runs", type=_positive(int), default=3,
+                   help="processes of each side with --peer, alternating (default 3)")
     p.add_argument("--budget", type=_positive(float),
                    help="seconds for the whole run, shared out between the paths; runs are cut at the end of "
                    "their path's share and rows that would start later are skipped and listed (default: "
                    "840 for the full CPU run, none otherwise)")
     return p
+
+
+def run_beside_peer(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """--peer: the engine and the peer in alternating processes (bench.peers.side_by_side)."""
+    if args.device != "cpu":
+        print(f"--peer {args.peer}: the peer runs on the CPU, so the engine is compared there too; "
+              f"use --device cpu (not {args.device})", file=sys.stderr)
+        return 2
+    from bench.peers import side_by_side
+
+    return side_by_side.run(args, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cpu" if args.peer else "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cpu":
         from bench import use_cpu_threads
 
@@ -472,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    if args.peer:
+        return run_beside_peer(args, argv)
     plan = plan_from_args(args)
     try:
         return asyncio.run(run(plan, argv))
