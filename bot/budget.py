@@ -120,14 +120,17 @@ class Budgets:
             source = "own"
         return day, month, source
 
-    def status(self, user_id: int) -> BudgetStatus:
+    def status(self, user_id: int, *, unlimited_too: bool = True) -> BudgetStatus:
+        """The user's limits and use now; `unlimited_too=False` counts only the periods with a limit
+        (what admission needs: a user without limits costs no query over their answers)."""
         now = self.clock()
         day_limit, month_limit, source = self.limits(user_id)
         bounds = period_bounds(now, self.zone)
         periods = []
         for kind, limit in (("day", day_limit), ("month", month_limit)):
             start, end = bounds[kind]  # type: ignore[index]
-            used, held = self.store.tokens_used(user_id, start, end)
+            counted = unlimited_too or (limit > 0 and source != "admin")
+            used, held = self.store.tokens_used(user_id, start, end) if counted else (0, 0)
             periods.append(Period(kind, start, end, limit, used, held))  # type: ignore[arg-type]
         return BudgetStatus(user_id, source, (periods[0], periods[1]), now)
 

@@ -200,7 +200,7 @@ class ChatService:
         draw = await self.ab.draw(mode)
         # from the budget check to the answer's row (its hold) nothing awaits: no other turn can
         # be admitted in between (bot.budget)
-        budget = self.budgets.status(user_id)
+        budget = self.budgets.status(user_id, unlimited_too=False)
         if not budget.allowed:
             self._count("over_budget")
             if self.metrics:

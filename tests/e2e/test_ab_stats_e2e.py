@@ -7,7 +7,6 @@ request in the A/B, or all of them to one version) fails.
 """
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import io
 import math
@@ -84,7 +83,8 @@ async def test_an_ab_splits_its_share_of_the_domains_requests_between_the_two_ve
                     (1, "serving", "v1", taking_part - candidate)]
 
     other = 120  # other domains and the base model never take part
-    bot.store.set_mode(other, "medical", "doctor") if bot.store.touch_user(other) else None
+    bot.store.touch_user(other)
+    bot.store.set_mode(other, "medical", "doctor")
     tg.send_text(other, "not legal")
     await tg.wait_for_buttons(other, "answer to: not legal")
     assert engine.calls[-1].params is None
