@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -47,8 +48,10 @@ from engine.errors import ConfigError, EngineError
 from engine.face import BACKENDS, EngineFace
 
 from bot import handlers
+from bot.ab import ABService
 from bot.background import Background
-from bot.chat import ChatService
+from bot.budget import Budgets
+from bot.chat import DEFAULT_MAX_NEW_TOKENS, ChatService
 from bot.config import BotSettings, load_bot_settings
 from bot.instance import AlreadyRunning, InstanceLock, InstanceLockError
 from bot.metrics import ApiCallCounter, BotMetrics
@@ -76,10 +79,13 @@ class BotApp:
     """The Telegram front end: one Bot, one Dispatcher, its dependencies, its lifecycle."""
 
     def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, *, concurrent_updates: bool = True,
-                 connect_backoff_s: tuple[float, float] = (1.0, 60.0)) -> None:
+                 connect_backoff_s: tuple[float, float] = (1.0, 60.0), max_new_tokens: int | None = None,
+                 rng: random.Random | None = None) -> None:
         """`concurrent_updates=False` handles one update at a time (only the benchmark's baseline wants it).
 
         `connect_backoff_s`: (first, longest) wait between attempts to reach Telegram at start.
+        `max_new_tokens`: the engine's MAX_NEW_TOKENS (what an answer holds of a token budget);
+        `rng`: the A/B draws' random generator (tests seed it). Times come from `store.clock`.
         """
         if not settings.token:
             raise ConfigError("BOT_TOKEN is not set: the Telegram bot needs it (without it, run the console chat)")
@@ -98,12 +104,16 @@ class BotApp:
         session.middleware(self.send_rate)
         self.bot = Bot(settings.token, session=session)
         self.pacer = ChatPacer(settings.stream_edit_interval_s)
-        self.chat = ChatService(engine, store, settings, self.metrics)
+        self.budgets = Budgets(settings, store, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                               clock=store.clock)
+        self.ab = ABService(engine, store, rng=rng)
+        self.chat = ChatService(engine, store, settings, self.metrics, budgets=self.budgets, ab=self.ab)
+        self.metrics.watch_users(store.active_users)
         self.background = Background()
         self.started_at = time.monotonic()
         self.dp = Dispatcher(
             engine=engine, store=store, settings=settings, chat=self.chat, pacer=self.pacer, metrics=self.metrics,
-            background=self.background, started_at=self.started_at,
+            background=self.background, started_at=self.started_at, budgets=self.budgets, ab=self.ab,
         )
         handlers.setup(self.dp, settings, store, self.metrics)
         self.ops: Any = None
@@ -122,6 +132,7 @@ class BotApp:
                 loop.add_signal_handler(sig, self.request_stop)
         try:
             interrupted = self.store.mark_interrupted()  # this process holds the instance lock
+            await self.ab.restore()
             await self._start_ops()
             await self._until_reachable("getMe", self.bot.me)
             self._recover(interrupted)
@@ -357,6 +368,7 @@ async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -
         lock.release()
         return 2
     interrupted = False
+    max_new_tokens = engine_settings.max_new_tokens if engine_settings is not None else None
     try:
         try:
             interrupted = not await _start_engine(engine)
@@ -368,14 +380,14 @@ async def amain(settings: BotSettings, engine_settings: EngineSettings | None) -
             return EXIT_INTERRUPTED
         if settings.token:
             try:
-                await BotApp(settings, engine, store).run()
+                await BotApp(settings, engine, store, max_new_tokens=max_new_tokens).run()
             except ConfigError as exc:
                 log.error("%s", exc)
                 return EXIT_CONFIG
             return 0
         from bot.console import run_console
 
-        return await run_console(settings, engine, store)
+        return await run_console(settings, engine, store, max_new_tokens=max_new_tokens)
     finally:
         try:
             if not interrupted:

@@ -13,6 +13,11 @@ stop, a crash of the Telegram side or a shutdown never loses the stored answer. 
 fails after the answer started (the engine or anything else) stops the sink: no "typing…"
 is left running.
 
+Before a turn starts, the user's token budget is checked (bot.budget: a user over it gets
+`Outcome.OVER_BUDGET` and nothing is stored) and the request may be drawn into its domain's
+A/B (bot.ab: the engine is asked for one of the two versions). The stored answer carries its
+generated tokens (what the budget counts), the engine's audit stamp and its A/B arm.
+
 Text is cleaned on the way in and out (`bot.text.clean`): a question of undecodable bytes
 is refused (`Outcome.UNREADABLE`), one with some undecodable characters is answered.
 """
@@ -21,14 +26,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
+from engine.config import EngineSettings
 from engine.face import EngineFace
 from engine.types import GenerationResult, Mode, UserContext
 
+from bot.ab import ABService, Draw
+from bot.budget import Budgets, BudgetStatus
 from bot.config import BotSettings
 from bot.metrics import BotMetrics
 from bot.storage import Store, UserRecord
@@ -58,6 +67,7 @@ class Outcome(enum.Enum):
     NOTHING = "nothing"  # /retry without an earlier question
     FAILED = "failed"  # the engine failed after some text; the error is raised after showing it
     UNREADABLE = "unreadable"  # the question held nothing but undecodable bytes; nothing stored
+    OVER_BUDGET = "over_budget"  # the user's token budget is used up; nothing stored, `budget` says until when
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Answer:
     text: str = ""
     message_id: int | None = None  # the stored assistant message
     result: GenerationResult | None = None
+    budget: BudgetStatus | None = None  # OVER_BUDGET: what is left and when it resets
 
     @property
     def cut(self) -> bool:
@@ -85,14 +96,23 @@ def mode_of(user: UserRecord) -> Mode:
     return Mode(adapter=user.adapter, role=user.role or "assistant")
 
 
+#: MAX_NEW_TOKENS when the caller does not say (the engine's default setting).
+DEFAULT_MAX_NEW_TOKENS: int = EngineSettings.model_fields["max_new_tokens"].default
+
+
 class ChatService:
     def __init__(
-        self, engine: EngineFace, store: Store, settings: BotSettings, metrics: BotMetrics | None = None
+        self, engine: EngineFace, store: Store, settings: BotSettings, metrics: BotMetrics | None = None, *,
+        budgets: Budgets | None = None, ab: ABService | None = None,
     ) -> None:
+        """`budgets`: token budgets (default: the settings', holding DEFAULT_MAX_NEW_TOKENS per answer);
+        `ab`: the A/B tests (default: those stored, with an unseeded random generator)."""
         self.engine = engine
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.budgets = budgets or Budgets(settings, store, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, clock=store.clock)
+        self.ab = ab or ABService(engine, store)
         self._sessions: dict[int, _Session] = {}
         self._tasks: set[asyncio.Task[Answer]] = set()
         self.closing = False
@@ -176,15 +196,28 @@ class ChatService:
         record = self.store.get_user(user_id)
         if record is None:
             record = self.store.touch_user(user_id, language=(user_ctx.language if user_ctx else "en"))
+        mode = mode_of(record)
+        draw = await self.ab.draw(mode)
+        # from the budget check to the answer's row (its hold) nothing awaits: no other turn can
+        # be admitted in between (bot.budget)
+        budget = self.budgets.status(user_id, unlimited_too=False)
+        if not budget.allowed:
+            self._count("over_budget")
+            if self.metrics:
+                for p in budget.periods:
+                    if p.exhausted:
+                        self.metrics.budget_refusals.labels(p.kind).inc()
+            log.info("answer user=%s refused: token budget used up until %s", user_id, budget.resets_at)
+            return Answer(Outcome.OVER_BUDGET, budget=budget)
         if text is None:
             if self.store.retry_point(user_id, chat_id) is None:
                 return Answer(Outcome.NOTHING)
         else:
             self.store.add_message(user_id, "user", text, conversation=record.conversation, chat_id=chat_id)
-        mode = mode_of(record)
         history = self.store.history(user_id, self.settings.history_turns, chat_id)
         answer_id = self.store.begin_answer(user_id, conversation=record.conversation, chat_id=chat_id,
-                                            adapter=mode.adapter, template=mode.role)
+                                            adapter=mode.adapter, template=mode.role,
+                                            reserved_tokens=self.budgets.hold_for(budget))
         parts: list[str] = []
         stream: Any = None
         outcome = Outcome.DONE
@@ -194,7 +227,7 @@ class ChatService:
             self.metrics.active_generations.inc()
         try:
             await sink.start()
-            stream = self.engine.generate(history, mode, None, user=user_ctx)
+            stream = self.engine.generate(history, mode, draw.params() if draw else None, user=user_ctx)
             if inspect.isawaitable(stream):
                 stream = await stream
             async for piece in stream:
@@ -203,7 +236,7 @@ class ChatService:
                 sink.feed(piece)
                 if time.monotonic() - saved_at >= PARTIAL_SAVE_S:
                     saved_at = time.monotonic()
-                    self._save_partial(answer_id, parts)
+                    self._save_partial(answer_id, parts, stream)
         except asyncio.CancelledError:
             outcome = Outcome.STOPPED if s.stop_requested else Outcome.CANCELLED
         except Exception as exc:  # the engine's refusal, or anything else: the turn ends the same way
@@ -224,8 +257,8 @@ class ChatService:
         answer = Answer(Outcome.FAILED if error else outcome, answer_text, None, result)
         try:
             if answer_text:
-                self._save(answer_id, record, mode, answer_text, result, t0,
-                           "error" if error else _finish_reason(outcome, result))
+                self._save(answer_id, mode, answer_text, result, t0,
+                           "error" if error else _finish_reason(outcome, result), draw, len(parts))
                 answer.message_id = answer_id
             else:
                 self._forget(answer_id)
@@ -246,9 +279,9 @@ class ChatService:
             raise error
         return answer
 
-    def _save_partial(self, answer_id: int, parts: list[str]) -> None:
+    def _save_partial(self, answer_id: int, parts: list[str], stream: Any) -> None:
         try:
-            self.store.save_partial(answer_id, "".join(parts))
+            self.store.save_partial(answer_id, "".join(parts), _tokens(getattr(stream, "result", None), len(parts)))
         except Exception:  # the final save tries again; the answer goes on
             log.warning("saving the partial answer %s failed", answer_id, exc_info=True)
 
@@ -260,20 +293,46 @@ class ChatService:
             log.warning("removing the empty answer %s failed", answer_id, exc_info=True)
 
     def _save(
-        self, answer_id: int, record: UserRecord, mode: Mode, text: str, result: GenerationResult | None,
-        t0: float, finish_reason: str,
+        self, answer_id: int, mode: Mode, text: str, result: GenerationResult | None, t0: float,
+        finish_reason: str, draw: Draw | None, pieces: int,
     ) -> None:
+        """The answer's final row: its tokens settle the budget, its stamp says what produced it.
+
+        An A/B answer counts for the version the engine says it used; one that came from
+        another version than drawn (the engine could not pin it) takes no part.
+        """
+        version = result.adapter_version if result else None
+        in_ab = draw is not None and version == draw.version
+        if draw is not None and not in_ab:
+            log.warning("A/B %s: asked for %s %s, the engine answered with %s; not counted", draw.test.id,
+                        mode.adapter, draw.version, version)
+        tokens = _tokens(result, pieces)
+        latency = round(time.monotonic() - t0, 4)
+        stamp = result.stamp if result else None
         self.store.update_message(
-            answer_id, text=text, adapter=mode.adapter, adapter_version=result.adapter_version if result else None,
+            answer_id, text=text, adapter=mode.adapter, adapter_version=version,
             template=mode.role, prompt_tokens=result.prompt_tokens if result else None,
-            completion_tokens=result.completion_tokens if result else None,
-            latency_s=round(time.monotonic() - t0, 4),
+            completion_tokens=tokens, latency_s=latency,
             ttft_s=result.time_to_first_token_s if result else None, finish_reason=finish_reason,
+            stamp=json.dumps(stamp.to_dict(), ensure_ascii=False) if stamp else None,
+            ab_test=draw.test.id if in_ab and draw else None, ab_arm=draw.arm if in_ab and draw else None,
         )
+        if self.metrics:
+            labels = (mode.adapter or "base", mode.role)
+            self.metrics.answers.labels(*labels).inc()
+            self.metrics.answer_tokens.labels(*labels).inc(tokens)
+            self.metrics.answer_seconds.observe(latency)
+            if in_ab and draw:
+                self.metrics.ab_answers.labels(draw.test.domain, draw.arm, draw.version).inc()
 
     def _count(self, outcome: str) -> None:
         if self.metrics:
             self.metrics.generations.labels(outcome).inc()
+
+
+def _tokens(result: GenerationResult | None, pieces: int) -> int:
+    """Generated tokens so far: the engine's count, or the pieces streamed where it has none yet."""
+    return (result.completion_tokens if result is not None else 0) or pieces
 
 
 def _finish_reason(outcome: Outcome, result: GenerationResult | None) -> str:

@@ -38,7 +38,25 @@ class BotSettings(BaseSettings):
     allowed_user_ids: IdSet = Field(
         frozenset(), description="Comma-separated Telegram user ids allowed to chat; empty = everyone."
     )
+    allow_guests: bool = Field(
+        False, description="With ALLOWED_USER_IDS set, users not on it may chat too, within the guest budgets."
+    )
     database_path: Path = Field(Path("data/bot.sqlite3"), description="SQLite file of users and history.")
+
+    tokens_per_day: int = Field(
+        0, ge=0, description="Generated tokens a user may use per day; 0 = unlimited (admins are never limited)."
+    )
+    tokens_per_month: int = Field(0, ge=0, description="Generated tokens a user may use per month; 0 = unlimited.")
+    guest_tokens_per_day: int | None = Field(
+        None, ge=0, description="TOKENS_PER_DAY for guests (ALLOW_GUESTS); unset = the same as everyone's."
+    )
+    guest_tokens_per_month: int | None = Field(
+        None, ge=0, description="TOKENS_PER_MONTH for guests; unset = the same as everyone's."
+    )
+    budget_timezone: str = Field(
+        "UTC", description="IANA time zone whose midnight and first of the month start a new budget period "
+        "(e.g. Europe/Moscow); also the days of /stats."
+    )
 
     bot_api_url: str | None = Field(
         None, description="Another Bot API server (a local telegram-bot-api, or the tests' fake)."
@@ -152,6 +170,18 @@ class BotSettings(BaseSettings):
     def _upper(cls, v: object) -> object:
         return v.strip().upper() if isinstance(v, str) else v
 
+    @field_validator("budget_timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        v = v.strip()
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"expected an IANA time zone like 'UTC' or 'Europe/Moscow', got {v!r}") from None
+        return v
+
     @field_validator("engine_factory")
     @classmethod
     def _factory(cls, v: str | None) -> str | None:
@@ -197,7 +227,13 @@ class BotSettings(BaseSettings):
     def may_chat(self, user_id: int | None) -> bool:
         if user_id is None:
             return False
-        return not self.allowed_user_ids or user_id in self.allowed_user_ids or self.is_admin(user_id)
+        return (not self.allowed_user_ids or self.allow_guests or user_id in self.allowed_user_ids
+                or self.is_admin(user_id))
+
+    def is_guest(self, user_id: int | None) -> bool:
+        """Chats only because ALLOW_GUESTS lets people off the allowlist in (the guest budgets apply)."""
+        return (user_id is not None and bool(self.allowed_user_ids) and user_id not in self.allowed_user_ids
+                and not self.is_admin(user_id))
 
 
 _SECRETS = ("bot_token", "webhook_secret")

@@ -33,7 +33,8 @@ from engine.face import EngineFace
 from engine.types import ModeCatalog, UserContext
 
 from bot.admin_format import format_status, training_summary
-from bot.chat import Answer, ChatService, Outcome, mode_of
+from bot.budget import Budgets, refusal_text, usage_text
+from bot.chat import DEFAULT_MAX_NEW_TOKENS, Answer, ChatService, Outcome, mode_of
 from bot.config import BotSettings
 from bot.i18n import LANGUAGES, t
 from bot.keyboards import describe_mode, domain_title, role_title
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 CONSOLE_USER_ID = 0  # Telegram ids are positive; the terminal user never collides with one
 EXIT_NO_INPUT = 2
 
-COMMANDS = ("mode", "adapter", "role", "reset", "new", "retry", "continue", "language", "status", "help",
+COMMANDS = ("mode", "adapter", "role", "reset", "new", "retry", "continue", "language", "usage", "status", "help",
             "quit", "exit")
 NO_INPUT = (
     "BOT_TOKEN is not set, so `python -m bot` started the console chat, but {why}. "
@@ -146,11 +147,15 @@ def _match(arg: str, names: dict[str, str]) -> str | None:
 
 
 class Console:
-    def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, out: TextIO) -> None:
+    def __init__(self, settings: BotSettings, engine: EngineFace, store: Store, out: TextIO, *,
+                 max_new_tokens: int | None = None) -> None:
         self.engine = engine
         self.store = store
         self.out = out
-        self.chat = ChatService(engine, store, settings)
+        # the person at the terminal runs the bot: like an admin, never limited (/usage still counts)
+        self.budgets = Budgets(settings, store, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                               clock=store.clock, exempt_ids=(CONSOLE_USER_ID,))
+        self.chat = ChatService(engine, store, settings, budgets=self.budgets)
         self.started_at = time.monotonic()
         # no name: the terminal's login ("root" in a container) is not the person's name;
         # the language from the environment counts only for a new user, later /language wins
@@ -286,6 +291,9 @@ class Console:
         self.store.set_language(CONSOLE_USER_ID, code)
         self.say(t(code, "con_language_set"))
 
+    async def cmd_usage(self, arg: str) -> None:
+        self.say(usage_text(self.budgets.status(CONSOLE_USER_ID), self.budgets.zone, self.lang))
+
     async def cmd_status(self, arg: str) -> None:
         self.say(format_status(
             self.engine.status(), generating=self.chat.generating(), waiting=self.chat.waiting(),
@@ -305,6 +313,8 @@ class Console:
             self.say(t(self.lang, "nothing_to_retry"))
         elif answer.outcome is Outcome.UNREADABLE:
             self.say(t(self.lang, "unreadable"))
+        elif answer.outcome is Outcome.OVER_BUDGET and answer.budget is not None:
+            self.say(refusal_text(answer.budget, self.budgets.zone, self.lang))
 
     def interrupt(self) -> bool:
         """Ctrl-C: stop the running answer; False when there was none (then the chat ends)."""
@@ -323,13 +333,13 @@ def _forgiving(stream: TextIO) -> TextIO:
 
 
 async def run_console(settings: BotSettings, engine: EngineFace, store: Store, *, stdin: TextIO | None = None,
-                      stdout: TextIO | None = None) -> int:
+                      stdout: TextIO | None = None, max_new_tokens: int | None = None) -> int:
     """Chat until EOF, /quit, a second Ctrl-C or SIGTERM; the exit status (2: no input ever came)."""
     stdin = stdin or sys.stdin
     out = stdout or _forgiving(sys.stdout)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str | None] = asyncio.Queue()
-    console = Console(settings, engine, store, out)
+    console = Console(settings, engine, store, out, max_new_tokens=max_new_tokens)
     interactive = stdin.isatty()
 
     leaving = False

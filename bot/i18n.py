@@ -20,11 +20,12 @@ _EN: dict[str, str] = {
         "Write a question and I answer it in the current mode.\n\n"
         "/mode – choose adapter and role\n/domain – choose the domain adapter\n/role – choose the role\n"
         "/new – start a fresh conversation\n/retry – answer the last question again\n"
-        "/stop – stop the answer being written\n/language – interface language"
+        "/stop – stop the answer being written\n/usage – tokens used and left\n/language – interface language"
     ),
     "help_admin": (
         "\n\nAdmin: /status, /jobs, /adapters, /reload [domain], /train <domain>, /cancel, "
-        "/rollback <domain>, /promote <domain> <version>, /export <domain>"
+        "/rollback <domain>, /promote <domain> <version>, /export <domain>, /stats, "
+        "/ab <domain> <share %> | stop, /budget <user> [day|month <tokens>] | clear, /why (as a reply to an answer)"
     ),
     "language_choose": "Choose the interface language:",
     "language_set": "Interface language: English.",
@@ -101,6 +102,7 @@ _EN: dict[str, str] = {
     "st_training": "Training: {training}",
     "st_idle": "idle",
     "yes": "yes",
+    "or": " or ",
     "no": "no",
     "n_a": "n/a",
     # /adapters
@@ -170,6 +172,7 @@ _EN: dict[str, str] = {
         "  /retry              answer the last question again\n"
         "  /continue           go on with an answer that was cut at the length limit\n"
         "  /language [en|ru]   show or switch the language\n"
+        "  /usage              tokens generated for you today and this month\n"
         "  /status             engine status\n"
         "  /help               this help\n"
         "  /quit               leave (also Ctrl-D; Ctrl-C stops an answer being written)"
@@ -193,6 +196,99 @@ _EN: dict[str, str] = {
     "con_cut": "[cut at the length limit; /continue goes on]",
     "con_nothing_to_continue": "there is no answer to continue",
     "con_bye": "bye",
+    # token budgets
+    "bd_days": "{n} d",
+    "bd_hours": "{n} h",
+    "bd_minutes": "{n} min",
+    "bd_at": "{at} {zone}, in {wait}",
+    "bd_day": "Today",
+    "bd_month": "This month",
+    "bd_line": "{period}: {used} of {limit} tokens, {left} left · resets {reset}",
+    "bd_line_unlimited": "{period}: {used} tokens · no limit",
+    "bd_refused": "🪫 You have used up your token budget, so I can't answer now. You can ask again after {when}.",
+    "bd_usage_title": "Your token use (tokens the model generated for you):",
+    "bd_exempt": "Admins have no limit.",
+    "bd_no_limits": "No limit applies to you.",
+    "usage_budget": "Usage: /budget <user id or @username> — see it; "
+                    "/budget <user> day <tokens> month <tokens> — set (0 = unlimited, default = the setting); "
+                    "/budget <user> clear — back to the defaults",
+    "bg_unknown_user": "I don't know a user {user}. Use their numeric id or the @username they chatted with.",
+    "bg_cleared": "User {user} has no budget of their own any more: the defaults apply.",
+    "bg_had_none": "User {user} had no budget of their own.",
+    "bg_head": "Budget of user {user} ({source}):",
+    "bg_source_admin": "an admin: never limited",
+    "bg_source_own": "their own",
+    "bg_source_guest": "guest defaults",
+    "bg_source_default": "defaults",
+    # /stats
+    "sx_title": "📊 Last 24 h | last 30 days",
+    "sx_answers": "Answers: {day} | {month}",
+    "sx_tokens": "Tokens generated: {day} | {month}",
+    "sx_active_users": "Active users: {day} | {month}",
+    "sx_latency": "Answer time p50/p95: {day} | {month}",
+    "sx_ttft": "First token p50/p95: {day} | {month}",
+    "sx_modes": "\nPer mode (30 days):",
+    "sx_mode": "• {mode}: {answers} answers, {tokens} tokens, {p50}/{p95} s, first token {ttft} s",
+    "sx_more": "  … {n} more",
+    "sx_feedback": "\nFeedback per version (30 days):",
+    "sx_version": "• {adapter} {version}: 👍 {up} · 👎 {down} ({rate} 👍)",
+    "sx_zone": "\nDays and periods in {zone}.",
+    "sx_chart_caption": "Answers and tokens per day of the last 30 days, per domain ({zone})",
+    "sx_chart_failed": "The chart could not be drawn; the log has the details.",
+    "ch_title": "Last 30 days",
+    "ch_answers": "Answers per day",
+    "ch_tokens": "Tokens generated per day",
+    "ch_empty": "no answers yet",
+    # A/B
+    "usage_ab": "Usage: /ab — the running A/B tests; /ab <domain> <share %> [version] — start one "
+                "(e.g. /ab legal 20: 20% of legal requests take part, half answered by the candidate); "
+                "/ab <domain> — its results; /ab <domain> stop — end it",
+    "ab_head": "🧪 A/B #{id} {domain}: {serving} vs {candidate} · {share}% of requests · since {since}",
+    "ab_ended": "ended {at}: {reason}",
+    "ab_end_stopped": "stopped by an admin",
+    "ab_end_promoted": "the candidate was promoted",
+    "ab_end_serving_changed": "the serving version changed",
+    "ab_end_candidate_gone": "the candidate is no longer on disk",
+    "ab_end_candidate_failed": "the candidate failed to load",
+    "ab_end_None": "running",
+    "ab_arm": "• {version} ({arm}): {answers} answers · 👍 {up} · 👎 {down} · 👍 rate {rate} (95%: {interval})",
+    "ab_arm_serving": "serving",
+    "ab_arm_candidate": "candidate",
+    "ab_arm_None": "—",
+    "ab_significant": "The difference is significant (Fisher's exact test, p = {p}).",
+    "ab_not_significant": "No significant difference yet (Fisher's exact test, p = {p}).",
+    "ab_no_ratings": "Not enough ratings of both versions to compare yet.",
+    "ab_none": "No A/B test is running. /ab <domain> <share %> starts one.",
+    "ab_never": "{domain} has had no A/B test yet.",
+    "ab_not_running": "No A/B test of {domain} is running.",
+    "ab_stopped": "Stopped the A/B test of {domain}; the candidate is no longer held in memory.",
+    "ab_started": "🧪 A/B of {domain} is running: {share}% of its requests take part, each answered by {serving} "
+                  "(serving) or {candidate} (candidate) at random. 👍/👎 count for the version that answered.",
+    "ab_ended_by": "The A/B test of {domain} ended with this change:",
+    "ab_bad_share": "The share must be a percentage above 0 and at most 100, e.g. /ab legal 20.",
+    "ab_not_serving": "{domain} has no serving version to compare with.",
+    "ab_no_candidate": "{domain} has no candidate version. Train one with /train {domain}, or name a version: "
+                       "/ab {domain} 20 v3.",
+    "ab_is_serving": "{version} already serves {domain}; name another version.",
+    "ab_unsupported": "This engine cannot keep two versions of an adapter loaded yet, so an A/B cannot run.",
+    "ab_hold_failed": "Cannot load {domain} {version} for the A/B: {reason}",
+    # /why
+    "why_usage": "Reply /why to one of my answers to see what produced it.",
+    "why_not_answer": "That message is not an answer I stored (reply /why to an answer of mine).",
+    "why_head": "🔎 Answer #{id} · {at} UTC · user {user}",
+    "why_model": "Base model: {model} · {quantization} · fingerprint {fingerprint}",
+    "why_adapter": "Adapter: {adapter} {version}{ab}",
+    "why_ab": " · A/B #{test}, {arm}",
+    "why_template": "Template: {template}{language} · sha256 {hash}",
+    "why_template_only": "Template: {template}",
+    "why_sampling": "Sampling: temperature {temperature} · top-p {top_p} · top-k {top_k} · repetition {repetition} · "
+                    "at most {max_new} tokens · seed {seed}",
+    "why_backend": "Backend: {backend}",
+    "why_local": "local (the model in the bot's process)",
+    "why_vllm": "vLLM replica {replica}",
+    "why_tokens": "Tokens: {prompt} prompt, {generated} generated · finish {finish} · {latency} s, first token {ttft} s",
+    "why_no_stamp": "The engine recorded no stamp for this answer (written before stamps existed, or by an engine "
+                    "that gives none).",
 }
 
 _RU: dict[str, str] = {
@@ -206,11 +302,12 @@ _RU: dict[str, str] = {
         "Напишите вопрос, и я отвечу в текущем режиме.\n\n"
         "/mode – выбрать адаптер и роль\n/domain – выбрать доменный адаптер\n/role – выбрать роль\n"
         "/new – начать новый разговор\n/retry – ответить на последний вопрос заново\n"
-        "/stop – остановить ответ\n/language – язык интерфейса"
+        "/stop – остановить ответ\n/usage – расход и остаток токенов\n/language – язык интерфейса"
     ),
     "help_admin": (
         "\n\nАдмин: /status, /jobs, /adapters, /reload [домен], /train <домен>, /cancel, "
-        "/rollback <домен>, /promote <домен> <версия>, /export <домен>"
+        "/rollback <домен>, /promote <домен> <версия>, /export <домен>, /stats, "
+        "/ab <домен> <доля %> | stop, /budget <пользователь> [day|month <токены>] | clear, /why (ответом на ответ)"
     ),
     "language_choose": "Выберите язык интерфейса:",
     "language_set": "Язык интерфейса: русский.",
@@ -286,6 +383,7 @@ _RU: dict[str, str] = {
     "st_training": "Обучение: {training}",
     "st_idle": "не идёт",
     "yes": "да",
+    "or": " или ",
     "no": "нет",
     "n_a": "н/д",
     "ad_none": "Адаптеров на диске нет.",
@@ -351,6 +449,7 @@ _RU: dict[str, str] = {
         "  /retry              ответить на последний вопрос заново\n"
         "  /continue           продолжить ответ, обрезанный по лимиту длины\n"
         "  /language [en|ru]   показать или сменить язык\n"
+        "  /usage              сколько токенов сгенерировано для вас сегодня и в этом месяце\n"
         "  /status             состояние движка\n"
         "  /help               эта справка\n"
         "  /quit               выход (также Ctrl-D; Ctrl-C останавливает ответ)"
@@ -374,6 +473,95 @@ _RU: dict[str, str] = {
     "con_cut": "[обрезано по лимиту длины; /continue — продолжить]",
     "con_nothing_to_continue": "продолжать нечего",
     "con_bye": "пока",
+    "bd_days": "{n} дн",
+    "bd_hours": "{n} ч",
+    "bd_minutes": "{n} мин",
+    "bd_at": "{at} {zone}, через {wait}",
+    "bd_day": "Сегодня",
+    "bd_month": "В этом месяце",
+    "bd_line": "{period}: {used} из {limit} токенов, осталось {left} · обнулится {reset}",
+    "bd_line_unlimited": "{period}: {used} токенов · без ограничения",
+    "bd_refused": "🪫 Ваш лимит токенов исчерпан, поэтому сейчас я не отвечу. Снова спросить можно после {when}.",
+    "bd_usage_title": "Ваш расход токенов (сколько модель сгенерировала для вас):",
+    "bd_exempt": "У администраторов ограничения нет.",
+    "bd_no_limits": "Для вас ограничений нет.",
+    "usage_budget": "Использование: /budget <id пользователя или @username> — посмотреть; "
+                    "/budget <пользователь> day <токены> month <токены> — задать (0 = без ограничения, "
+                    "default = из настроек); /budget <пользователь> clear — вернуть настройки по умолчанию",
+    "bg_unknown_user": "Пользователя {user} я не знаю. Укажите числовой id или @username, с которым он писал боту.",
+    "bg_cleared": "У пользователя {user} больше нет своего лимита: действуют настройки по умолчанию.",
+    "bg_had_none": "У пользователя {user} не было своего лимита.",
+    "bg_head": "Лимит пользователя {user} ({source}):",
+    "bg_source_admin": "администратор: без ограничений",
+    "bg_source_own": "свой",
+    "bg_source_guest": "гостевой по умолчанию",
+    "bg_source_default": "по умолчанию",
+    "sx_title": "📊 За 24 ч | за 30 дней",
+    "sx_answers": "Ответов: {day} | {month}",
+    "sx_tokens": "Сгенерировано токенов: {day} | {month}",
+    "sx_active_users": "Активных пользователей: {day} | {month}",
+    "sx_latency": "Время ответа p50/p95: {day} | {month}",
+    "sx_ttft": "Первый токен p50/p95: {day} | {month}",
+    "sx_modes": "\nПо режимам (30 дней):",
+    "sx_mode": "• {mode}: ответов {answers}, токенов {tokens}, {p50}/{p95} с, первый токен {ttft} с",
+    "sx_more": "  … и ещё {n}",
+    "sx_feedback": "\nОтзывы по версиям (30 дней):",
+    "sx_version": "• {adapter} {version}: 👍 {up} · 👎 {down} ({rate} 👍)",
+    "sx_zone": "\nДни и периоды по часовому поясу {zone}.",
+    "sx_chart_caption": "Ответы и токены по дням за последние 30 дней, по доменам ({zone})",
+    "sx_chart_failed": "График нарисовать не удалось; подробности в логе.",
+    "ch_title": "Последние 30 дней",
+    "ch_answers": "Ответов в день",
+    "ch_tokens": "Сгенерировано токенов в день",
+    "ch_empty": "ответов пока нет",
+    "usage_ab": "Использование: /ab — идущие A/B-тесты; /ab <домен> <доля %> [версия] — начать "
+                "(например, /ab legal 20: участвуют 20% запросов legal, половине отвечает кандидат); "
+                "/ab <домен> — результаты; /ab <домен> stop — завершить",
+    "ab_head": "🧪 A/B #{id} {domain}: {serving} против {candidate} · {share}% запросов · с {since}",
+    "ab_ended": "завершён {at}: {reason}",
+    "ab_end_stopped": "остановлен администратором",
+    "ab_end_promoted": "кандидат стал рабочей версией",
+    "ab_end_serving_changed": "сменилась рабочая версия",
+    "ab_end_candidate_gone": "кандидата больше нет на диске",
+    "ab_end_candidate_failed": "кандидат не загрузился",
+    "ab_end_None": "идёт",
+    "ab_arm": "• {version} ({arm}): ответов {answers} · 👍 {up} · 👎 {down} · доля 👍 {rate} (95%: {interval})",
+    "ab_arm_serving": "рабочая",
+    "ab_arm_candidate": "кандидат",
+    "ab_arm_None": "—",
+    "ab_significant": "Разница значима (точный тест Фишера, p = {p}).",
+    "ab_not_significant": "Значимой разницы пока нет (точный тест Фишера, p = {p}).",
+    "ab_no_ratings": "Оценок обеих версий пока недостаточно для сравнения.",
+    "ab_none": "A/B-тестов сейчас нет. Начать: /ab <домен> <доля %>.",
+    "ab_never": "У {domain} ещё не было A/B-тестов.",
+    "ab_not_running": "A/B-тест {domain} сейчас не идёт.",
+    "ab_stopped": "A/B-тест {domain} остановлен; кандидат больше не держится в памяти.",
+    "ab_started": "🧪 A/B {domain} идёт: участвуют {share}% его запросов, каждому случайно отвечает {serving} "
+                  "(рабочая) или {candidate} (кандидат). 👍/👎 засчитываются ответившей версии.",
+    "ab_ended_by": "A/B-тест {domain} завершён этим изменением:",
+    "ab_bad_share": "Доля — процент больше 0 и не больше 100, например /ab legal 20.",
+    "ab_not_serving": "У {domain} нет рабочей версии для сравнения.",
+    "ab_no_candidate": "У {domain} нет версии-кандидата. Обучите её: /train {domain}, или укажите версию: "
+                       "/ab {domain} 20 v3.",
+    "ab_is_serving": "{version} уже рабочая версия {domain}; укажите другую.",
+    "ab_unsupported": "Этот движок пока не умеет держать загруженными две версии адаптера, поэтому A/B невозможен.",
+    "ab_hold_failed": "Не удалось загрузить {domain} {version} для A/B: {reason}",
+    "why_usage": "Ответьте /why на один из моих ответов, чтобы увидеть, что его породило.",
+    "why_not_answer": "Это сообщение не сохранённый ответ (ответьте /why на мой ответ).",
+    "why_head": "🔎 Ответ #{id} · {at} UTC · пользователь {user}",
+    "why_model": "Базовая модель: {model} · {quantization} · отпечаток {fingerprint}",
+    "why_adapter": "Адаптер: {adapter} {version}{ab}",
+    "why_ab": " · A/B #{test}, {arm}",
+    "why_template": "Шаблон: {template}{language} · sha256 {hash}",
+    "why_template_only": "Шаблон: {template}",
+    "why_sampling": "Сэмплирование: temperature {temperature} · top-p {top_p} · top-k {top_k} · "
+                    "repetition {repetition} · не больше {max_new} токенов · seed {seed}",
+    "why_backend": "Бэкенд: {backend}",
+    "why_local": "локальный (модель в процессе бота)",
+    "why_vllm": "реплика vLLM {replica}",
+    "why_tokens": "Токены: {prompt} в запросе, {generated} сгенерировано · конец {finish} · {latency} с, "
+                  "первый токен {ttft} с",
+    "why_no_stamp": "Движок не записал штамп этого ответа (ответ старше штампов или движок их не даёт).",
 }
 
 _STRINGS: dict[str, dict[str, str]] = {"en": _EN, "ru": _RU}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiogram.client.session.middlewares.base import BaseRequestMiddleware
 from aiogram.exceptions import TelegramConflictError, TelegramNetworkError, TelegramRetryAfter, TelegramServerError
@@ -46,8 +46,42 @@ class BotMetrics:
             "bot_time_to_first_text_seconds", "From the user's message to the first visible text",
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=r,
         )
+        self.answers = Counter("bot_answers", "Answers stored, by mode (adapter and role)", ["adapter", "role"],
+                               registry=r)
+        self.answer_tokens = Counter(
+            "bot_answer_tokens", "Generated tokens of stored answers, by mode (adapter and role)", ["adapter", "role"],
+            registry=r,
+        )
+        self.answer_seconds = Histogram(
+            "bot_answer_seconds", "From the user's message to the stored answer",
+            buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
+        self.feedback = Counter("bot_feedback", "Ratings of answers, by adapter version and rating",
+                                ["adapter", "version", "rating"], registry=r)
+        self.budget_refusals = Counter(
+            "bot_budget_refusals", "Requests refused because a token budget was used up, by period", ["period"],
+            registry=r,
+        )
+        self.ab_answers = Counter("bot_ab_answers", "Answers that took part in an A/B, by domain, arm and version",
+                                  ["domain", "arm", "version"], registry=r)
+        self.active_users = Gauge("bot_active_users", "Users seen within the window", ["window"], registry=r)
         self.last_api_ok: float | None = None  # monotonic time of the last successful Bot API call
         self.last_api_error: float | None = None
+
+
+    def watch_users(self, count: Callable[[float], int]) -> None:
+        """Export `count(within_s)` (the store's active users) as bot_active_users for 24 h and 30 days."""
+        for window, seconds in (("24h", 86400.0), ("30d", 30 * 86400.0)):
+            self.active_users.labels(window).set_function(lambda s=seconds: _or_nan(count, s))
+
+
+def _or_nan(count: Callable[[float], int], seconds: float) -> float:
+    """A scrape while the database is closed or failing shows no number instead of failing the scrape."""
+    try:
+        return float(count(seconds))
+    except Exception:
+        log.debug("counting active users failed", exc_info=True)
+        return float("nan")
 
 
 class ApiCallCounter(BaseRequestMiddleware):

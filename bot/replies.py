@@ -11,6 +11,7 @@ from aiogram.types import Message, User
 
 from engine.types import UserContext
 
+from bot.budget import refusal_text
 from bot.chat import Answer, ChatService, Outcome
 from bot.config import BotSettings
 from bot.i18n import t
@@ -49,6 +50,7 @@ class TelegramSink:
         ids = await self.stream.finish(suffix, markup)
         if answer.message_id is not None and ids:
             self.store.update_message(answer.message_id, telegram_message_id=ids[-1])
+            self.store.link_answer_messages(answer.message_id, self.stream.chat_id, ids)
 
 
 async def answer_question(
@@ -80,4 +82,6 @@ async def answer_question(
              Outcome.NOTHING: "nothing_to_retry", Outcome.UNREADABLE: "unreadable"}
     if answer.outcome in notes:
         await message.answer(t(lang, notes[answer.outcome]))
+    elif answer.outcome is Outcome.OVER_BUDGET and answer.budget is not None:
+        await message.answer(refusal_text(answer.budget, chat.budgets.zone, lang))
     return answer

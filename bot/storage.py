@@ -23,16 +23,17 @@ text is saved as it grows; after a kill, the next start marks such rows 'interru
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from engine.types import Message
+from engine.types import AuditStamp, Message
 
 from bot.text import clean
 
@@ -129,6 +130,37 @@ def m002_answers_and_training_reports(db: Database) -> None:
     )
 
 
+@migrations()
+def m003_budgets_ab_tests_and_stamps(db: Database) -> None:
+    messages = db["messages"]
+    # an answer being written holds this many tokens of its user's budget until it is settled
+    messages.add_column("reserved_tokens", int)
+    messages.add_column("stamp", str)  # JSON of engine.types.AuditStamp: what produced the answer
+    messages.add_column("ab_test", int)  # the A/B this answer took part in (ab_tests.id), if any
+    messages.add_column("ab_arm", str)  # "serving" | "candidate"
+    db.execute("create index if not exists messages_user_time on messages(user_id, created_at)")
+    db.execute("create index if not exists messages_answer_time on messages(created_at) where role = 'assistant'")
+    db.execute("create index if not exists messages_ab on messages(ab_test) where ab_test is not null")
+    db["budgets"].create(
+        {"user_id": int, "tokens_per_day": int, "tokens_per_month": int, "set_by": int, "updated_at": str},
+        pk="user_id",  # NULL = the default from the settings; 0 = unlimited
+    )
+    db["ab_tests"].create(
+        {
+            "id": int, "domain": str, "serving_version": str, "candidate_version": str,
+            "share": float,  # of the domain's requests that take part, 0 < share <= 1
+            "started_by": int, "started_at": str, "ended_at": str, "end_reason": str,
+        },
+        pk="id",
+        not_null={"domain", "serving_version", "candidate_version", "share", "started_at"},
+    )
+    db.execute("create unique index ab_tests_running on ab_tests(domain) where ended_at is null")
+    # every Telegram message an answer was shown in (a long one takes several), for /why
+    db["answer_messages"].create(
+        {"chat_id": int, "telegram_message_id": int, "message_id": int}, pk=("chat_id", "telegram_message_id"),
+    )
+
+
 #: finish_reason of an answer being written now, and of one a killed process left behind.
 STREAMING = "streaming"
 INTERRUPTED = "interrupted"
@@ -169,8 +201,16 @@ def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: _clean(v) for k, v in row.items()}
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(at: dt.datetime) -> str:
+    """How times are stored: UTC, to the second, so stored times compare as strings."""
+    return at.astimezone(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -192,6 +232,63 @@ class StoredMessage:
     text: str
     adapter: str | None
     adapter_version: str | None
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """A stored answer with what produced it (/why)."""
+
+    id: int
+    user_id: int
+    created_at: str
+    adapter: str | None
+    adapter_version: str | None
+    template: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_s: float | None
+    ttft_s: float | None
+    finish_reason: str | None
+    ab_test: int | None
+    ab_arm: str | None
+    stamp: AuditStamp | None
+
+
+@dataclass(frozen=True)
+class BudgetOverride:
+    """One user's own budget: None = the default of the settings, 0 = unlimited."""
+
+    user_id: int
+    tokens_per_day: int | None
+    tokens_per_month: int | None
+    set_by: int | None
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class ABTest:
+    id: int
+    domain: str
+    serving_version: str
+    candidate_version: str
+    share: float
+    started_by: int | None
+    started_at: str
+    ended_at: str | None
+    end_reason: str | None
+
+    @property
+    def running(self) -> bool:
+        return self.ended_at is None
+
+
+@dataclass(frozen=True)
+class ABCounts:
+    arm: str  # "serving" | "candidate"
+    version: str
+    answers: int
+    up: int
+    down: int
 
 
 @dataclass(frozen=True)
@@ -220,8 +317,10 @@ class TrainingReport:
 class Store:
     """One SQLite file; the constructor opens it in WAL mode and migrates it."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, clock: Clock = utc_now) -> None:
+        """`clock`: what "now" is for every stored time (tests move it across a budget period's end)."""
         self.path = Path(path)
+        self.clock = clock
         self._reported: set[int] = set()  # ids of bad rows already logged
         try:
             if str(path) != ":memory:":
@@ -248,6 +347,18 @@ class Store:
         finally:
             cursor.close()
 
+    def _now(self) -> str:
+        return iso(self.clock())
+
+    def read_only(self) -> sqlite3.Connection:
+        """A connection of its own that only reads, for reports built in a worker thread (/stats):
+        WAL lets it read while the event loop's connection writes. The caller closes it."""
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=10,
+                               check_same_thread=False)
+        conn.text_factory = _decode
+        conn.row_factory = sqlite3.Row
+        return conn
+
     def _one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
         rows = self._rows(sql, params)
         return rows[0] if rows else None
@@ -262,7 +373,7 @@ class Store:
         self, user_id: int, *, name: str | None = None, username: str | None = None, language: str = "en"
     ) -> UserRecord:
         """Create the user on first sight (language from Telegram) or refresh name and last seen."""
-        now = _now()
+        now = self._now()
         name, username = _clean(name), _clean(username)
         users = self.db["users"]
         if self.get_user(user_id) is None:
@@ -280,20 +391,20 @@ class Store:
         return user
 
     def set_language(self, user_id: int, language: str) -> None:
-        self.db["users"].update(user_id, {"language": language, "updated_at": _now()})
+        self.db["users"].update(user_id, {"language": language, "updated_at": self._now()})
 
     def set_mode(self, user_id: int, adapter: str | None, role: str) -> None:
-        self.db["users"].update(user_id, {"adapter": adapter, "role": role, "updated_at": _now()})
+        self.db["users"].update(user_id, {"adapter": adapter, "role": role, "updated_at": self._now()})
 
     def new_conversation(self, user_id: int) -> int:
         user = self.get_user(user_id)
         if user is None:
             raise KeyError(f"user {user_id} is unknown")
-        self.db["users"].update(user_id, {"conversation": user.conversation + 1, "updated_at": _now()})
+        self.db["users"].update(user_id, {"conversation": user.conversation + 1, "updated_at": self._now()})
         return user.conversation + 1
 
     def active_users(self, within_s: float = 86400) -> int:
-        since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=within_s)).isoformat(timespec="seconds")
+        since = iso(self.clock() - dt.timedelta(seconds=within_s))
         row = self._one("select count(*) as n from users where last_seen_at >= ?", [since])
         return int(row["n"]) if row else 0
 
@@ -305,7 +416,7 @@ class Store:
     ) -> int:
         row = {
             "user_id": user_id, "chat_id": chat_id, "conversation": conversation, "role": role,
-            "text": text, "created_at": _now(), **meta,
+            "text": text, "created_at": self._now(), **meta,
         }
         return int(self.db["messages"].insert(_clean_row(row)).last_pk)
 
@@ -321,11 +432,13 @@ class Store:
         return self.add_message(user_id, "assistant", "", conversation=conversation, chat_id=chat_id,
                                 finish_reason=STREAMING, **meta)
 
-    def save_partial(self, message_id: int, text: str) -> None:
-        """The text so far of an answer being written: what survives a kill."""
+    def save_partial(self, message_id: int, text: str, completion_tokens: int | None = None) -> None:
+        """The text (and tokens) so far of an answer being written: what survives a kill, and what
+        the budget counts of it after one."""
         with self.db.conn:
-            self.db.execute("update messages set text = ? where id = ? and finish_reason = ?",
-                            [clean(text), message_id, STREAMING])
+            self.db.execute("update messages set text = ?, completion_tokens = coalesce(?, completion_tokens) "
+                            "where id = ? and finish_reason = ?",
+                            [clean(text), completion_tokens, message_id, STREAMING])
 
     def mark_interrupted(self) -> list[InterruptedAnswer]:
         """Answers a killed process was writing: marked 'interrupted' and returned, once.
@@ -449,6 +562,141 @@ class Store:
             )
         return last_q["id"], self._text(last_q, "text")
 
+    # ---- answers shown in Telegram, and what produced them (/why) ------------------------
+
+    def link_answer_messages(self, message_id: int, chat_id: int, telegram_ids: Iterable[int]) -> None:
+        """Remember the Telegram messages an answer was shown in (several for a long one)."""
+        with self.db.conn:
+            self.db.conn.executemany(
+                "insert or replace into answer_messages (chat_id, telegram_message_id, message_id) values (?, ?, ?)",
+                [(chat_id, tid, message_id) for tid in telegram_ids],
+            )
+
+    def answer_shown_in(self, chat_id: int, telegram_message_id: int) -> AnswerRecord | None:
+        """The stored answer a Telegram message of this chat shows, with its stamp."""
+        row = self._one(
+            "select m.* from answer_messages a join messages m on m.id = a.message_id "
+            "where a.chat_id = ? and a.telegram_message_id = ?", [chat_id, telegram_message_id])
+        if row is None:  # shown before the answer_messages table: its last message only
+            row = self._one("select * from messages where chat_id = ? and telegram_message_id = ? "
+                            "and role = 'assistant'", [chat_id, telegram_message_id])
+        return self._answer(row) if row else None
+
+    def answer(self, message_id: int) -> AnswerRecord | None:
+        row = self._one("select * from messages where id = ? and role = 'assistant'", [message_id])
+        return self._answer(row) if row else None
+
+    def _answer(self, row: dict[str, Any]) -> AnswerRecord:
+        stamp = None
+        if row.get("stamp"):
+            try:
+                stamp = AuditStamp.from_dict(json.loads(row["stamp"]))
+            except (ValueError, TypeError) as exc:
+                self._report(row["id"], f"a stamp that cannot be read ({exc})")
+        return AnswerRecord(
+            id=row["id"], user_id=row["user_id"], created_at=row["created_at"], adapter=row["adapter"],
+            adapter_version=row["adapter_version"], template=row["template"], prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"], latency_s=row["latency_s"], ttft_s=row["ttft_s"],
+            finish_reason=row["finish_reason"], ab_test=row["ab_test"], ab_arm=row["ab_arm"], stamp=stamp,
+        )
+
+    # ---- token budgets ------------------------------------------------------------------
+
+    def tokens_used(self, user_id: int, since: dt.datetime, until: dt.datetime) -> tuple[int, int]:
+        """(settled, held) generated tokens of the user's answers started in [since, until).
+
+        Settled: answers that ended (and those a kill cut off: what their partial saves counted).
+        Held: answers being written, each counting what it reserved or, if more, what it has
+        generated so far.
+        """
+        row = self._one(
+            "select coalesce(sum(case when finish_reason is not ? then coalesce(completion_tokens, 0) end), 0) "
+            "as settled, coalesce(sum(case when finish_reason is ? then max(coalesce(reserved_tokens, 0), "
+            "coalesce(completion_tokens, 0)) end), 0) as held "
+            "from messages where user_id = ? and role = 'assistant' and created_at >= ? and created_at < ?",
+            [STREAMING, STREAMING, user_id, iso(since), iso(until)],
+        )
+        return (int(row["settled"]), int(row["held"])) if row else (0, 0)
+
+    def budget_override(self, user_id: int) -> BudgetOverride | None:
+        row = self._one("select * from budgets where user_id = ?", [user_id])
+        if row is None:
+            return None
+        return BudgetOverride(row["user_id"], row["tokens_per_day"], row["tokens_per_month"], row["set_by"],
+                              row["updated_at"])
+
+    def set_budget(self, user_id: int, *, set_by: int, **limits: int | None) -> BudgetOverride:
+        """Set `tokens_per_day` and/or `tokens_per_month` of one user (None: back to the default)."""
+        unknown = set(limits) - {"tokens_per_day", "tokens_per_month"}
+        if unknown:
+            raise ValueError(f"unknown budget fields {sorted(unknown)}")
+        current = self.budget_override(user_id)
+        row = {"user_id": user_id, "tokens_per_day": current.tokens_per_day if current else None,
+               "tokens_per_month": current.tokens_per_month if current else None,
+               "set_by": set_by, "updated_at": self._now(), **limits}
+        self.db["budgets"].upsert(row, pk="user_id")
+        result = self.budget_override(user_id)
+        assert result is not None
+        return result
+
+    def clear_budget(self, user_id: int) -> bool:
+        """Back to the defaults; False when the user had no budget of their own."""
+        with self.db.conn:
+            return self.db.execute("delete from budgets where user_id = ?", [user_id]).rowcount > 0
+
+    def find_user(self, ref: str) -> UserRecord | None:
+        """A user by numeric id or @username (case-insensitive), as an admin writes it."""
+        ref = ref.strip()
+        if ref.lstrip("-").isdigit():
+            return self.get_user(int(ref))
+        row = self._one("select * from users where lower(username) = lower(?) order by last_seen_at desc limit 1",
+                        [ref.lstrip("@")])
+        return _user(row) if row else None
+
+    # ---- A/B tests ----------------------------------------------------------------------
+
+    def start_ab(self, domain: str, serving: str, candidate: str, share: float, started_by: int) -> ABTest:
+        """A new running A/B of `domain` (sqlite3.IntegrityError while another one runs for it)."""
+        with self.db.conn:
+            cursor = self.db.execute(
+                "insert into ab_tests (domain, serving_version, candidate_version, share, started_by, started_at) "
+                "values (?, ?, ?, ?, ?, ?)", [domain, serving, candidate, share, started_by, self._now()])
+        test = self.ab_test(int(cursor.lastrowid or 0))
+        assert test is not None
+        return test
+
+    def set_ab_share(self, test_id: int, share: float) -> None:
+        with self.db.conn:
+            self.db.execute("update ab_tests set share = ? where id = ? and ended_at is null", [share, test_id])
+
+    def end_ab(self, test_id: int, reason: str) -> bool:
+        """End a running A/B; False when it had already ended."""
+        with self.db.conn:
+            return self.db.execute("update ab_tests set ended_at = ?, end_reason = ? where id = ? and ended_at is null",
+                                   [self._now(), reason, test_id]).rowcount > 0
+
+    def ab_test(self, test_id: int) -> ABTest | None:
+        row = self._one("select * from ab_tests where id = ?", [test_id])
+        return _ab(row) if row else None
+
+    def running_ab_tests(self) -> list[ABTest]:
+        return [_ab(r) for r in self._rows("select * from ab_tests where ended_at is null order by domain")]
+
+    def latest_ab_test(self, domain: str) -> ABTest | None:
+        row = self._one("select * from ab_tests where domain = ? order by id desc limit 1", [domain])
+        return _ab(row) if row else None
+
+    def ab_counts(self, test_id: int) -> list[ABCounts]:
+        """Per version of an A/B: its answers and their 👍/👎 (each user's latest rating of each answer)."""
+        rows = self._rows(
+            "select m.ab_arm as arm, m.adapter_version as version, count(distinct m.id) as answers, "
+            "coalesce(sum(f.rating > 0), 0) as up, coalesce(sum(f.rating < 0), 0) as down "
+            "from messages m left join feedback f on f.message_id = m.id "
+            "where m.ab_test = ? and m.role = 'assistant' group by m.ab_arm, m.adapter_version",
+            [test_id],
+        )
+        return [ABCounts(r["arm"], r["version"], int(r["answers"]), int(r["up"]), int(r["down"])) for r in rows]
+
     # ---- feedback -----------------------------------------------------------------
 
     def add_feedback(self, message_id: int, user_id: int, rating: int) -> bool:
@@ -461,7 +709,7 @@ class Store:
             {
                 "message_id": message_id, "user_id": user_id, "rating": 1 if rating > 0 else -1,
                 "adapter": row["adapter"], "adapter_version": row["adapter_version"],
-                "template": row["template"], "created_at": _now(),
+                "template": row["template"], "created_at": self._now(),
             },
             pk=("message_id", "user_id"),  # the unique index; the id stays the row's
         )
@@ -495,7 +743,7 @@ class Store:
 
     def log_admin(self, user_id: int, action: str, args: str = "", result: str = "") -> None:
         self.db["admin_actions"].insert(_clean_row(
-            {"user_id": user_id, "action": action, "args": args, "result": result[:2000], "created_at": _now()}
+            {"user_id": user_id, "action": action, "args": args, "result": result[:2000], "created_at": self._now()}
         ))
 
     def admin_actions(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -508,14 +756,14 @@ class Store:
         """Remember the admin's progress message of a job, so a restart can finish it."""
         self.db["training_reports"].upsert(
             {"job_id": job_id, "domain": domain, "admin_id": admin_id, "chat_id": chat_id,
-             "message_id": message_id, "language": language, "created_at": _now()},
+             "message_id": message_id, "language": language, "created_at": self._now()},
             pk="job_id",
         )
 
     def training_reported(self, job_id: str, outcome: str) -> None:
         with self.db.conn:
             self.db.execute("update training_reports set outcome = ?, reported_at = ? where job_id = ?",
-                            [outcome, _now(), job_id])
+                            [outcome, self._now(), job_id])
 
     def unreported_training(self) -> list[TrainingReport]:
         """Progress messages whose job's end was never shown (the bot stopped while it ran)."""
@@ -530,7 +778,7 @@ class Store:
                 self.db.execute(
                     "insert into health (id, checked_at) values (1, ?) "
                     "on conflict(id) do update set checked_at = excluded.checked_at",
-                    [_now()],
+                    [self._now()],
                 )
             return True
         except sqlite3.Error:
@@ -545,6 +793,11 @@ class Store:
             except sqlite3.Error:
                 log.warning("WAL checkpoint at close failed", exc_info=True)
             self.db.close()
+
+
+def _ab(row: dict[str, Any]) -> ABTest:
+    return ABTest(row["id"], row["domain"], row["serving_version"], row["candidate_version"], float(row["share"]),
+                  row["started_by"], row["started_at"], row["ended_at"], row["end_reason"])
 
 
 def _user(row: dict[str, Any]) -> UserRecord:

@@ -15,7 +15,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 from engine.metrics import EngineMetrics
 from engine.types import (
-    EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, UserContext,
+    EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter,
+    UserContext,
 )
 
 #: ENGINE_BACKEND -> the 'module:callable' that builds that engine from EngineSettings.
@@ -74,4 +75,14 @@ class EngineFace(Protocol):
 
     def status(self) -> EngineStatus:
         """A snapshot for /status and the health check; `ready` only when it can answer."""
+        ...
+
+    async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
+        """Keep these versions of adapter `name` resident beside its serving one (an A/B's candidate).
+
+        Declarative: each call replaces the set held for `name`; `()` lets them go (a version no
+        request uses is then freed). Returns once every version is ready, with their resident
+        entries; AdapterNotFound (not on disk) or AdapterInvalid (failed to load) leaves the
+        previous set held. A held version is never evicted to make room and survives `reload`.
+        """
         ...

@@ -6,7 +6,7 @@ never a Telegram object. Keep them free of torch so `bot/` imports without it.
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -56,9 +56,60 @@ class GenerationParams:
     #: Keep generating through end-of-sequence tokens until max_new_tokens (benchmarks: a fixed
     #: amount of work per request whatever the model would say). Never set by the bot.
     ignore_eos: bool = False
+    #: Answer with this version of `Mode.adapter` instead of the serving one (an A/B of a
+    #: candidate). It must be on disk; a version that is not resident is loaded first (`hold`
+    #: keeps it resident). AdapterNotFound when it is not on disk, AdapterInvalid when it failed.
+    adapter_version: str | None = None
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "context"]
+
+
+@dataclass(frozen=True)
+class EffectiveSampling:
+    """The sampling settings a request was generated with: the defaults with its overrides applied."""
+
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int  # 0 = off
+    repetition_penalty: float
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditStamp:
+    """What produced one answer, so an admin can tell why two answers differ (/why).
+
+    `quantization` is here because the base fingerprint is the same for every quantization of
+    one checkpoint (engine/fingerprint.py), while the weights that ran are not.
+    """
+
+    base_model: str  # the engine's model id
+    base_fingerprint: str | None  # "w1:<hex>" of the base weights; None where the backend cannot tell
+    adapter: str | None  # None: the base model
+    adapter_version: str | None
+    template: str  # the role template id
+    template_hash: str  # sha256 of the template source that rendered the system prompt
+    sampling: EffectiveSampling
+    backend: Literal["local", "vllm"] = "local"
+    replica: str | None = None  # the vLLM replica's base URL that answered
+    quantization: str | None = None
+    template_language: str | None = None  # the language variant of the template used
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> "AuditStamp":
+        """Back from `to_dict` (stored JSON); keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        sampling = values.get("sampling")
+        if isinstance(sampling, dict):
+            names = {f.name for f in fields(EffectiveSampling)}
+            values["sampling"] = EffectiveSampling(**{k: v for k, v in sampling.items() if k in names})
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -77,6 +128,7 @@ class GenerationResult:
     queue_wait_s: float = 0.0
     time_to_first_token_s: float | None = None
     duration_s: float = 0.0
+    stamp: AuditStamp | None = None  # set once the request is admitted (its version and settings are known)
 
 
 @dataclass(frozen=True)
@@ -88,6 +140,8 @@ class AdapterVersionInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     is_current: bool = False
     state: AdapterState | None = None  # None: on disk, not resident
+    #: trained and not promoted (meta.json "status": "candidate"): what an A/B can test
+    candidate: bool = False
 
 
 @dataclass(frozen=True)

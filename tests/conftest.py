@@ -25,6 +25,8 @@ BOT_ENV = (
     "MAX_PENDING_PER_USER", "HISTORY_TURNS", "STREAM_EDIT_INTERVAL_S", "TELEGRAM_RETRY_FOR_S",
     "TELEGRAM_BACKOFF_MAX_S", "TELEGRAM_SENDS_PER_S",
     "SHUTDOWN_GRACE_S", "ENGINE_FACTORY", "ENGINE_BACKEND", "OPS_HOST", "OPS_PORT", "LOG_FORMAT", "LOG_CONTENT", "LOG_LEVEL",
+    "ALLOW_GUESTS", "TOKENS_PER_DAY", "TOKENS_PER_MONTH", "GUEST_TOKENS_PER_DAY", "GUEST_TOKENS_PER_MONTH",
+    "BUDGET_TIMEZONE",
 )
 
 
@@ -74,16 +76,19 @@ async def start_bot(tg: FakeTelegram, tmp_path: Path) -> AsyncIterator[StartBot]
 
     running: list[RunningBot] = []
 
-    async def start(engine: Any, *, connect_backoff_s: tuple[float, float] = (0.05, 0.2),
-                    **overrides: Any) -> RunningBot:
+    async def start(engine: Any, *, connect_backoff_s: tuple[float, float] = (0.05, 0.2), clock: Any = None,
+                    rng: Any = None, max_new_tokens: int | None = None, **overrides: Any) -> RunningBot:
+        """`clock` (what "now" is for the store and the budgets), `rng` (the A/B draws) and
+        `max_new_tokens` (what an answer holds of a budget) go to the app; the rest are settings."""
         values: dict[str, Any] = dict(
             bot_token=TEST_TOKEN, bot_api_url=tg.url, database_path=tmp_path / "bot.sqlite3",
             stream_edit_interval_s=0.02, admin_ids=str(ADMIN_ID), rate_limit_messages=0, shutdown_grace_s=0.0,
         )
         values.update(overrides)
         settings = BotSettings(_env_file=None, **values)  # type: ignore[call-arg]
-        store = Store(settings.database_path)
-        app = BotApp(settings, engine, store, connect_backoff_s=connect_backoff_s)
+        store = Store(settings.database_path, **({"clock": clock} if clock is not None else {}))
+        app = BotApp(settings, engine, store, connect_backoff_s=connect_backoff_s, rng=rng,
+                     max_new_tokens=max_new_tokens)
         bot = RunningBot(app, asyncio.create_task(app.run(handle_signals=False)), store)
         running.append(bot)
         return bot

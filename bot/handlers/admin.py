@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 #: How many jobs /jobs lists.
 JOBS_SHOWN = 10
-ADMIN_COMMANDS = ("status", "jobs", "adapters", "reload", "train", "cancel", "rollback", "promote", "export")
+ADMIN_COMMANDS = ("status", "jobs", "adapters", "reload", "train", "cancel", "rollback", "promote", "export", "stats",
+                  "ab", "why", "budget")
 
 
 

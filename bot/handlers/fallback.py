@@ -21,7 +21,7 @@ from bot.text import Command
 
 log = logging.getLogger(__name__)
 
-USER_COMMANDS = ("start", "help", "mode", "domain", "role", "new", "retry", "stop", "language")
+USER_COMMANDS = ("start", "help", "mode", "domain", "role", "new", "retry", "stop", "usage", "language")
 
 
 async def _addressed(message: Message, command: Command, bot: Bot) -> bool:
@@ -39,10 +39,11 @@ async def on_unknown_command(message: Message, command: Command, bot: Bot, setti
         return
     known = USER_COMMANDS + (ADMIN_COMMANDS if message.from_user and settings.is_admin(message.from_user.id) else ())
     written = (message.text or "").split()[0].split("@")[0]
-    close = difflib.get_close_matches(command.name, known, n=1, cutoff=0.7)
+    close = difflib.get_close_matches(command.name, known, n=2, cutoff=0.7)  # /stauts: /stats or /status
     log.info("unknown command /%s", command.name)
     if close:
-        await message.answer(t(lang, "unknown_command_hint", command=written, suggestion=f"/{close[0]}"))
+        suggestion = t(lang, "or").join(f"/{c}" for c in close)
+        await message.answer(t(lang, "unknown_command_hint", command=written, suggestion=suggestion))
     else:
         await message.answer(t(lang, "unknown_command", command=written))
 

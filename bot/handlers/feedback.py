@@ -1,4 +1,4 @@
-"""👍/👎 under an answer: stored with the message, its mode and adapter version."""
+"""👍/👎 under an answer: stored with the message, its mode and adapter version (and so its A/B arm)."""
 from __future__ import annotations
 
 from aiogram import Router
@@ -7,14 +7,20 @@ from aiogram.types import CallbackQuery
 
 from bot.i18n import t
 from bot.keyboards import FeedbackCB, feedback_keyboard
+from bot.metrics import BotMetrics
 from bot.storage import Store
 
 
-async def on_feedback(query: CallbackQuery, callback_data: FeedbackCB, store: Store, lang: str) -> None:
+async def on_feedback(query: CallbackQuery, callback_data: FeedbackCB, store: Store, metrics: BotMetrics,
+                      lang: str) -> None:
     ok = store.add_feedback(callback_data.message_id, query.from_user.id, callback_data.rating)
     if not ok:
         await query.answer()
         return
+    answer = store.answer(callback_data.message_id)
+    if answer is not None:
+        metrics.feedback.labels(answer.adapter or "base", answer.adapter_version or "",
+                                "up" if callback_data.rating > 0 else "down").inc()
     await query.answer(t(lang, "thanks_feedback"))
     if query.message is not None:
         # a cut answer keeps its "Continue" button while it is the newest answer

@@ -1,5 +1,7 @@
 """/train, /cancel, /rollback, /promote, /export: wired to `engine.training`.
 
+/promote and /rollback change the serving version, so they end the domain's A/B (bot.ab).
+
 Training is optional: when the engine has no training service the admin is told "training
 is not available" — not an error. A volume that takes no writes is named as such (read-only,
 full), and any other failure says that it failed, never that training does not exist.
@@ -19,6 +21,7 @@ from aiogram.types import Message
 from engine.errors import AdapterNotFound, EngineError, TrainingStorageError
 from engine.face import EngineFace
 
+from bot.ab import ABService, EndReason
 from bot.admin_format import format_event, short
 from bot.background import Background
 from bot.config import BotSettings
@@ -26,6 +29,7 @@ from bot.filters import IsAdmin
 from bot.handlers.admin import domain_names, unknown_domain
 from bot.i18n import t
 from bot.metrics import BotMetrics
+from bot.stats_format import format_ab
 from bot.storage import Store
 from bot.pacing import ChatPacer, Retry
 from bot.streaming import ReplyStream, edit_progress
@@ -156,7 +160,8 @@ async def on_cancel(message: Message, engine: EngineFace, store: Store, lang: st
         await message.answer(t(lang, "training_cancelled", job=getattr(job, "id", "?"), domain=getattr(job, "domain", "?")))
 
 
-async def on_rollback(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+async def on_rollback(message: Message, command: CommandObject, engine: Any, store: Store, ab: ABService,
+                      lang: str) -> None:
     args = _args(command)
     if len(args) != 1:
         await message.answer(t(lang, "usage_rollback"))
@@ -174,9 +179,11 @@ async def on_rollback(message: Message, command: CommandObject, engine: Any, sto
     if version is not None:
         await message.answer(t(lang, "rollback_done", domain=domain, version=version,
                                previous=previous or t(lang, "none")))
+        await end_ab(message, ab, store, domain, "serving_changed", lang)
 
 
-async def on_promote(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:
+async def on_promote(message: Message, command: CommandObject, engine: Any, store: Store, ab: ABService,
+                     lang: str) -> None:
     args = _args(command)
     if len(args) != 2:
         await message.answer(t(lang, "usage_promote"))
@@ -199,6 +206,17 @@ async def on_promote(message: Message, command: CommandObject, engine: Any, stor
     store.log_admin(message.from_user.id, "promote", f"{domain} {version}", promoted or failure)
     if promoted is not None:
         await message.answer(t(lang, "promote_done", domain=domain, version=promoted))
+        running = ab.running(domain)
+        reason = "promoted" if running and running[0].candidate_version == promoted else "serving_changed"
+        await end_ab(message, ab, store, domain, reason, lang)
+
+
+async def end_ab(message: Message, ab: ABService, store: Store, domain: str, reason: EndReason, lang: str) -> None:
+    """The serving version changed: the domain's A/B, if one ran, ends with its final counts."""
+    ended = await ab.stop(domain, reason)
+    if ended is not None:
+        counts = store.ab_counts(ended.id)
+        await message.answer(t(lang, "ab_ended_by", domain=domain) + "\n" + format_ab(ended, counts, lang))
 
 
 async def on_export(message: Message, command: CommandObject, engine: Any, store: Store, lang: str) -> None:

@@ -246,3 +246,15 @@ async def test_status_counts_the_consoles_uptime(tmp_path):
     finally:
         store.close()
     assert "Uptime: bot 1h 2m 5s" in out.getvalue()
+
+
+async def test_usage_counts_the_operators_tokens_and_sets_no_limit(tmp_path, monkeypatch):
+    from tests.fakes.engine import FakeEngine
+
+    monkeypatch.setenv("TOKENS_PER_DAY", "1")  # a limit for Telegram users; the operator at the terminal has none
+    engine = FakeEngine()
+    engine.script(pieces=["one ", "two ", "three"])
+    engine.script(pieces=["four ", "five"])
+    out = await _session(tmp_path, engine, ["first", "second", "/usage"], monkeypatch)
+    assert "bot> four five" in out  # not refused
+    assert "Today: 5 tokens · no limit" in out and "Admins have no limit." in out

@@ -15,6 +15,10 @@ from engine.config import load_settings
 from engine.face import BACKENDS, EngineFace, TextStream
 
 ENGINES = [("engine.engine", "Engine"), ("engine.vllm.engine", "VllmEngine"), ("tests.fakes.engine", "FakeEngine")]
+#: Face members an engine does not have yet: issue 27 added them to the face and the fake, and
+#: the real engines implement them after the engine/ restructuring (issue 26). Checked to be
+#: still missing, so an entry goes as soon as its member lands.
+NOT_YET: dict[str, set[str]] = {"Engine": {"hold"}, "VllmEngine": {"hold"}}
 STREAMS = [("engine.engine", "GenerationStream"), ("engine.vllm.stream", "VllmStream"),
            ("tests.fakes.engine", "FakeStream")]
 
@@ -38,6 +42,9 @@ def test_each_implementation_has_the_face_members_with_the_same_signatures(proto
     cls = _load(module, name)
     for member, spec in _methods(protocol).items():
         impl = getattr(cls, member, None)
+        if protocol is EngineFace and member in NOT_YET.get(name, set()):
+            assert impl is None, f"{name}.{member} exists now: remove it from NOT_YET"
+            continue
         assert impl is not None, f"{name} lacks {member}"
         assert inspect.iscoroutinefunction(impl) == inspect.iscoroutinefunction(spec), f"{name}.{member}: async?"
         assert _shape(impl) == _shape(spec), f"{name}.{member}{inspect.signature(impl)} differs from the face"
@@ -53,7 +60,12 @@ def test_instances_are_engine_faces():
     engines = [Engine(settings), VllmEngine(settings, load_vllm_settings(_env_file=None, vllm_urls="http://127.0.0.1:9")),
                FakeEngine()]
     for engine in engines:
-        assert isinstance(engine, EngineFace), type(engine).__name__
+        missing = NOT_YET.get(type(engine).__name__, set())
+        if missing:  # isinstance needs every member; check the others one by one
+            members = set(_methods(EngineFace)) | {"metrics", "training"}
+            assert all(hasattr(engine, m) for m in members - missing), type(engine).__name__
+        else:
+            assert isinstance(engine, EngineFace), type(engine).__name__
         assert isinstance(engine.generate([], __import__("engine").Mode()), TextStream)
     assert not isinstance(object(), EngineFace)
 

@@ -11,24 +11,32 @@ in subprocess tests of `python -m bot`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from engine.errors import (
-    AdapterNotFound, EngineClosed, EngineError, NoTrainingData, TemplateNotFound, TrainingBusy,
+    AdapterInvalid, AdapterNotFound, EngineClosed, EngineError, NoTrainingData, TemplateNotFound, TrainingBusy,
 )
 from engine.metrics import EngineMetrics
 from engine.types import (
-    AdapterInfo, AdapterVersionInfo, EngineStatus, GenerationParams, GenerationResult, Message, Mode,
-    ModeCatalog, ReloadReport, ResidentAdapter, RoleInfo, TrainingEvent, UserContext,
+    AdapterInfo, AdapterVersionInfo, AuditStamp, EffectiveSampling, EngineStatus, GenerationParams,
+    GenerationResult, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter, RoleInfo, TrainingEvent,
+    UserContext,
 )
 
 log = logging.getLogger(__name__)
+
+#: What the fake says produced its answers (the audit stamp's fixed parts).
+FAKE_MODEL = "fake/SmolLM2"
+FAKE_FINGERPRINT = "w1:" + "0f" * 16
+#: The fake's sampling defaults, as EngineSettings' are for the real engines.
+FAKE_SAMPLING = EffectiveSampling(max_new_tokens=384, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1)
 
 DEFAULT_ROLES = (
     RoleInfo("assistant", "Assistant", "A helpful assistant", ("en", "ru")),
@@ -78,16 +86,18 @@ def word_pieces(text: str) -> list[str]:
 
 
 class FakeStream:
-    def __init__(self, engine: "FakeEngine", script: Script, text: str, mode: Mode, version: str | None) -> None:
+    def __init__(self, engine: "FakeEngine", script: Script, text: str, mode: Mode, version: str | None,
+                 stamp: AuditStamp | None = None, limit: int | None = None) -> None:
         self._engine = engine
         self._script = script
         self._pieces = deque(script.pieces if script.pieces is not None else word_pieces(text))
+        self._limit = limit  # like a real engine's max_new_tokens: never more pieces (tokens) than this
         self._sent = 0
         self._started = False
         self._done = False
         self._t0 = time.monotonic()
         self.closed = False
-        self.result = GenerationResult(adapter=mode.adapter, adapter_version=version, role=mode.role)
+        self.result = GenerationResult(adapter=mode.adapter, adapter_version=version, role=mode.role, stamp=stamp)
 
     def __aiter__(self) -> "FakeStream":
         return self
@@ -108,6 +118,9 @@ class FakeStream:
             raise EngineError("scripted failure in the middle of a stream")
         if not self._pieces:
             self._finish(self._script.finish_reason)
+            raise StopAsyncIteration
+        if self._limit is not None and self._sent >= self._limit:
+            self._finish("length")
             raise StopAsyncIteration
         if self._script.stepped and self._sent > 0:
             await self._script._steps.acquire()
@@ -226,6 +239,7 @@ class FakeTraining:
         self._refuse("promote")
         if domain not in self._engine.versions:
             raise AdapterNotFound(f"no adapter {domain!r}")
+        self._engine.on_disk.setdefault(domain, {})[version] = "promoted"
         self._engine.versions[domain] = version
         return version
 
@@ -248,7 +262,14 @@ class FakeEngine:
         roles: tuple[RoleInfo, ...] = DEFAULT_ROLES, *, training: str = "fake",
         default_delay: float = 0.0, default_pieces: list[str] | None = None, start_s: float = 0.0,
     ) -> None:
-        self.versions: dict[str, str] = {a: "v1" for a in adapters}
+        self.versions: dict[str, str] = {a: "v1" for a in adapters}  # domain -> serving version
+        #: domain -> version -> meta.json status ("promoted" | "candidate"): the versions "on disk"
+        self.on_disk: dict[str, dict[str, str]] = {a: {"v1": "promoted"} for a in adapters}
+        self.held: dict[str, tuple[str, ...]] = {}  # what hold() keeps resident, per domain
+        #: (domain, version) -> the reason hold() and generate() refuse it (a version that fails to load)
+        self.refused_versions: dict[tuple[str, str], str] = {}
+        #: like MAX_NEW_TOKENS: a stream ends with "length" after this many pieces; None = scripts are never cut
+        self.max_new_tokens: int | None = None
         #: domains on disk whose current version does not serve: name -> the engine's reason
         self.broken: dict[str, str] = {}
         self.start_s = start_s  # start() blocks a worker thread this long, like loading a model
@@ -274,6 +295,15 @@ class FakeEngine:
             return _Unavailable()
         return self._training
 
+    def add_version(self, domain: str, version: str, status: str = "candidate") -> None:
+        """A version appears on disk (what training writes); a candidate unless `status` says otherwise."""
+        self.on_disk.setdefault(domain, {})[version] = status
+
+    def drop_version(self, domain: str, version: str) -> None:
+        """A version disappears from disk (an operator deleted a candidate)."""
+        self.on_disk.get(domain, {}).pop(version, None)
+        self.held[domain] = tuple(v for v in self.held.get(domain, ()) if v != version)
+
     def script(self, text: str | None = None, **kw: Any) -> Script:
         s = Script(text=text, **kw)
         self.scripts.append(s)
@@ -288,11 +318,20 @@ class FakeEngine:
     async def close(self) -> None:
         self.closed = True
 
+    def _state(self, name: str, version: str) -> str | None:
+        if (name, version) in self.refused_versions:
+            return "failed"
+        return "ready" if version == self.versions.get(name) or version in self.held.get(name, ()) else None
+
     def modes(self) -> ModeCatalog:
         adapters = tuple(
-            AdapterInfo(name, v, (AdapterVersionInfo(name, v, metrics={"eval_loss": 1.25}, is_current=True,
-                                                     state="ready"),))
-            for name, v in sorted(self.versions.items())
+            AdapterInfo(name, current, tuple(
+                AdapterVersionInfo(name, v, metrics={"eval_loss": 1.25}, is_current=v == current,
+                                   state=self._state(name, v), candidate=status == "candidate" and v != current)
+                for v, status in sorted(self.on_disk.get(name, {current: "promoted"}).items(),
+                                        key=lambda kv: int(kv[0][1:]) if kv[0][1:].isdigit() else 0)
+            ))
+            for name, current in sorted(self.versions.items())
         ) + tuple(
             AdapterInfo(name, None, (AdapterVersionInfo(name, "v1", state="failed"),), error)
             for name, error in sorted(self.broken.items())
@@ -309,12 +348,55 @@ class FakeEngine:
             raise AdapterNotFound(f"no adapter {mode.adapter!r}")
         if not any(r.id == mode.role for r in self.roles):
             raise TemplateNotFound(f"no role template {mode.role!r}")
+        version = self._version(mode, params)
         script = self.scripts.popleft() if self.scripts else Script(delay=self.default_delay,
                                                                      pieces=self.default_pieces)
         text = script.text if script.text is not None else echo_reply(messages, mode)
-        stream = FakeStream(self, script, text, mode, self.versions.get(mode.adapter or ""))
+        limit = (params.max_new_tokens if params is not None else None) or self.max_new_tokens
+        stream = FakeStream(self, script, text, mode, version, self._stamp(mode, version, params, user), limit)
         self.calls.append(Call(list(messages), mode, params, user, stream))
         return stream
+
+    def _version(self, mode: Mode, params: GenerationParams | None) -> str | None:
+        """The version a request is answered with: the serving one, or the one it pins (an A/B)."""
+        pinned = params.adapter_version if params is not None else None
+        if pinned is None:
+            return self.versions.get(mode.adapter or "")
+        if mode.adapter is None:
+            raise EngineError(f"adapter_version={pinned!r} needs an adapter in the mode")
+        if pinned not in self.on_disk.get(mode.adapter, {}):
+            raise AdapterNotFound(f"adapter {mode.adapter} has no version {pinned!r}")
+        if (mode.adapter, pinned) in self.refused_versions:
+            raise AdapterInvalid(self.refused_versions[(mode.adapter, pinned)])
+        return pinned
+
+    def _stamp(self, mode: Mode, version: str | None, params: GenerationParams | None,
+               user: UserContext | None) -> AuditStamp:
+        p = params or GenerationParams()
+        d = FAKE_SAMPLING
+        language = user.language if user is not None else "en"
+        return AuditStamp(
+            base_model=FAKE_MODEL, base_fingerprint=FAKE_FINGERPRINT, adapter=mode.adapter, adapter_version=version,
+            template=mode.role, template_hash=hashlib.sha256(f"{mode.role}.{language}.j2".encode()).hexdigest(),
+            sampling=EffectiveSampling(
+                max_new_tokens=p.max_new_tokens or self.max_new_tokens or d.max_new_tokens,
+                temperature=d.temperature if p.temperature is None else p.temperature,
+                top_p=p.top_p or d.top_p, top_k=d.top_k if p.top_k is None else p.top_k,
+                repetition_penalty=p.repetition_penalty or d.repetition_penalty, seed=p.seed,
+            ),
+            backend="local", quantization="nf4", template_language=language,
+        )
+
+    async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
+        if name not in self.versions:
+            raise AdapterNotFound(f"no adapter {name!r}")
+        for v in versions:
+            if v not in self.on_disk.get(name, {}):
+                raise AdapterNotFound(f"adapter {name} has no version {v!r}")
+            if (name, v) in self.refused_versions:
+                raise AdapterInvalid(self.refused_versions[(name, v)])
+        self.held[name] = tuple(versions)
+        return tuple(ResidentAdapter(name, v, "ready", 1_000_000, 1_000_000, 0) for v in versions)
 
     async def reload(self, name: str | None = None) -> ReloadReport:
         names = [name] if name else list(self.versions) + list(self.broken)
@@ -331,7 +413,9 @@ class FakeEngine:
         return EngineStatus(
             model="fake/SmolLM2", quantization="nf4", device="cpu", dtype="float32", model_bytes=100_000_000,
             process_rss_bytes=300_000_000, gpu_allocated_bytes=None,
-            adapters=tuple(ResidentAdapter(n, v, "ready", 1_000_000, 1_000_000, 0) for n, v in self.versions.items()),
+            adapters=tuple(ResidentAdapter(n, v, "ready", 1_000_000, 1_000_000, 0) for n, v in self.versions.items())
+            + tuple(ResidentAdapter(n, v, "ready", 1_000_000, 1_000_000, 0)
+                    for n, held in self.held.items() for v in held if v != self.versions.get(n)),
             queue_depth=0, active_requests=self.active, tokens_generated=self.tokens_generated,
             uptime_s=time.monotonic() - self._t0, ready=self.started and not self.closed and not problems,
             problems=problems,

@@ -66,6 +66,7 @@ class ChatMessage:
     reply_markup: dict[str, Any] | None = None
     reply_to: int | None = None
     edits: list[str] = field(default_factory=list)  # text after each successful edit
+    photo: bytes | None = None  # the file of a photo the bot sent (its caption is `text`)
 
     @property
     def buttons(self) -> list[dict[str, Any]]:
@@ -290,6 +291,9 @@ class FakeTelegram:
     def texts(self, chat_id: int) -> list[str]:
         return [m.text for m in self.bot_messages(chat_id)]
 
+    def photos(self, chat_id: int) -> list[ChatMessage]:
+        return [m for m in self.bot_messages(chat_id) if m.photo is not None]
+
     def calls_of(self, method: str, chat_id: int | None = None) -> list[Call]:
         return [c for c in self.calls if c.method == method and (chat_id is None or c.params.get("chat_id") == chat_id)]
 
@@ -419,7 +423,15 @@ class FakeTelegram:
         else:
             chat["title"] = "Group"
         out: dict[str, Any] = {"message_id": m.message_id, "date": int(time.time()), "chat": chat,
-                               "from": self.bot_user, "text": m.text}
+                               "from": self.bot_user}
+        if m.photo is not None:
+            width, height = _image_size(m.photo)
+            out["photo"] = [{"file_id": f"photo-{m.chat_id}-{m.message_id}", "file_unique_id": f"p{m.message_id}",
+                             "width": width, "height": height, "file_size": len(m.photo)}]
+            if m.text:
+                out["caption"] = m.text
+        else:
+            out["text"] = m.text
         if m.entities:
             out["entities"] = m.entities
         if m.reply_markup:
@@ -474,6 +486,31 @@ class FakeTelegram:
         self.messages[(chat_id, mid)] = m
         return self._message_json(m)
 
+    async def _m_sendPhoto(self, p: dict[str, Any]) -> Any:
+        """A photo uploaded as a file: checked as Telegram checks one (an image, its size and shape)."""
+        chat_id = p["chat_id"]
+        upload = p.get("photo")
+        if isinstance(upload, str) and upload.startswith("attach://"):  # the file travels as its own part
+            upload = p.get(upload.removeprefix("attach://"))
+        if not hasattr(upload, "file"):
+            raise _ApiError(400, "Bad Request: wrong file identifier/HTTP URL specified")
+        data = upload.file.read()
+        if len(data) > 10 * 2**20:
+            raise _ApiError(400, "Bad Request: file is too big")
+        try:
+            width, height = _image_size(data)
+        except ValueError:
+            raise _ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED") from None
+        if width + height > 10000 or max(width, height) > 20 * min(width, height):
+            raise _ApiError(400, "Bad Request: PHOTO_INVALID_DIMENSIONS")
+        caption = p.get("caption") or ""
+        if utf16_len(caption) > 1024:
+            raise _ApiError(400, "Bad Request: message caption is too long")
+        mid = self._new_message_id(chat_id)
+        m = ChatMessage(chat_id, mid, caption, True, None, p.get("reply_markup"), photo=data)
+        self.messages[(chat_id, mid)] = m
+        return self._message_json(m)
+
     async def _m_editMessageText(self, p: dict[str, Any]) -> Any:
         m = self.messages.get((p.get("chat_id"), p.get("message_id")))
         if m is None or not m.from_bot:
@@ -522,6 +559,20 @@ class FakeTelegram:
     async def _m_getWebhookInfo(self, p: dict[str, Any]) -> Any:
         return {"url": (self.webhook or {}).get("url", ""), "has_custom_certificate": False,
                 "pending_update_count": 0}
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image file; ValueError when it is not one."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(str(exc)) from exc
 
 
 class _ApiError(Exception):
