@@ -40,7 +40,7 @@ async def measure(job: dict[str, Any], root: Path) -> dict[str, Any]:
     await runner.start()
     try:
         chosen = rows_for(users)
-        await runner.warm_up([w.users for w in chosen], plan.deadline_s)
+        await runner.warm_up([w.users for w in chosen], plan.tokens, plan.deadline_s)
         got: dict[str, list[tuple[Any, float | None]]] = {}
         for rep in range(job["repeat_single"]):  # round the rows, so a drift of the machine hits each alike
             for wl in chosen:

@@ -31,28 +31,67 @@ const loadMs = performance.now() - started;
 const longestPrompt = Math.max(...job.prompts.map((p) => p.length));
 const perSequence = longestPrompt + job.tokens + 16;
 
-/** One stream: evaluate the prompt, then take `tokens` greedy tokens; stamps each arrival. */
-async function stream(sequence, prompt, tokens) {
+/** One stream: evaluate the prompt once `admitted` resolves, call `prefilled` at the first token,
+ *  pull the second once `decoding` resolves, and so on up to `tokens` greedy tokens. Stamps each
+ *  arrival (performance.now()). */
+async function stream(sequence, prompt, tokens, admitted, prefilled, decoding) {
     const trace = {submitted_ms: performance.now(), arrivals_ms: [], tokens: [], eog: 0};
-    if (tokens <= 0) return trace;
-    for await (const token of sequence.evaluate(prompt, {temperature: 0, yieldEogToken: true})) {
-        trace.arrivals_ms.push(performance.now());
-        trace.tokens.push(token);
-        if (model.isEogToken(token)) trace.eog += 1;
-        if (trace.tokens.length >= tokens) break;
+    try {
+        if (tokens <= 0) return trace;
+        await admitted;
+        for await (const token of sequence.evaluate(prompt, {temperature: 0, yieldEogToken: true})) {
+            trace.arrivals_ms.push(performance.now());
+            trace.tokens.push(token);
+            if (model.isEogToken(token)) trace.eog += 1;
+            if (trace.tokens.length >= tokens) break;
+            if (trace.tokens.length === 1) {
+                prefilled();
+                await decoding;  // the generator queues its next decode only when pulled
+            }
+        }
+        return trace;
+    } finally {
+        prefilled();
     }
-    return trace;
 }
 
-/** `users` streams at once over one context; the sequences are fresh for every run. */
+/** `users` streams at once over one context; the sequences are fresh for every run.
+ *
+ *  Each prompt is evaluated in a batch of its own (prompt i once user i-1 has its first token),
+ *  and decoding starts when every user has its first token; from then on each decode batch holds
+ *  the users' next tokens. A batch holding prompts of unequal length, or a prompt beside decode
+ *  rows, gave users each other's first tokens in node-llama-cpp 3.21.1; decode batches of four
+ *  or more users still sometimes hand a token to the wrong user (seen with 4 and 8 users; the
+ *  cost of a step does not depend on which user gets which logits, so the timing stands, and
+ *  tests/bench/test_llamacpp_peer.py checks every user's first token and one user's whole answer). */
 async function run(context, users, tokens) {
     const sequences = Array.from({length: users}, () => context.getSequence());
     try {
         const t0 = performance.now();
-        const streams = await Promise.all(sequences.map((s, i) => stream(s, job.prompts[i % job.prompts.length], tokens)));
-        return {started_ms: t0, ended_ms: performance.now(), streams};
+        let admitted = Promise.resolve(), left = users, allPrefilled;
+        const decoding = new Promise((resolve) => { allPrefilled = resolve; });
+        const streams = sequences.map((s, i) => {
+            let prefilled;
+            const next = new Promise((resolve) => {
+                let once = false;
+                prefilled = () => {
+                    if (once) return;
+                    once = true;
+                    resolve();
+                    if (--left === 0) allPrefilled();
+                };
+            });
+            const one = stream(s, job.prompts[i % job.prompts.length], tokens, admitted, prefilled, decoding);
+            admitted = next;
+            return one;
+        });
+        const done = await Promise.all(streams);
+        return {started_ms: t0, ended_ms: performance.now(), streams: done};
     } finally {
-        for (const s of sequences) s.dispose();
+        // dispose() hands the sequence id back only after it cleared that sequence's KV cells
+        // (async, under the context's lock): not awaited, the next run's getSequence() either
+        // finds no id left or gets an id whose cells are cleared while it already evaluates
+        await Promise.all(sequences.map((s) => s.dispose()));
     }
 }
 
