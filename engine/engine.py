@@ -51,7 +51,7 @@ class GenerationStream:
         await self.aclose()
 
     async def __anext__(self) -> str:
-        from engine.scheduler import StreamEnd
+        from engine.requests import StreamEnd
 
         if self._done:
             raise StopAsyncIteration
@@ -238,7 +238,7 @@ class Engine:
         return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
 
     async def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
-        from engine.scheduler import Request, SamplingSettings
+        from engine.requests import Request, SamplingSettings
 
         if self._closed or not self._ready:
             raise EngineClosed("the engine is not running" if not self._closed else "the engine is shutting down")

@@ -25,8 +25,8 @@ from engine import cpu_threads
 from engine.config import EngineSettings
 from engine.errors import EngineBusy, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
+from engine.requests import Request, StreamEnd
 from engine.sampling import IncrementalDecoder, next_token
-from engine.types import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -52,40 +52,6 @@ def returned_cache(out: Any) -> Any:
 
 #: Prompt tokens prefilled per loop turn before the running rows get their next step.
 PREFILL_BUDGET = 768
-
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    seed: int | None
-    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
-
-
-@dataclass(eq=False)
-class Request:
-    """A submitted generation; `emit` is the only way text leaves the model thread."""
-
-    prompt_ids: list[int]
-    domain: str | None
-    sampling: SamplingSettings
-    sink: Callable[[object], None]  # thread-safe: hands an item to the consumer's event loop
-    result: GenerationResult
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, item: object) -> None:
-        try:
-            self.sink(item)
-        except RuntimeError:  # the consumer's event loop is gone: nobody is listening
-            self.cancelled.set()
-
-
-class StreamEnd:
-    """Sentinel after the last piece: the result is complete."""
 
 
 @dataclass(eq=False)

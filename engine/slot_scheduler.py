@@ -32,7 +32,8 @@ from engine.config import EngineSettings
 from engine.metrics import EngineMetrics
 from engine.runtime.prefix_cache import BLOCK_TOKENS, chain
 from engine.sampling import IncrementalDecoder
-from engine.scheduler import Request, Scheduler, StreamEnd
+from engine.requests import Request, StreamEnd
+from engine.scheduler import Scheduler
 from engine.types import BASE_ADAPTER
 
 log = logging.getLogger(__name__)
