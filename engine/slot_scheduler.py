@@ -18,6 +18,7 @@ not fit in one chunk anyway (there a chunk costs about the same whatever its len
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -26,15 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from engine.config import EngineSettings
 from engine.metrics import EngineMetrics
 from engine.runtime.prefix_cache import BLOCK_TOKENS, chain
 from engine.sampling import IncrementalDecoder
 from engine.requests import Request, StreamEnd
 from engine.scheduler import Scheduler
-from engine.types import BASE_ADAPTER
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 class SlotRow:
     req: Request
     key: str  # adapter key (peft name or BASE_ADAPTER)
-    lora_slot: int
     kv_slot: int
     prompt: list[int]
     done: int = 0  # prompt tokens prefilled so far
@@ -153,9 +150,7 @@ class SlotScheduler(Scheduler):
             self._offer_conversation(row)
         if row in self.rows:
             self.rows.remove(row)
-        self.rt.active[row.kv_slot] = False
-        self.rt.sampler.clear_row(row.kv_slot)
-        self.rt.cache.release(row.kv_slot)
+        self.rt.remove_row(row.kv_slot)
         self.registry.release(row.key)
 
     def _finish(self, row: SlotRow, reason: str, error: Exception | None = None) -> None:  # type: ignore[override]
@@ -175,7 +170,7 @@ class SlotScheduler(Scheduler):
     # ---- admission and prefill ------------------------------------------------------------
     def _admit(self) -> None:
         for req in list(self._waiting):
-            if self.rt.cache.in_use() >= self.rt.cache.slots or len(self.rows) >= self.settings.max_batch_size:
+            if len(self.rows) >= min(self.rt.slots, self.settings.max_batch_size):
                 break
             key = self._claim(req)
             if key is not None:
@@ -184,22 +179,17 @@ class SlotScheduler(Scheduler):
         self._flush()
 
     def _place(self, req: Request, key: str) -> None:
-        slot = self.rt.cache.allocate()
-        assert slot is not None
-        lora_slot = 0 if key == BASE_ADAPTER else self.rt.slot_of(key)
-        s = req.sampling
-        seed = s.seed if s.seed is not None else random.getrandbits(62)
-        self.rt.sampler.set_row(slot, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                penalty=s.repetition_penalty, seed=seed, prompt=req.prompt_ids)
-        self.rt.lora_idx[slot] = lora_slot
-        self.rt.active[slot] = False
+        sampling = req.sampling
+        if sampling.seed is None:  # an unseeded request still draws from a seed of its own
+            sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
+        slot = self.rt.add_row(key, sampling, req.prompt_ids)
         now = time.monotonic()
         req.result.queue_wait_s = now - req.submitted
         self.metrics.queue_wait.observe(req.result.queue_wait_s)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         prompt = list(req.prompt_ids)
         digests = chain(key, prompt) if self.rt.prefix is not None else []  # its block chain, hashed once
-        self.rows.append(SlotRow(req, key, lora_slot, slot, prompt, digests=digests))
+        self.rows.append(SlotRow(req, key, slot, prompt, digests=digests))
         self.metrics.active.set(len(self.rows))
 
     def _prefill_turn(self) -> None:
@@ -223,32 +213,19 @@ class SlotScheduler(Scheduler):
                 self._start(row)
                 pending.update(row.digests[row.done // BLOCK_TOKENS:])
             take = min(len(row.prompt) - row.done, budget)
-            chunks.append((row.kv_slot, row.lora_slot, row.prompt[row.done:row.done + take], row.done))
+            chunks.append((row.kv_slot, row.prompt[row.done:row.done + take], row.done))
             rows.append(row)
             budget -= take
         if not chunks:
             return
-        logits = self.rt.prefill(chunks)
-        ready = []
-        for i, (row, chunk) in enumerate(zip(rows, chunks)):
-            row.done += len(chunk[2])
+        first = self.rt.prefill_step(chunks)
+        for row, (_slot, ids, _start) in zip(rows, chunks):
+            row.done += len(ids)
             self._offer_prompt(row)
-            if row.done == len(row.prompt):
-                ready.append(i)
-        if not ready:
-            return
-        sel = torch.tensor(ready, device=self.rt.device)
-        slots = [rows[i].kv_slot for i in ready]
-        slot_t = torch.tensor(slots, device=self.rt.device)
-        plan = self.rt.sampler.plan(slots)
-        tokens = self.rt.sampler.sample(logits.index_select(0, sel), slot_t, plan)
-        self.rt.tok[slot_t] = tokens
-        self.rt.pos[slot_t] = torch.tensor([len(rows[i].prompt) for i in ready], device=self.rt.device)
-        self.rt.active[slot_t] = True
-        for i, tok in zip(ready, tokens.tolist()):
-            row = rows[i]
-            row.decoding, row.pos = True, len(row.prompt)
-            self._accept(row, tok)
+        for row in rows:
+            if row.kv_slot in first:
+                row.decoding, row.pos = True, len(row.prompt)
+                self._accept(row, first[row.kv_slot])
 
     # ---- the prefix cache ---------------------------------------------------------------
     def _pending_blocks(self, prefilling: list[SlotRow]) -> set[int]:
@@ -307,22 +284,11 @@ class SlotScheduler(Scheduler):
         if not decoding:
             return
         started = time.monotonic()
-        rt = self.rt
-        n = rt.cache.high()
-        key_len = max(r.pos for r in decoding) + 1
-        used = {r.lora_slot for r in decoding}
-        logits, covered = rt.decode(n, key_len, used)
-        rows_slice = slice(0, covered)
-        plan = rt.sampler.plan([r.kv_slot for r in decoding])
-        active = rt.active[rows_slice]
-        tokens = rt.sampler.sample(logits, rows_slice, plan, active)
-        rt.tok[rows_slice] = torch.where(active, tokens, rt.tok[rows_slice])
-        rt.pos[rows_slice] += active.long()
-        ids = tokens.tolist()  # the step's one device-to-host copy
+        ids = self.rt.decode_step([r.kv_slot for r in decoding], max(r.pos for r in decoding) + 1)
         self.steps += 1
-        for row in decoding:
+        for row, tok in zip(decoding, ids):
             row.pos += 1
-            self._accept(row, ids[row.kv_slot])
+            self._accept(row, tok)
         self.metrics.batch_size.set(len(decoding))
         self.metrics.step_seconds.observe(time.monotonic() - started)
         self._flush()
