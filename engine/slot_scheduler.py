@@ -1,7 +1,8 @@
 """The model thread: admission into cache slots, chunked prefill, one sync per step.
 
 It decides on plain data (which request gets which cache slot, which prompt tokens are
-prefilled this turn, when a row ends) and the runtime (`engine.runtime.FastRuntime`) computes.
+prefilled this turn, when a row ends) and the runtime computes: `engine.runtime.FastRuntime`
+(every row at once), or `engine.reference.ReferenceRunner` (one row at a time).
 
 Each loop turn: drop cancelled rows; admit waiting requests into free cache slots (each
 with its adapter and its sampling settings); prefill at most
@@ -40,7 +41,7 @@ from engine.errors import EngineBusy, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.requests import Request, StreamEnd
 from engine.runtime.prefix_cache import BLOCK_TOKENS, chain
-from engine.sampling import IncrementalDecoder
+from engine.stream import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ class StreamWriter(threading.Thread):
 
 class SlotScheduler(threading.Thread):
     """The model thread: the only thread that runs forward passes. Other threads talk to it
-    through `submit` and `run_exclusive`; it drives the runtime (`engine.runtime.FastRuntime`)
-    by cache slot and token ids."""
+    through `submit` and `run_exclusive`; it drives a runtime (`engine.runtime.FastRuntime`,
+    or `engine.reference.ReferenceRunner` with room for one row) by cache slot and token ids."""
 
     def __init__(self, runtime: Any, tokenizer: Any, settings: EngineSettings, metrics: EngineMetrics,
                  eos_ids: set[int]) -> None:

@@ -2,9 +2,10 @@
 
 `FastRuntime` bundles the runner (our Llama-family forward over the loaded modules), the
 slot KV cache, the stacked LoRA slots, the batched sampler, the decode state on the device
-and, on CUDA, the decode step's CUDA graphs. The model thread's policy (who is admitted, how
-prompts are chunked, when rows finish) lives in `engine.slot_scheduler`; the adapter registry
-talks to this object exactly as it talks to the reference path's `LoraRuntime`.
+and, on CUDA, the decode step's CUDA graphs, and it alone writes them. The model thread's
+policy (who is admitted, how prompts are chunked, when rows finish) lives in
+`engine.slot_scheduler`, which talks to this object by cache slot and token ids, as it talks
+to the serial oracle `engine.reference.ReferenceRunner`; so does the adapter registry.
 """
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ class FastRuntime:
         return self.runner.forward(tok_d, pos_d, write_rows, pos_d, slot_d, key_len, mask.unsqueeze(1), lora,
                                    Packing(pad_d, unpad_d, last_d))
 
-    # ---- the adapter registry's side (same face as engine.adapters.LoraRuntime) ---------------
+    # ---- the adapter registry's side (same face as engine.reference.ReferenceRunner) ---------
     def needs_exclusive(self, adapter: Any) -> bool:
         return False  # a load writes into a free slot; nothing the model thread reads changes
 
