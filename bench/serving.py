@@ -7,7 +7,8 @@
 
 Paths, all in the same run and process, one after the other:
   new       Engine(serving_runtime="fast"): the batched multi-LoRA decode path (issue 8)
-  previous  Engine(serving_runtime="reference"): transformers + peft mixed-batch decoding
+  previous  Engine(serving_runtime="reference"): the serial oracle, transformers + peft, one request
+            at a time through the engine's scheduler
   naive     plain transformers `generate`, one request at a time, peft `set_adapter` per request
 
 The workload is fixed: eight fixed questions, greedy, a fixed number of new tokens with EOS

@@ -6,11 +6,10 @@ per row at admission (`acquire`), so two users of different modes never race ove
 `set_adapter`, and a request keeps the version it started with until it finishes.
 
 Threads: validation and loading run on one loader thread, concurrently with the model
-thread's decode steps, so a hot-load does not pause anyone. That is safe because a load only
-adds new keys to peft's per-layer dicts and the forward pass only looks up the keys of its
-rows' adapters. Two cases do need the model to stand still (the first adapter ever, which
-wraps the base model's layers in LoRA layers, and an adapter that targets layers no resident
-adapter wraps yet); those run on the model thread through `run_exclusive`.
+thread's decode steps, so a hot-load does not pause anyone: the fast path copies a version
+into a free LoRA slot, which no running row reads. A runtime whose loads change the model
+itself (the reference path's peft) says so (`needs_exclusive`), and its loads run on the
+model thread between two steps through `run_exclusive`.
 """
 from __future__ import annotations
 
@@ -76,131 +75,6 @@ def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
         if isinstance(inf, int) and isinstance(outf, int):
             shapes[name] = (inf, outf)
     return shapes
-
-
-class LoraRuntime:
-    """Owns the peft wrapping of the base model and routes each row to its adapter.
-
-    The forward pass of every LoRA layer receives `adapter_names` (one per batch row) from a
-    persistent pre-hook reading `self.row_adapters`, set by the model thread before each step.
-    Persistent hooks avoid peft's per-call hook registration, which walks every module and
-    would collide with a concurrent load adding modules.
-    """
-
-    def __init__(self, base_model: Any) -> None:
-        self.base_model = base_model
-        self.peft_model: Any | None = None
-        self.row_adapters: list[str] | None = None
-        self._hooked: set[int] = set()
-        self._hooks: list[Any] = []
-        self.wrapped: frozenset[str] = frozenset()
-        self.linear_shapes = linear_shapes(base_model)
-
-
-    @property
-    def forward_model(self) -> Any:
-        """The transformers model to call: LoRA layers inside when any adapter is loaded."""
-        return self.base_model
-
-    def _hook(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        names = self.row_adapters
-        if names is not None:
-            kwargs["adapter_names"] = names
-        return args, kwargs
-
-    def attach_hooks(self) -> None:
-        """Hook LoRA layers that are not hooked yet (model thread, or before serving)."""
-        from peft.tuners.lora import LoraLayer
-
-        wrapped = set()
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, LoraLayer):
-                wrapped.add(name.removeprefix(_PREFIX))
-                if id(module) not in self._hooked:
-                    self._hooks.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
-                    self._hooked.add(id(module))
-        self.wrapped = frozenset(wrapped)
-
-    def needs_exclusive(self, adapter: ValidatedAdapter) -> bool:
-        return self.peft_model is None or not adapter.modules <= self.wrapped
-
-    def load(self, adapter: ValidatedAdapter) -> int:
-        """Load weights under the version's peft name; returns the bytes it added."""
-        from peft import PeftModel
-
-        name = peft_name(adapter.version.domain, adapter.version.version)
-        if self.peft_model is None:
-            path = str(adapter.version.path)
-            self.peft_model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name, is_trainable=False)
-            self.peft_model.eval()
-        else:
-            self._inject(adapter, name)
-        return self.adapter_bytes(name)
-
-    def _inject(self, adapter: ValidatedAdapter, name: str) -> None:
-        """Add one more adapter to layers that are already LoRA layers.
-
-        peft's own `load_adapter` re-runs its whole injection and state-dict load over the
-        model, which here re-packed the bitsandbytes quantization state of every base layer
-        and changed the answers of adapters already serving. Adding the two small matrices
-        per layer directly touches nothing else. lora_A is inserted last: the forward pass
-        looks an adapter up by it, so a layer never sees half an adapter.
-        """
-        from safetensors.torch import load_file
-        from torch import nn
-
-        # Read again rather than reuse validation's tensors: reusing them made the model
-        # thread wait for the whole load in bench.engine (434 ms gap vs 134 ms); not yet understood.
-        config = json.loads((adapter.version.path / CONFIG_FILE).read_text(encoding="utf-8"))
-        from engine.runtime.lora import lora_scaling
-
-        r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
-        scaling = lora_scaling(config)
-        tensors = load_file(str(adapter.version.weights))
-        modules = dict(self.base_model.named_modules())
-        for path in sorted(adapter.modules):
-            layer = modules[path]
-            a = tensors[f"{_PREFIX}{path}.lora_A.weight"]
-            b = tensors[f"{_PREFIX}{path}.lora_B.weight"]
-            ref = next(iter(layer.lora_A.values())).weight
-            # built on the meta device: no random init to throw away, less GIL held
-            lin_a = nn.Linear(a.shape[1], r, bias=False, device="meta")
-            lin_b = nn.Linear(r, b.shape[0], bias=False, device="meta")
-            lin_a.weight = nn.Parameter(a.to(ref.device, ref.dtype), requires_grad=False)
-            lin_b.weight = nn.Parameter(b.to(ref.device, ref.dtype), requires_grad=False)
-            layer.r[name], layer.lora_alpha[name], layer.scaling[name] = r, alpha, scaling
-            layer.lora_dropout[name] = nn.Identity()
-            layer.use_dora[name] = False
-            layer.lora_B[name] = lin_b.eval()
-            layer.lora_A[name] = lin_a.eval()
-            time.sleep(0)  # let the model thread take the GIL between layers
-
-    def adapter_bytes(self, name: str) -> int:
-        from peft.tuners.lora import LoraLayer
-
-        total = 0
-        for module in self.base_model.modules():
-            if isinstance(module, LoraLayer):
-                for table in (module.lora_A, module.lora_B, module.lora_embedding_A, module.lora_embedding_B):
-                    sub = table[name] if name in table else None
-                    if sub is not None:
-                        params = sub.parameters() if hasattr(sub, "parameters") else [sub]
-                        total += sum(p.numel() * p.element_size() for p in params)
-        return total
-
-    def delete(self, name: str) -> None:
-        """Free one adapter's matrices (lora_A first, so lookups stop before anything goes)."""
-        from peft.tuners.lora import LoraLayer
-
-        for module in self.base_model.modules():
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                del module.lora_A[name]
-                for table in (module.lora_B, module.lora_dropout, module.scaling, module.r, module.lora_alpha,
-                              module.use_dora):
-                    if name in table:
-                        del table[name]
-        if self.peft_model is not None:
-            self.peft_model.peft_config.pop(name, None)
 
 
 def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[int, int]]) -> ValidatedAdapter:
@@ -282,7 +156,7 @@ class AdapterRegistry:
     def __init__(
         self,
         store: AdapterStore,
-        runtime: LoraRuntime,
+        runtime: Any,  # engine.runtime.FastRuntime or engine.reference.ReferenceRunner
         model_id: str,
         max_resident: int,
         run_exclusive: Callable[[Callable[[], Any]], Future],
@@ -414,8 +288,8 @@ class AdapterRegistry:
             try:
                 adapter = validate(version, self.model_id, self.runtime.linear_shapes)
                 if self.runtime.needs_exclusive(adapter):
-                    log.info("loading %s on the model thread (new LoRA layers)", key)
-                    added = self.run_exclusive(lambda: self._load_exclusive(adapter)).result()
+                    log.info("loading %s on the model thread", key)
+                    added = self.run_exclusive(lambda: self.runtime.load(adapter)).result()
                 else:
                     added = self.runtime.load(adapter)
             except Exception as exc:
@@ -444,11 +318,6 @@ class AdapterRegistry:
             if self.metrics:
                 self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self._resident.values()))
         return version.version
-
-    def _load_exclusive(self, adapter: ValidatedAdapter) -> int:
-        added = self.runtime.load(adapter)
-        self.runtime.attach_hooks()
-        return added
 
     def _set_serving(self, domain: str, version: str) -> None:
         old = self._serving.get(domain)

@@ -72,8 +72,8 @@ class EngineSettings(BaseSettings):
     )
     serving_runtime: ServingRuntime = Field(
         "auto",
-        description="Decode path: fast (our batched Llama-family runner), reference (transformers + peft), "
-        "auto = fast when the architecture is supported.",
+        description="Decode path: fast (our batched Llama-family runner), reference (transformers + peft, one "
+        "request at a time), auto = fast when the architecture is supported.",
     )
     max_lora_rank: int | None = Field(
         None, ge=1, le=256,

@@ -51,7 +51,7 @@ class GenerationStream:
         await self.aclose()
 
     async def __anext__(self) -> str:
-        from engine.scheduler import StreamEnd
+        from engine.requests import StreamEnd
 
         if self._done:
             raise StopAsyncIteration
@@ -133,9 +133,9 @@ class Engine:
 
     def _start_sync(self) -> None:
         from engine import model as model_loader
-        from engine.adapters import AdapterRegistry, LoraRuntime
+        from engine.adapters import AdapterRegistry
         from engine.prompts import PromptMaker
-        from engine.scheduler import Scheduler
+        from engine.slot_scheduler import SlotScheduler
 
         self.loaded = model_loader.load(self.settings)
         tok = self.loaded.tokenizer
@@ -143,17 +143,19 @@ class Engine:
         self.runtime_kind = self._choose_runtime()
         if self.runtime_kind == "fast":
             from engine.runtime import FastRuntime
-            from engine.slot_scheduler import SlotScheduler
 
             self.runtime = FastRuntime(self.loaded.model, self.settings)
             self.runtime.warm_up()
-            self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         else:
+            from engine.reference import ReferenceRunner
+
             if self.settings.kv_cache_dtype != "auto":
                 log.warning("KV_CACHE_DTYPE=%s is ignored: the reference path keeps transformers' cache in the "
                             "compute dtype", self.settings.kv_cache_dtype)
-            self.runtime = LoraRuntime(self.loaded.model)
-            self.scheduler = Scheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
+            self.runtime = ReferenceRunner(self.loaded.model)
+            log.info("reference path: transformers + peft, one request at a time (batch size 1; MAX_BATCH_SIZE=%d "
+                     "and PREFIX_CACHE_TOKENS do not apply)", self.settings.max_batch_size)
+        self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         self.registry = AdapterRegistry(
             self.store, self.runtime, self.loaded.identity, self.settings.max_resident_adapters,
             self.scheduler.run_exclusive, self.metrics,
@@ -232,7 +234,7 @@ class Engine:
         return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
 
     async def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
-        from engine.scheduler import Request, SamplingSettings
+        from engine.requests import Request, SamplingSettings
 
         if self._closed or not self._ready:
             raise EngineClosed("the engine is not running" if not self._closed else "the engine is shutting down")

@@ -1,7 +1,11 @@
-"""The model thread's policy on the fast path: slots, chunked prefill, one sync per step.
+"""The model thread: admission into cache slots, chunked prefill, one sync per step.
+
+It decides on plain data (which request gets which cache slot, which prompt tokens are
+prefilled this turn, when a row ends) and the runtime computes: `engine.runtime.FastRuntime`
+(every row at once), or `engine.reference.ReferenceRunner` (one row at a time).
 
 Each loop turn: drop cancelled rows; admit waiting requests into free cache slots (each
-with its adapter's LoRA slot and its sampling settings on the device); prefill at most
+with its adapter and its sampling settings); prefill at most
 `PREFILL_CHUNK_TOKENS` prompt tokens, taken from several waiting prompts at once; then one
 decode step for every decoding row. A step's only device-to-host copy is the new token ids;
 text is made from them by the stream writer thread, off the forward's critical path.
@@ -18,22 +22,26 @@ not fit in one chunk anyway (there a chunk costs about the same whatever its len
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import queue
 import random
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from engine import cpu_threads
 from engine.config import EngineSettings
+from engine.errors import EngineBusy, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
+from engine.requests import Request, StreamEnd
 from engine.runtime.prefix_cache import BLOCK_TOKENS, chain
-from engine.sampling import IncrementalDecoder
-from engine.scheduler import Request, Scheduler, StreamEnd
-from engine.types import BASE_ADAPTER
+from engine.stream import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,6 @@ log = logging.getLogger(__name__)
 class SlotRow:
     req: Request
     key: str  # adapter key (peft name or BASE_ADAPTER)
-    lora_slot: int
     kv_slot: int
     prompt: list[int]
     done: int = 0  # prompt tokens prefilled so far
@@ -114,28 +121,112 @@ class StreamWriter(threading.Thread):
         row.req.emit(error if error is not None else StreamEnd())
 
 
-class SlotScheduler(Scheduler):
+class SlotScheduler(threading.Thread):
+    """The model thread: the only thread that runs forward passes. Other threads talk to it
+    through `submit` and `run_exclusive`; it drives a runtime (`engine.runtime.FastRuntime`,
+    or `engine.reference.ReferenceRunner` with room for one row) by cache slot and token ids."""
+
     def __init__(self, runtime: Any, tokenizer: Any, settings: EngineSettings, metrics: EngineMetrics,
                  eos_ids: set[int]) -> None:
-        super().__init__(runtime, tokenizer, settings, metrics, eos_ids)
-        self.rt = runtime  # engine.runtime.FastRuntime
+        super().__init__(name="model", daemon=True)
+        self.rt = runtime
+        self.settings, self.metrics, self.eos_ids = settings, metrics, eos_ids
+        self.registry: Any = None  # engine.adapters.AdapterRegistry, set before start()
         self.chunk_tokens = settings.resolved_prefill_chunk(str(runtime.device))
         self.writer = StreamWriter(tokenizer, metrics)
-        self.rows: list[SlotRow] = []  # type: ignore[assignment]
+        self.rows: list[SlotRow] = []
         self.steps = 0
+        self.tokens_generated = 0
         self._out: list[tuple[SlotRow, int | None, str | None, Exception | None]] = []
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+
+    # ---- other threads -------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        with self._wake:
+            if self._stopping:
+                raise EngineClosed("the engine is shutting down")
+            if len(self._waiting) >= self.settings.max_queue:
+                raise EngineBusy(f"{len(self._waiting)} requests are waiting (MAX_QUEUE={self.settings.max_queue})")
+            self._waiting.append(req)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._wake.notify()
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the model thread between two steps (model mutations that need it)."""
+        fut: Future = Future()
+        with self._wake:
+            if not self.is_alive():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:
+                    fut.set_exception(exc)
+                return fut
+            self._commands.append((fn, fut))
+            self._wake.notify()
+        return fut
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
 
     def start(self) -> None:
         self.writer.start()
         super().start()
 
-    def _reset_batch(self) -> None:
-        for row in list(self.rows):
-            self._release(row)
-        self.rows = []
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self.is_alive():
+            self.join(timeout)
+
+    # ---- the model thread ----------------------------------------------------------------
+    def run(self) -> None:
+        if self.rt.device.type == "cpu":  # the forward's OpenMP team is this thread's (engine.cpu_threads)
+            cpu_threads.claim(self.settings.resolved_cpu_threads())
+        while True:
+            self._run_commands()
+            with self._wake:
+                if self._stopping:
+                    break
+                if not self.rows and not self._waiting and not self._commands:
+                    self._wake.wait(timeout=0.05)
+                    continue
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.rows:
+                        self._step()
+                    else:
+                        with self._wake:  # requests wait for an adapter load: don't spin on it
+                            if not self._commands and not self._stopping:
+                                self._wake.wait(timeout=0.01)
+            except Exception as exc:  # a failed step must not kill the thread serving everyone
+                log.exception("decode step failed; failing the %d active requests", len(self.rows))
+                for row in list(self.rows):
+                    self._finish(row, "error", EngineError(f"generation failed: {exc}"))
+        self._shutdown()
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            fn, fut = self._commands.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:
+                    fut.set_exception(exc)
 
     def _shutdown(self) -> None:
-        super()._shutdown()
+        for row in list(self.rows):
+            self._finish(row, "cancelled")
+        while self._waiting:
+            req = self._waiting.popleft()
+            req.result.finish_reason = "cancelled"
+            req.emit(EngineClosed("the engine is shutting down"))
+        self._run_commands()
         self._flush()
         self.writer.close()
 
@@ -152,12 +243,10 @@ class SlotScheduler(Scheduler):
             self._offer_conversation(row)
         if row in self.rows:
             self.rows.remove(row)
-        self.rt.active[row.kv_slot] = False
-        self.rt.sampler.clear_row(row.kv_slot)
-        self.rt.cache.release(row.kv_slot)
+        self.rt.remove_row(row.kv_slot)
         self.registry.release(row.key)
 
-    def _finish(self, row: SlotRow, reason: str, error: Exception | None = None) -> None:  # type: ignore[override]
+    def _finish(self, row: SlotRow, reason: str, error: Exception | None = None) -> None:
         self._release(row, keep=error is None)
         label = row.req.domain or "base"
         self.metrics.requests.labels(label, reason).inc()
@@ -174,7 +263,7 @@ class SlotScheduler(Scheduler):
     # ---- admission and prefill ------------------------------------------------------------
     def _admit(self) -> None:
         for req in list(self._waiting):
-            if self.rt.cache.in_use() >= self.rt.cache.slots or len(self.rows) >= self.settings.max_batch_size:
+            if len(self.rows) >= min(self.rt.slots, self.settings.max_batch_size):
                 break
             key = self._claim(req)
             if key is not None:
@@ -182,23 +271,52 @@ class SlotScheduler(Scheduler):
         self._prefill_turn()
         self._flush()
 
+    def _claim(self, req: Request) -> str | None:
+        """Take a waiting request off the queue with its adapter; returns the adapter key.
+
+        None when it was cancelled or refused (it has been answered) or when its adapter is
+        still loading (it keeps its place; others go ahead).
+        """
+        if req.cancelled.is_set():
+            self._remove_waiting(req)
+            req.result.finish_reason = "cancelled"
+            req.emit(StreamEnd())
+            return None
+        try:
+            got = self.registry.acquire(req.domain)
+        except EngineError as exc:
+            self._remove_waiting(req)
+            req.result.finish_reason = "error"
+            self.metrics.requests.labels(req.domain or "base", "error").inc()
+            req.emit(exc)
+            return None
+        if got is None:
+            return None
+        self._remove_waiting(req)
+        key, version = got
+        req.result.adapter_version = version
+        return key
+
+    def _remove_waiting(self, req: Request) -> None:
+        with self._wake:
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                pass
+            self.metrics.queue_depth.set(len(self._waiting))
+
     def _place(self, req: Request, key: str) -> None:
-        slot = self.rt.cache.allocate()
-        assert slot is not None
-        lora_slot = 0 if key == BASE_ADAPTER else self.rt.slot_of(key)
-        s = req.sampling
-        seed = s.seed if s.seed is not None else random.getrandbits(62)
-        self.rt.sampler.set_row(slot, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                penalty=s.repetition_penalty, seed=seed, prompt=req.prompt_ids)
-        self.rt.lora_idx[slot] = lora_slot
-        self.rt.active[slot] = False
+        sampling = req.sampling
+        if sampling.seed is None:  # an unseeded request still draws from a seed of its own
+            sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
+        slot = self.rt.add_row(key, sampling, req.prompt_ids)
         now = time.monotonic()
         req.result.queue_wait_s = now - req.submitted
         self.metrics.queue_wait.observe(req.result.queue_wait_s)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         prompt = list(req.prompt_ids)
         digests = chain(key, prompt) if self.rt.prefix is not None else []  # its block chain, hashed once
-        self.rows.append(SlotRow(req, key, lora_slot, slot, prompt, digests=digests))
+        self.rows.append(SlotRow(req, key, slot, prompt, digests=digests))
         self.metrics.active.set(len(self.rows))
 
     def _prefill_turn(self) -> None:
@@ -222,32 +340,19 @@ class SlotScheduler(Scheduler):
                 self._start(row)
                 pending.update(row.digests[row.done // BLOCK_TOKENS:])
             take = min(len(row.prompt) - row.done, budget)
-            chunks.append((row.kv_slot, row.lora_slot, row.prompt[row.done:row.done + take], row.done))
+            chunks.append((row.kv_slot, row.prompt[row.done:row.done + take], row.done))
             rows.append(row)
             budget -= take
         if not chunks:
             return
-        logits = self.rt.prefill(chunks)
-        ready = []
-        for i, (row, chunk) in enumerate(zip(rows, chunks)):
-            row.done += len(chunk[2])
+        first = self.rt.prefill_step(chunks)
+        for row, (_slot, ids, _start) in zip(rows, chunks):
+            row.done += len(ids)
             self._offer_prompt(row)
-            if row.done == len(row.prompt):
-                ready.append(i)
-        if not ready:
-            return
-        sel = torch.tensor(ready, device=self.rt.device)
-        slots = [rows[i].kv_slot for i in ready]
-        slot_t = torch.tensor(slots, device=self.rt.device)
-        plan = self.rt.sampler.plan(slots)
-        tokens = self.rt.sampler.sample(logits.index_select(0, sel), slot_t, plan)
-        self.rt.tok[slot_t] = tokens
-        self.rt.pos[slot_t] = torch.tensor([len(rows[i].prompt) for i in ready], device=self.rt.device)
-        self.rt.active[slot_t] = True
-        for i, tok in zip(ready, tokens.tolist()):
-            row = rows[i]
-            row.decoding, row.pos = True, len(row.prompt)
-            self._accept(row, tok)
+        for row in rows:
+            if row.kv_slot in first:
+                row.decoding, row.pos = True, len(row.prompt)
+                self._accept(row, first[row.kv_slot])
 
     # ---- the prefix cache ---------------------------------------------------------------
     def _pending_blocks(self, prefilling: list[SlotRow]) -> set[int]:
@@ -306,27 +411,16 @@ class SlotScheduler(Scheduler):
         if not decoding:
             return
         started = time.monotonic()
-        rt = self.rt
-        n = rt.cache.high()
-        key_len = max(r.pos for r in decoding) + 1
-        used = {r.lora_slot for r in decoding}
-        logits, covered = rt.decode(n, key_len, used)
-        rows_slice = slice(0, covered)
-        plan = rt.sampler.plan([r.kv_slot for r in decoding])
-        active = rt.active[rows_slice]
-        tokens = rt.sampler.sample(logits, rows_slice, plan, active)
-        rt.tok[rows_slice] = torch.where(active, tokens, rt.tok[rows_slice])
-        rt.pos[rows_slice] += active.long()
-        ids = tokens.tolist()  # the step's one device-to-host copy
+        ids = self.rt.decode_step([r.kv_slot for r in decoding], max(r.pos for r in decoding) + 1)
         self.steps += 1
-        for row in decoding:
+        for row, tok in zip(decoding, ids):
             row.pos += 1
-            self._accept(row, ids[row.kv_slot])
+            self._accept(row, tok)
         self.metrics.batch_size.set(len(decoding))
         self.metrics.step_seconds.observe(time.monotonic() - started)
         self._flush()
 
-    def _accept(self, row: SlotRow, tok: int) -> None:  # type: ignore[override]
+    def _accept(self, row: SlotRow, tok: int) -> None:
         s = row.req.sampling
         if tok in self.eos_ids and not s.ignore_eos:
             self._finish(row, "stop")

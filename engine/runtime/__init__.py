@@ -2,28 +2,40 @@
 
 `FastRuntime` bundles the runner (our Llama-family forward over the loaded modules), the
 slot KV cache, the stacked LoRA slots, the batched sampler, the decode state on the device
-and, on CUDA, the decode step's CUDA graphs. The model thread's policy (who is admitted, how
-prompts are chunked, when rows finish) lives in `engine.slot_scheduler`; the adapter registry
-talks to this object exactly as it talks to the reference path's `LoraRuntime`.
+and, on CUDA, the decode step's CUDA graphs, and it alone writes them. The model thread's
+policy (who is admitted, how prompts are chunked, when rows finish) lives in
+`engine.slot_scheduler`, which talks to this object by cache slot and token ids, as it talks
+to the serial oracle `engine.reference.ReferenceRunner`; so does the adapter registry.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.config import EngineSettings
+from engine.requests import SamplingSettings
 from engine.runtime.graphs import DecodeGraphs, powers_of_two
 from engine.runtime.kv_cache import SlotKVCache
 from engine.runtime.llama import ARCHITECTURES, Packing, unsupported_reason
 from engine.runtime.lora import LoraSlots, serving_targets
 from engine.runtime.prefix_cache import PrefixCache
 from engine.runtime.sampler import BatchSampler
+from engine.types import BASE_ADAPTER
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FastRuntime", "unsupported_reason"]
+
+
+@dataclass
+class _Row:
+    """What the host keeps of a row in a cache slot (its device state is in the tensors)."""
+
+    lora_slot: int
+    prompt_len: int
 
 
 class FastRuntime:
@@ -58,6 +70,7 @@ class FastRuntime:
         self.lora_idx = torch.zeros(slots, **i64)
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self._slot_ids = torch.arange(slots, **i64)
+        self._rows: dict[int, _Row] = {}  # cache slot -> its row
         self._key_ids = torch.arange(settings.context_tokens, **i64)
         use_graphs = is_cuda if cuda_graphs is None else (cuda_graphs and is_cuda)
         self.graphs = DecodeGraphs(self._graph_step, slots, settings.context_tokens) if use_graphs else None
@@ -84,6 +97,63 @@ class FastRuntime:
         torch.cuda.synchronize()
         log.info("decode graphs captured for batch %s at %d keys%s", self.graphs.batch_buckets, key,
                  f"; capture failed, decoding eagerly: {self.graphs.failed}" if self.graphs.failed else "")
+
+    # ---- rows: the scheduler says what to compute, this object writes every tensor ----------
+    @property
+    def slots(self) -> int:
+        """Rows held at once (cache slots)."""
+        return self.cache.slots
+
+    def add_row(self, key: str, sampling: SamplingSettings, prompt: list[int]) -> int:
+        """A new row with adapter `key` in the lowest free cache slot; returns the slot.
+
+        `sampling.seed` must be set (the scheduler draws one for unseeded requests)."""
+        slot = self.cache.allocate()
+        if slot is None:
+            raise RuntimeError(f"every one of the {self.cache.slots} cache slots holds a row")
+        lora_slot = 0 if key == BASE_ADAPTER else self.lora.slot_of(key)
+        s = sampling
+        self.sampler.set_row(slot, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                             penalty=s.repetition_penalty, seed=s.seed, prompt=prompt)
+        self.lora_idx[slot] = lora_slot
+        self.active[slot] = False
+        self._rows[slot] = _Row(lora_slot, len(prompt))
+        return slot
+
+    def remove_row(self, slot: int) -> None:
+        self.active[slot] = False
+        self.sampler.clear_row(slot)
+        self.cache.release(slot)
+        self._rows.pop(slot, None)
+
+    def prefill_step(self, chunks: list[tuple[int, list[int], int]]) -> dict[int, int]:
+        """Prefill prompt chunks (cache slot, token ids, start position) of several rows at once;
+        a row whose prompt this completes gets its first token sampled and starts decoding.
+        Returns those first tokens by slot."""
+        logits = self.prefill([(slot, self._rows[slot].lora_slot, ids, start) for slot, ids, start in chunks])
+        ready = [i for i, (slot, ids, start) in enumerate(chunks) if start + len(ids) == self._rows[slot].prompt_len]
+        if not ready:
+            return {}
+        slots = [chunks[i][0] for i in ready]
+        slot_t = torch.tensor(slots, device=self.device)
+        tokens = self.sampler.sample(logits.index_select(0, torch.tensor(ready, device=self.device)), slot_t,
+                                     self.sampler.plan(slots))
+        self.tok[slot_t] = tokens
+        self.pos[slot_t] = torch.tensor([self._rows[s].prompt_len for s in slots], device=self.device)
+        self.active[slot_t] = True
+        return dict(zip(slots, tokens.tolist()))
+
+    def decode_step(self, slots: list[int], key_len: int) -> list[int]:
+        """One token for each decoding row (`slots`), whose longest holds `key_len` keys after
+        this step; the step's one device-to-host copy is these ids."""
+        logits, covered = self.decode(self.cache.high(), key_len, {self._rows[s].lora_slot for s in slots})
+        rows = slice(0, covered)
+        active = self.active[rows]
+        tokens = self.sampler.sample(logits, rows, self.sampler.plan(slots), active)
+        self.tok[rows] = torch.where(active, tokens, self.tok[rows])
+        self.pos[rows] += active.long()
+        ids = tokens.tolist()
+        return [ids[s] for s in slots]
 
     # ---- the decode step ----------------------------------------------------------------
     def _graph_step(self, rows: int, key_len: int, lora: bool) -> torch.Tensor:
@@ -157,7 +227,7 @@ class FastRuntime:
         return self.runner.forward(tok_d, pos_d, write_rows, pos_d, slot_d, key_len, mask.unsqueeze(1), lora,
                                    Packing(pad_d, unpad_d, last_d))
 
-    # ---- the adapter registry's side (same face as engine.adapters.LoraRuntime) ---------------
+    # ---- the adapter registry's side (same face as engine.reference.ReferenceRunner) ---------
     def needs_exclusive(self, adapter: Any) -> bool:
         return False  # a load writes into a free slot; nothing the model thread reads changes
 
@@ -174,7 +244,4 @@ class FastRuntime:
         self.lora.free(name)
         if self.prefix is not None:
             self.prefix.drop(name)  # its slot may hold another version next: its blocks mean nothing
-
-    def slot_of(self, key: str) -> int:
-        return self.lora.slot_of(key)
 

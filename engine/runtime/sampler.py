@@ -6,9 +6,9 @@ when the row is admitted. A step then needs nothing from the host: greedy rows t
 argmax; sampled rows race exponential noise against their filtered probabilities (the
 "Gumbel-max" way of drawing from a distribution), where the noise is a hash of (row seed,
 step, token id). So a seeded row draws the same tokens whatever else is in the batch, and
-`torch.Generator` objects (one per row, impossible to batch) are not needed.
-
-The per-row reference for the penalty, top-k and top-p is `engine.sampling`.
+`torch.Generator` objects (one per row, impossible to batch) are not needed. The serial
+oracle (`engine.reference`) samples with it too, one row at a time, so a seeded request
+draws the same tokens on both paths.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The fast serving path equals the reference path token for token (greedy, fp32, the real
 default model): a batch mixing the base model and three adapters, prompts of different
 lengths prefilled in chunks, rows joining and leaving mid-stream, and a version hot-loaded
-mid-stream. The reference is transformers + peft (`SERVING_RUNTIME=reference`), one request at
-a time."""
+mid-stream. The reference is the serial oracle (`engine.reference`, `SERVING_RUNTIME=reference`):
+transformers + peft, one request at a time."""
 from __future__ import annotations
 
 import asyncio
@@ -145,6 +145,17 @@ async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engines
     alone = await seeded()
     crowd = await asyncio.gather(seeded(), *(answer(fast, m, q, 12) for m, q, _n in CASES[:3]))
     assert crowd[0] == alone
+
+
+async def test_a_seed_gives_one_answer_on_both_paths(engines) -> None:
+    """Both paths draw with one sampler (a row's noise is a hash of its seed, step and token),
+    so a seeded request gets the same sampled answer from the fast path and from the oracle."""
+    params = GenerationParams(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=40, seed=1234)
+    got = []
+    for engine in engines:
+        stream = engine.generate([Message("user", "Give me a name for a dog.")], Mode("medical", "assistant"), params)
+        got.append("".join([p async for p in stream]))
+    assert got[0] == got[1] != ""
 
 
 BURST = ["What should I eat before a long run?", "Is it bad to sleep after lunch?",
