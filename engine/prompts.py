@@ -10,6 +10,7 @@ stays in use, so an admin editing a template on a live bot cannot break it.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import re
 import threading
@@ -46,6 +47,23 @@ class RoleTemplate:
     description: str
     adapter: str | None
     template: Any  # jinja2.Template
+    sha256: str = ""  # of the file's source: what an answer's audit stamp names
+
+
+@dataclass(frozen=True)
+class SystemPrompt:
+    """A rendered system prompt and which template source produced it (an answer's audit stamp).
+
+    `language` is the variant's language, which is not the user's when their language has no
+    file; where the template could not serve (broken, or failed for this user), `safe` is True,
+    `language` is the safe prompt's and `sha256` is the safe prompt's text hash.
+    """
+
+    text: str
+    role: str
+    language: str
+    sha256: str
+    safe: bool = False
 
 
 def parse_meta(source: str) -> dict[str, str]:
@@ -194,6 +212,7 @@ class TemplateLibrary:
             description=meta.get("description", ""),
             adapter=meta.get("adapter") or None,
             template=template,
+            sha256=hashlib.sha256(source.encode("utf-8")).hexdigest(),
         )
         # a render error is a load error; so is an empty prompt, which is also what a poll sees
         # of a file caught between its truncation and its write (the last good version stays)
@@ -287,17 +306,21 @@ class TemplateLibrary:
         raise TemplateNotFound(f"no role template {role!r} in {self.folder} (known: {', '.join(known) or 'none'})")
 
     def render_system(self, role: str, user: UserContext | None = None) -> str:
-        """The system prompt for `role` and this user; slow or blocking (disk, render): call it off
-        the event loop. A template that fails for these values falls back to the safe prompt of
-        the user's language, and the failure is logged once."""
+        """The system prompt for `role` and this user (`system_prompt` says more)."""
+        return self.system_prompt(role, user).text
+
+    def system_prompt(self, role: str, user: UserContext | None = None) -> SystemPrompt:
+        """The system prompt for `role` and this user, with the template it came from; slow or
+        blocking (disk, render): call it off the event loop. A template that fails for these
+        values falls back to the safe prompt of the user's language, and the failure is logged once."""
         user = user or UserContext()
         language = user.language or DEFAULT_LANGUAGE
         t = self._choose(role, language)
         if not isinstance(t, RoleTemplate):
-            return safe_prompt(t)
+            return _safe(role, t)
         today = user.today or dt.date.today()
         try:
-            return self._render(t, {
+            text = self._render(t, {
                 "first_name": (user.first_name or "").strip(),
                 "language": language,
                 "date": today.isoformat(),
@@ -308,7 +331,13 @@ class TemplateLibrary:
                     self._reported.clear()
                 self._reported.add(str(exc))
                 log.error("%s; answering with the safe prompt in '%s'", exc, language)
-            return safe_prompt(language)
+            return _safe(role, language)
+        return SystemPrompt(text, role, t.language, t.sha256)
+
+
+def _safe(role: str, language: str) -> SystemPrompt:
+    text = safe_prompt(language)
+    return SystemPrompt(text, role, language, hashlib.sha256(text.encode("utf-8")).hexdigest(), safe=True)
 
 
 class PromptBuilder:
@@ -397,8 +426,22 @@ class PromptMaker:
               max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the prompt and how many old turns were dropped; EngineError for a history
         that cannot be sent (InputTooLong when the newest message alone is too long)."""
-        system = self.templates.render_system(role, user)
+        built = self.build_prompt(role, user, messages, max_new_tokens)
+        return built.ids, built.trimmed_turns
+
+    def build_prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
+                     max_new_tokens: int) -> "BuiltPrompt":
+        """As `build`, with the system prompt's template (for the answer's audit stamp)."""
+        system = self.templates.system_prompt(role, user)
         try:
-            return self.builder.build(system, messages, max_new_tokens)
+            ids, trimmed = self.builder.build(system.text, messages, max_new_tokens)
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
+        return BuiltPrompt(ids, trimmed, system)
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    ids: list[int]
+    trimmed_turns: int
+    system: SystemPrompt

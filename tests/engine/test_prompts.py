@@ -277,6 +277,27 @@ def test_broken_russian_template_gives_the_safe_russian_prompt(folder: Path) -> 
     assert "lawyer" in render(lib, "lawyer", "en").lower()
 
 
+def test_system_prompt_names_the_variant_and_the_hash_of_its_source(folder: Path) -> None:
+    """What an answer's audit stamp records: the file that served (the English one for a German
+    user), the sha256 of its source, which changes with an edit; the safe prompt where it broke."""
+    import hashlib
+
+    lib = TemplateLibrary(folder, poll_s=0)
+    source = (folder / "lawyer.en.j2").read_bytes()
+    got = lib.system_prompt("lawyer", UserContext(language="de", today=TODAY))
+    assert (got.role, got.language, got.safe) == ("lawyer", "en", False)
+    assert got.sha256 == hashlib.sha256(source).hexdigest()
+    assert got.text == render(lib, "lawyer", "de")
+    assert lib.system_prompt("lawyer", UserContext(language="ru", today=TODAY)).language == "ru"
+    rewrite(folder / "lawyer.en.j2", source.decode() + "\nCite the article.\n")
+    edited = lib.system_prompt("lawyer", UserContext(language="en", today=TODAY))
+    assert edited.sha256 != got.sha256 and not edited.safe
+    rewrite(folder / "lawyer.ru.j2", "{% if %}")
+    broken = TemplateLibrary(folder, poll_s=0).system_prompt("lawyer", UserContext(language="ru", today=TODAY))
+    assert broken.safe and broken.language == "ru" and broken.text == SAFE_PROMPTS["ru"]
+    assert broken.sha256 == hashlib.sha256(SAFE_PROMPTS["ru"].encode()).hexdigest()
+
+
 # ---- render limits: a template cannot stall or flood whoever renders it -----------------
 
 LIMITS = [
