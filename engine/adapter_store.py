@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.errors import AdapterInvalid, AdapterNotFound
+from engine.types import AdapterInfo, AdapterState, AdapterVersionInfo
 
 VERSION_RE = re.compile(r"^v(\d+)\Z")  # \Z, not $: "$" also matches before a trailing newline
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
@@ -39,6 +41,40 @@ def version_number(version: str) -> int:
     if not m:
         raise ValueError(f"{version!r} is not a version name (expected v1, v2, ...)")
     return int(m.group(1))
+
+
+def version_name(domain: str, version: str) -> str:
+    """The name one version of an adapter goes by where it is loaded (peft's adapter name, the
+    vLLM replicas' LoRA name and the `model` of requests that use it): one per version, so an old
+    and a new version, or a serving and a candidate one, coexist."""
+    return f"{domain}__{version}"
+
+
+def catalog(store: "AdapterStore", serving: dict[str, str], states: dict[str, AdapterState],
+            errors: dict[str, str]) -> list[AdapterInfo]:
+    """Every domain on disk or serving, with its versions: the same view for every backend.
+
+    `serving` maps a domain to its serving version, `states` a `version_name` to its resident
+    state, `errors` a domain to why its current version is not serving. A version is a candidate
+    when training kept it back (meta.json "status": "candidate") and it does not serve.
+    """
+    out = []
+    for domain in sorted(set(store.domains()) | set(serving)):
+        versions = tuple(
+            AdapterVersionInfo(
+                name=domain, version=v.version, created=v.meta.get("created"),
+                base_model=v.meta.get("base_model"),
+                metrics={k: float(x) for k, x in (v.meta.get("metrics") or {}).items()
+                         if isinstance(x, (int, float)) and math.isfinite(x)},
+                is_current=v.version == serving.get(domain),
+                state=states.get(version_name(domain, v.version)),
+                candidate=v.meta.get("status") == "candidate" and v.version != serving.get(domain),
+            )
+            for v in store.versions(domain)
+        )
+        if versions or domain in serving:
+            out.append(AdapterInfo(domain, serving.get(domain), versions, errors.get(domain)))
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,20 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from engine import cpu_threads
-from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir
+from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
 from engine.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
-from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, AdapterVersionInfo, ResidentAdapter
+from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, ResidentAdapter
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "base_model.model."
-
-
-def peft_name(domain: str, version: str) -> str:
-    """The adapter's name inside peft: one per version, so old and new coexist."""
-    return f"{domain}__{version}"
 
 
 @dataclass
@@ -52,7 +46,7 @@ class Resident:
 
     @property
     def key(self) -> str:
-        return peft_name(self.domain, self.version)
+        return version_name(self.domain, self.version)
 
 
 @dataclass(frozen=True)
@@ -189,12 +183,12 @@ class AdapterRegistry:
             version = self._serving.get(domain)
             if version is None:
                 raise AdapterNotFound(self._not_found(domain))
-            res = self._resident.get(peft_name(domain, version))
+            res = self._resident.get(version_name(domain, version))
             if res is not None and res.state == "ready":
                 res.in_flight += 1
                 res.last_used = time.monotonic()
                 return res.key, version
-            if domain in self._errors and res is None and peft_name(domain, version) not in self._pending:
+            if domain in self._errors and res is None and version_name(domain, version) not in self._pending:
                 raise AdapterInvalid(self._errors[domain])
             self._load_async(self.store.version(domain, version), make_serving=False)
             return None
@@ -239,7 +233,7 @@ class AdapterRegistry:
             fut.set_exception(AdapterNotFound(self._not_found(domain)))
             return fut
         with self._lock:
-            res = self._resident.get(peft_name(domain, current))
+            res = self._resident.get(version_name(domain, current))
             if self._serving.get(domain) == current and res is not None and res.state == "ready":
                 fut = Future()
                 fut.set_result(current)
@@ -253,7 +247,7 @@ class AdapterRegistry:
         return self._load_async(version, make_serving=True)
 
     def _load_async(self, version: VersionDir, make_serving: bool) -> Future:
-        key = peft_name(version.domain, version.version)
+        key = version_name(version.domain, version.version)
         with self._lock:
             pending = self._pending.get(key)
             if pending is not None and not make_serving:
@@ -279,7 +273,7 @@ class AdapterRegistry:
             return fn(*args)
 
     def _load(self, version: VersionDir, make_serving: bool) -> str:
-        key = peft_name(version.domain, version.version)
+        key = version_name(version.domain, version.version)
         started = time.monotonic()
         with self._lock:
             res = self._resident[key]
@@ -323,7 +317,7 @@ class AdapterRegistry:
         old = self._serving.get(domain)
         self._serving[domain] = version
         if old and old != version:
-            prev = self._resident.get(peft_name(domain, old))
+            prev = self._resident.get(version_name(domain, old))
             if prev is not None and prev.state == "ready":
                 prev.state = "retired"  # requests on it finish; freed when the last one does
                 if prev.in_flight <= 0:
@@ -376,22 +370,7 @@ class AdapterRegistry:
         with self._lock:
             serving, errors = dict(self._serving), dict(self._errors)
             states = {k: r.state for k, r in self._resident.items()}
-        out = []
-        for domain in sorted(set(self.store.domains()) | set(serving)):
-            versions = tuple(
-                AdapterVersionInfo(
-                    name=domain, version=v.version, created=v.meta.get("created"),
-                    base_model=v.meta.get("base_model"),
-                    metrics={k: float(x) for k, x in (v.meta.get("metrics") or {}).items()
-                             if isinstance(x, (int, float)) and math.isfinite(x)},
-                    is_current=v.version == serving.get(domain),
-                    state=states.get(peft_name(domain, v.version)),
-                )
-                for v in self.store.versions(domain)
-            )
-            if versions or domain in serving:
-                out.append(AdapterInfo(domain, serving.get(domain), versions, errors.get(domain)))
-        return out
+        return catalog(self.store, serving, states, errors)
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until queued loads and frees have run (tests and shutdown)."""

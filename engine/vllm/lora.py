@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.adapter_store import CONFIG_FILE, AdapterStore, VersionDir
+from engine.adapter_store import CONFIG_FILE, AdapterStore, VersionDir, catalog, version_name
 from engine.errors import AdapterInvalid, AdapterNotFound
-from engine.types import AdapterInfo, AdapterState, AdapterVersionInfo, ResidentAdapter
+from engine.types import AdapterInfo, AdapterState, ResidentAdapter
 
 log = logging.getLogger(__name__)
 
 #: What our names look like on a replica; anything else there is not ours to touch.
 LORA_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}__v\d+\Z")
-
-
-def lora_name(domain: str, version: str) -> str:
-    """The adapter's name on the replicas (and the `model` of requests that use it)."""
-    return f"{domain}__{version}"
 
 
 @dataclass
@@ -46,7 +40,7 @@ class LoraVersion:
 
     @property
     def key(self) -> str:
-        return lora_name(self.domain, self.version)
+        return version_name(self.domain, self.version)
 
 
 def replica_path(version: VersionDir, store_root: Path, replicas_root: str | None) -> str:
@@ -153,20 +147,4 @@ class LoraBook:
 
     def catalog(self) -> list[AdapterInfo]:
         serving = {d: v.version for d, v in self.serving.items()}
-        states = {k: v.state for k, v in self.versions.items()}
-        out = []
-        for domain in sorted(set(self.store.domains()) | set(serving)):
-            versions = tuple(
-                AdapterVersionInfo(
-                    name=domain, version=vd.version, created=vd.meta.get("created"),
-                    base_model=vd.meta.get("base_model"),
-                    metrics={k: float(x) for k, x in (vd.meta.get("metrics") or {}).items()
-                             if isinstance(x, (int, float)) and math.isfinite(x)},
-                    is_current=vd.version == serving.get(domain),
-                    state=states.get(lora_name(domain, vd.version)),
-                )
-                for vd in self.store.versions(domain)
-            )
-            if versions or domain in serving:
-                out.append(AdapterInfo(domain, serving.get(domain), versions, self.errors.get(domain)))
-        return out
+        return catalog(self.store, serving, {k: v.state for k, v in self.versions.items()}, self.errors)

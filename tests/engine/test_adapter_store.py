@@ -284,3 +284,23 @@ def test_version_number_rejects_non_versions(bad: str) -> None:
 
 def test_version_number() -> None:
     assert [version_number(v) for v in ("v1", "v9", "v10", "v123")] == [1, 9, 10, 123]
+
+
+def test_catalog_marks_versions_kept_back_by_training_as_candidates(store: AdapterStore) -> None:
+    """The one catalog both backends list (/adapters, /ab): a version whose meta says "candidate"
+    and that does not serve is what an A/B can test; the serving one never is, whatever its meta."""
+    from engine.adapter_store import catalog, version_name
+
+    make_dir(store, "legal", "v1", status="promoted")
+    make_dir(store, "legal", "v2", status="candidate", metrics={"eval_loss": 1.5, "bad": float("nan")})
+    make_dir(store, "legal", "v3", status="candidate")
+    make_dir(store, "medical", "v1")
+    got = {a.name: a for a in catalog(store, {"legal": "v3", "finance": "v1"}, {version_name("legal", "v3"): "ready"},
+                                      {"finance": "no folder"})}
+    assert sorted(got) == ["finance", "legal", "medical"]
+    legal = {v.version: v for v in got["legal"].versions}
+    assert [legal[v].candidate for v in ("v1", "v2", "v3")] == [False, True, False]
+    assert legal["v3"].is_current and legal["v3"].state == "ready" and legal["v2"].state is None
+    assert legal["v2"].metrics == {"eval_loss": 1.5}
+    assert got["finance"].versions == () and got["finance"].error == "no folder"
+    assert not any(v.candidate for v in got["medical"].versions)
