@@ -10,12 +10,13 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import asdict
 from typing import Any, Sequence
 
 from engine import cpu_threads
 from engine.adapter_store import AdapterStore
 from engine.config import EngineSettings, load_settings
-from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
+from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed
 from engine.metrics import EngineMetrics
 from engine.model import memory_footprint
 from engine.types import (
@@ -234,6 +235,7 @@ class Engine:
         return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
 
     async def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
+        from engine.audit import effective_sampling
         from engine.requests import Request, SamplingSettings
 
         if self._closed or not self._ready:
@@ -241,24 +243,15 @@ class Engine:
         mode, p, s = stream._mode, stream._params, self.settings
         if mode.adapter is not None and mode.adapter not in self.registry.serving():
             raise AdapterNotFound(self.registry._not_found(mode.adapter))
-        max_new = p.max_new_tokens or s.max_new_tokens
-        if not 0 < max_new < s.context_tokens:
-            raise EngineError(f"max_new_tokens={max_new} must be between 1 and CONTEXT_TOKENS-1")
+        effective = effective_sampling(s, p)
+        max_new = effective.max_new_tokens
         # Template refresh, render and tokenizing read disk and run user-written code: off the loop.
         ids, trimmed = await asyncio.to_thread(self._prompt, mode.role, stream._user, stream._messages, max_new)
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         result = stream.result
         result.prompt_tokens, result.trimmed_turns = len(ids), trimmed
-        sampling = SamplingSettings(
-            max_new_tokens=max_new,
-            temperature=s.temperature if p.temperature is None else p.temperature,
-            top_p=p.top_p or s.top_p,
-            top_k=s.top_k if p.top_k is None else p.top_k,
-            repetition_penalty=p.repetition_penalty or s.repetition_penalty,
-            seed=p.seed,
-            ignore_eos=p.ignore_eos,
-        )
+        sampling = SamplingSettings(**asdict(effective), ignore_eos=p.ignore_eos)
         loop = asyncio.get_running_loop()
         req = Request(ids, mode.adapter, sampling, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), result)
         self.scheduler.submit(req)

@@ -21,7 +21,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
-from engine.types import FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext
+from engine.audit import effective_sampling
+from engine.types import (
+    EffectiveSampling, FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext,
+)
 from engine.vllm.client import (
     CompletionStream, ModelMissing, PromptTooLong, ReplicaRejected, ReplicaUnavailable, StreamFailed,
 )
@@ -37,23 +40,22 @@ _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
 def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], params: GenerationParams,
-                    max_new: int) -> dict[str, Any]:
+                    sampling: EffectiveSampling) -> dict[str, Any]:
     """The /v1/completions request: the engine's sampling settings mapped one to one.
 
     `ignore_eos` (benchmarks: a fixed amount of work) also drops our stop ids, since vLLM stops
     on `stop_token_ids` whatever `ignore_eos` says, as the local engine's ignore_eos ignores
     every end-of-sequence id.
     """
-    s, p = engine.settings, params
-    top_k = s.top_k if p.top_k is None else p.top_k
+    p, e = params, sampling
     body: dict[str, Any] = {
         "model": model,
         "prompt": prompt_ids,
-        "max_tokens": max_new,
-        "temperature": s.temperature if p.temperature is None else p.temperature,  # 0 = greedy in both
-        "top_p": p.top_p or s.top_p,
-        "top_k": top_k if top_k > 0 else -1,  # ours: 0 disables; vLLM: -1 (every release accepts it)
-        "repetition_penalty": p.repetition_penalty or s.repetition_penalty,
+        "max_tokens": e.max_new_tokens,
+        "temperature": e.temperature,  # 0 = greedy in both
+        "top_p": e.top_p,
+        "top_k": e.top_k if e.top_k > 0 else -1,  # ours: 0 disables; vLLM: -1 (every release accepts it)
+        "repetition_penalty": e.repetition_penalty,
         "stop_token_ids": [] if p.ignore_eos else engine.stop_token_ids,
         "skip_special_tokens": True,
         "return_token_ids": True,  # what another replica continues from, should this one fail mid-answer
@@ -62,8 +64,8 @@ def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], par
     }
     if p.ignore_eos:
         body["ignore_eos"] = True
-    if p.seed is not None:
-        body["seed"] = p.seed
+    if e.seed is not None:
+        body["seed"] = e.seed
     return body
 
 
@@ -145,9 +147,8 @@ class VllmStream:
             raise EngineClosed("the engine is shutting down" if engine.closed else "the engine is not running")
         engine.register_stream(self)
         s, mode, p = engine.settings, self._mode, self._params
-        max_new = p.max_new_tokens or s.max_new_tokens
-        if not 0 < max_new < s.context_tokens:
-            raise EngineError(f"max_new_tokens={max_new} must be between 1 and CONTEXT_TOKENS-1")
+        sampling = effective_sampling(s, p)
+        max_new = sampling.max_new_tokens
         if mode.adapter is not None:
             self._lease = engine.book.lease(mode.adapter)
             self.result.adapter_version = self._lease.version
@@ -155,7 +156,7 @@ class VllmStream:
         self.result.prompt_tokens, self.result.trimmed_turns = len(ids), trimmed
         model = self._lease.key if self._lease is not None else engine.served_model
         self._prompt_ids, self._key = ids, (model if self._lease is not None else None)
-        self._body = completion_body(engine, model, ids, p, max_new)
+        self._body = completion_body(engine, model, ids, p, sampling)
         await self._send(self._body, self._key)
 
     async def _continue_elsewhere(self, exc: ReplicaUnavailable) -> None:
