@@ -4,7 +4,7 @@
 
 `QUANTIZATION=auto` picks nf4 on CUDA (one quantized model in GPU memory is the product's
 promise) and, on CPU, `bf16` where the CPU has AMX tiles and `fp16` (fbgemm-packed fp16
-weights, fp32 compute) elsewhere, as measured by this benchmark (README, "Serving engine"). Single stream with an
+weights, fp32 compute) elsewhere, as measured by this benchmark (docs/engine.md). Single stream with an
 adapter, and a batch of rows over the three adapters and the base model; greedy, a fixed number
 of tokens (EOS ignored). All run in one process, one after another, so their ratios are
 comparable.

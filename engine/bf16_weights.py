@@ -6,7 +6,7 @@ the vector units, so from a few rows on a decode step is compute-bound. A CPU wi
 (Intel Sapphire Rapids and later) multiplies bf16 matrices several times faster: on this
 project's shapes, 1 core, 16 rows, the output head took 3.0 ms instead of fbgemm's 16 ms, a
 gate/up product 0.2 ms instead of 0.43, a 256-token prefill chunk ~5x less (numbers in the
-README). Up to `WIDE_ROWS` rows (decode steps) the product is written as `W @ xᵀ` (oneDNN's
+docs/engine.md). Up to `WIDE_ROWS` rows (decode steps) the product is written as `W @ xᵀ` (oneDNN's
 fast case for a few rows; `x @ Wᵀ` is ~2x slower there), a single row as `torch.mv`, which
 reads the weight once at memory speed; from `WIDE_ROWS` rows on (prefill chunks) as `x @ Wᵀ`,
 whose result needs no transposing copy (a 512-token gate/up product: 2.0 ms instead of 11.3).

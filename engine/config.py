@@ -170,7 +170,7 @@ class EngineSettings(BaseSettings):
         bf16 several times faster than the vector units), elsewhere fp16 where fbgemm is there,
         with fp32 compute: bitsandbytes de-quantizes every weight on every step on a CPU, while
         fbgemm's fp16 GEMM reads half of fp32's bytes (`python -m bench.quantization`; numbers
-        in the README).
+        in docs/engine.md).
 
         QUANTIZATION=fp16 or bf16 where it cannot run is a ConfigError naming what to set instead.
         """
@@ -214,7 +214,7 @@ class EngineSettings(BaseSettings):
 
         Not bf16 on a CPU by default, not even under QUANTIZATION=bf16: attention in bf16 rounds
         its probabilities too, and on the default model greedy answers then part from the
-        float32 cache's four times as often (`bench.conversation`, README), for a decode step
+        float32 cache's four times as often (`bench.conversation`, docs/engine.md), for a decode step
         5% faster at 128 keys and 13% at 500."""
         return self.kv_cache_dtype if self.kv_cache_dtype != "auto" else self.resolved_compute_dtype(device)
 
