@@ -13,18 +13,16 @@ costs milliseconds whatever the model's size. The values are rounded to bfloat16
 and the storage dtype is left out, so the same weights saved as float32 or bfloat16 match,
 while any other weights do not.
 
-`python -m engine.fingerprint` prints the configured model's fingerprint; `--stamp DIR...`
+`python -m engine.model --fingerprint` prints the configured model's fingerprint; `--stamp DIR...`
 records it in versions that lack one (after checking their base_model name).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import mmap
 import struct
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -180,12 +178,12 @@ def base_mismatch(meta: Mapping[str, Any], model: str, where: str = "this versio
         return f"was trained for base model {trained_name!r}, but this engine serves {str(model)!r}"
     if serving_fp and not trained_fp:
         log.warning("%s records no %s (made before fingerprints); accepted because its base_model %r matches. "
-                    "Record it with `python -m engine.fingerprint --stamp <version folder>`",
+                    "Record it with `python -m engine.model --stamp <version folder>`",
                     where, META_KEY, trained_name)
     return None
 
 
-# ---- command line -------------------------------------------------------------------------
+# ---- stamping versions made before fingerprints -------------------------------------------
 
 def stamp(version_dirs: Iterable[Path], model: ModelIdentity, force: bool = False) -> list[str]:
     """Record `model.fingerprint` in each version's meta.json that lacks one; returns what it did."""
@@ -208,32 +206,3 @@ def stamp(version_dirs: Iterable[Path], model: ModelIdentity, force: bool = Fals
         write_json_atomic(meta_path, meta)
         done.append(f"{folder}: stamped {model.fingerprint}")
     return done
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.fingerprint", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stamp", nargs="*", type=Path, default=[], metavar="VERSION_DIR",
-                        help="record the fingerprint in these versions' meta.json (e.g. adapters/legal/v1)")
-    parser.add_argument("--force", action="store_true", help="stamp even when base_model or a fingerprint differs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from engine.config import load_settings
-    from engine.errors import ConfigError, ModelLoadError
-    from engine.model import prepare
-
-    try:
-        source = prepare(load_settings())
-    except (ConfigError, ModelLoadError) as exc:
-        log.error("%s", exc)
-        return 2
-    fp = fingerprint_model(source.load_path)
-    if fp is None:
-        return 1
-    print(f"{source.model_id} {fp}")
-    for line in stamp(args.stamp, ModelIdentity(source.model_id, fp), args.force):
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -168,11 +168,3 @@ def fuse(modules: list[Fp16Linear]) -> Any:
 def packed_bytes(model: nn.Module) -> int:
     """Bytes of the packed fp16 weights under `model` (not counted by `get_memory_footprint`)."""
     return sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, Fp16Linear))
-
-
-def memory_footprint(model: Any) -> int:
-    """The model's bytes: transformers' parameter and buffer count plus the 16-bit weights
-    (fbgemm's packs and `engine.bf16_weights`' tensors), which it does not see."""
-    from engine import bf16_weights
-
-    return int(model.get_memory_footprint()) + packed_bytes(model) + bf16_weights.stored_bytes(model)

@@ -197,11 +197,11 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
 
 
 def memory_footprint(model: Any) -> int:
-    """The model's bytes in memory, packed fp16 weights included (transformers counts only
-    parameters and buffers)."""
-    from engine.fp16_weights import memory_footprint as footprint
+    """The model's bytes in memory: transformers' parameter and buffer count plus the 16-bit
+    weights it does not see (fbgemm's fp16 packs, `engine.bf16_weights`' tensors)."""
+    from engine import bf16_weights, fp16_weights
 
-    return footprint(model)
+    return int(model.get_memory_footprint()) + fp16_weights.packed_bytes(model) + bf16_weights.stored_bytes(model)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -266,6 +266,11 @@ def load(settings: EngineSettings) -> LoadedModel:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.model", description=__doc__)
     parser.add_argument("--prepare", action="store_true", help="convert the configured model once and exit")
+    parser.add_argument("--fingerprint", action="store_true",
+                        help="print the configured model's id and weights fingerprint (engine.fingerprint)")
+    parser.add_argument("--stamp", nargs="+", type=Path, default=[], metavar="VERSION_DIR",
+                        help="record the fingerprint in these versions' meta.json (e.g. adapters/legal/v1)")
+    parser.add_argument("--force", action="store_true", help="with --stamp: even when base_model or a fingerprint differs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -276,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.prepare:
         log.info("model ready: %s at %s", source.model_id, source.load_path)
+    if args.fingerprint or args.stamp:
+        from engine.fingerprint import ModelIdentity, fingerprint_model, stamp
+
+        fp = fingerprint_model(source.load_path)
+        if fp is None:
+            return 1
+        print(f"{source.model_id} {fp}")
+        for line in stamp(args.stamp, ModelIdentity(source.model_id, fp), args.force):
+            print(line)
     return 0
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from engine.adapter_store import AdapterStore
 from engine.adapters import validate
 from engine.errors import AdapterIncompatible
-from engine.fingerprint import META_KEY, ModelIdentity, base_mismatch, fingerprint_folder, main, stamp
+from engine.fingerprint import META_KEY, ModelIdentity, base_mismatch, fingerprint_folder, stamp
+from engine.model import main
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FOLDER = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -169,6 +170,6 @@ def test_stamp_records_the_fingerprint_only_where_the_name_matches(tmp_path: Pat
 
 def test_command_prints_the_configured_models_fingerprint(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL", str(DEFAULT_FOLDER))
-    assert main([]) == 0
+    assert main(["--fingerprint"]) == 0
     out = capsys.readouterr().out
     assert out.split() == ["SmolLM2-135M-Instruct", fingerprint_folder(DEFAULT_FOLDER)]

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine import fp16_weights
 from engine.config import load_settings
+from engine.model import memory_footprint
 from engine.runtime import FastRuntime
 from engine.runtime.fused import FusedLinear
 from engine.runtime.lora import lora_groups
@@ -116,11 +117,11 @@ def test_the_reference_path_on_the_same_model_is_unchanged_by_a_runtime(tiny: Ti
     ids = torch.tensor([SEQS[0]])
     with torch.inference_mode():
         before = model(input_ids=ids).logits
-    size, held = fp16_weights.memory_footprint(model), _storage_bytes(model.parameters())
+    size, held = memory_footprint(model), _storage_bytes(model.parameters())
     s = load_settings(max_batch_size=2, context_tokens=128, max_new_tokens=4, max_resident_adapters=1, max_lora_rank=8)
     FastRuntime(model, s)
     FastRuntime(model, s)  # a second one over the same model fuses nothing twice
-    assert (fp16_weights.memory_footprint(model), _storage_bytes(model.parameters())) == (size, held)
+    assert (memory_footprint(model), _storage_bytes(model.parameters())) == (size, held)
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
 
