@@ -407,6 +407,9 @@ class EnginePath:
 
     async def hot_load(self, streams: int, deadline: float) -> HotLoad:
         """`reload('legal')` to v2 while `streams` users decode (v1 was serving at start)."""
+        if self.runtime == "reference":
+            return HotLoad(self.name, streams, None, None, None, None,
+                           note="serves one request at a time: no streams decode together to reload beside")
         wl = Workload("hotload", "hot-load", tuple(MODES[i % 4] for i in range(streams)))
 
         async def reload(traces: list[Trace], stop: Callable[[], None], progress: Progress) -> dict[str, Any]:
