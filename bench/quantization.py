@@ -61,14 +61,14 @@ async def main_async(args: argparse.Namespace) -> None:
         from bench import use_cpu_threads
 
         use_cpu_threads(None)  # the count the engines will use, so the header says it
-    from engine import bf16_weights
+    from engine.weights import bf16_weights
 
     print(f"# bench.quantization: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"AMX {'yes' if bf16_weights.available() else 'no'}, "
           f"torch {torch.__version__}, device {args.device}, {args.tokens} tokens, batch {args.batch}")
     kinds = ["none", "nf4", "int8"]
     if args.device == "cpu":
-        from engine import fp16_weights
+        from engine.weights import fp16_weights
 
         if fp16_weights.available():
             kinds.append("fp16")  # a CPU-only kind: fbgemm's packed fp16 GEMM

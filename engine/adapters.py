@@ -24,7 +24,7 @@ from typing import Any, Callable
 from engine import cpu_threads
 from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
-from engine.fingerprint import base_mismatch
+from engine.model.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
 from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, ResidentAdapter
 

@@ -185,7 +185,7 @@ class EngineSettings(BaseSettings):
                 raise ConfigError(
                     f"QUANTIZATION={q} keeps activations in float32, not COMPUTE_DTYPE={self.compute_dtype}; "
                     "set COMPUTE_DTYPE=auto or float32, or QUANTIZATION=none")
-            from engine import fp16_weights
+            from engine.weights import fp16_weights
 
             if q == "fp16" and not fp16_weights.available():
                 raise ConfigError("QUANTIZATION=fp16: this torch build has no fbgemm fp16 kernels (an x86 "
@@ -196,7 +196,7 @@ class EngineSettings(BaseSettings):
             return "nf4" if device.startswith("cuda") else "none"
         if self.compute_dtype not in ("auto", "float32"):
             return "none"
-        from engine import bf16_weights, fp16_weights
+        from engine.weights import bf16_weights, fp16_weights
 
         if bf16_weights.available():
             return "bf16"

@@ -82,7 +82,7 @@ class AuditStamp:
     """What produced one answer, so an admin can tell why two answers differ (/why).
 
     `quantization` is here because the base fingerprint is the same for every quantization of
-    one checkpoint (engine/fingerprint.py), while the weights that ran are not.
+    one checkpoint (engine/model/fingerprint.py), while the weights that ran are not.
     """
 
     base_model: str  # the engine's model id

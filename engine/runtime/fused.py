@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import bf16_weights, fp16_weights
+from engine.weights import bf16_weights, fp16_weights
 from engine.runtime import fused_4bit
 
 

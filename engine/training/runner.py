@@ -21,7 +21,7 @@ from typing import Any, Callable
 from engine.adapter_store import AdapterStore, VersionDir
 from engine.config import EngineSettings
 from engine.errors import TrainingError
-from engine.fingerprint import base_mismatch
+from engine.model.fingerprint import base_mismatch
 from engine.training.data import DomainData, load_domain_data, load_hub_data
 from engine.training.evaluate import EvalResult, eval_loss, gate
 from engine.training.options import TrainOptions

@@ -18,7 +18,7 @@ def test_smallest_run_reuses_the_conversation_and_answers_alike(tmp_path: Path) 
     """With fp32 activations (fp16 weights where fbgemm is, else none), where a restored start
     must give the very answer a full prefill gives; bf16's row-count-dependent rounding may
     part them (README), so `auto`'s bf16 is not what this checks."""
-    from engine import fp16_weights
+    from engine.weights import fp16_weights
 
     out = tmp_path / "conversation.json"
     env = os.environ | {"QUANTIZATION": "fp16" if fp16_weights.available() else "none"}

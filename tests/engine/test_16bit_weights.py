@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import bf16_weights, fp16_weights
+from engine.weights import bf16_weights, fp16_weights
 
 
 @dataclass(frozen=True)
 class Kind:
-    module: Any  # engine.fp16_weights or engine.bf16_weights
+    module: Any  # engine.weights.fp16_weights or .bf16_weights
     rounded: Callable[[torch.Tensor], torch.Tensor]  # a weight as the kind stores it, back in fp32
     served: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # what a converted layer computes, no bias
     tol: dict[str, float]  # of the served product against `served`

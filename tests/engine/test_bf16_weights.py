@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import bf16_weights
+from engine.weights import bf16_weights
 from engine.runtime.fused import FusedLinear
 
 

@@ -131,7 +131,7 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.model == "smollm2"
     assert s.device == "auto" and s.compute_dtype == "auto"
     assert s.quantization == "auto"
-    from engine import bf16_weights, fp16_weights
+    from engine.weights import bf16_weights, fp16_weights
 
     cpu_default = "bf16" if bf16_weights.available() else "fp16" if fp16_weights.available() else "none"
     assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == (cpu_default, "nf4")
@@ -280,7 +280,7 @@ def test_auto_takes_bf16_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch)
     """bf16 runs on emulation without AMX tiles (slower than fp16 there), so auto asks the CPU."""
     import torch
 
-    from engine import fp16_weights
+    from engine.weights import fp16_weights
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert load_settings().resolved_quantization("cpu") == "bf16"

@@ -197,7 +197,7 @@ async def test_a_follow_up_message_reuses_the_conversation_so_far(engines) -> No
 async def cpu16_engines(request: pytest.FixtureRequest, workdir: Path):
     """The CPU defaults, QUANTIZATION=fp16 (fbgemm's packed fp16 GEMM) and bf16 (on a CPU with
     AMX): the fast path and the reference over the same 16-bit weights."""
-    from engine import fp16_weights
+    from engine.weights import fp16_weights
 
     quantization = request.param
     if quantization == "fp16" and not fp16_weights.available():

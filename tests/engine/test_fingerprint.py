@@ -1,4 +1,4 @@
-"""engine.fingerprint: adapters are matched to the base model by its weights, not its name.
+"""engine.model.fingerprint: adapters are matched to the base model by its weights, not its name.
 
 Small safetensors folders stand in for models (the recipe reads only headers and a few values
 per tensor); the shipped adapters are checked against the real default model's folder.
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from engine.adapter_store import AdapterStore
 from engine.adapters import validate
 from engine.errors import AdapterIncompatible
-from engine.fingerprint import META_KEY, ModelIdentity, base_mismatch, fingerprint_folder, stamp
+from engine.model.fingerprint import META_KEY, ModelIdentity, base_mismatch, fingerprint_folder, stamp
 from engine.model import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def test_fingerprint_decides_and_the_name_is_the_fallback(meta: dict, model: str
 
 
 def test_a_version_without_fingerprint_is_accepted_with_a_warning(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="engine.fingerprint"):
+    with caplog.at_level(logging.WARNING, logger="engine.model.fingerprint"):
         assert base_mismatch({"base_model": HUB_ID}, ModelIdentity(HUB_ID, FP), "adapter legal/v1") is None
     assert any("legal/v1" in r.getMessage() and META_KEY in r.getMessage() and "--stamp" in r.getMessage()
                for r in caplog.records)

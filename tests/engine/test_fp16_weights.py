@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import fp16_weights
+from engine.weights import fp16_weights
 from tests.engine.test_16bit_weights import FP16, pair
 
 pytestmark = pytest.mark.skipif(not fp16_weights.available(), reason="this torch build has no fbgemm (not x86)")

@@ -157,7 +157,7 @@ hf_logging.get_logger("transformers.modeling_utils").warning("Some weights were 
 hf_logging.get_logger("transformers.models.llama").warning("`past_key_values` is deprecated; use `cache`")
 warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning,
                        "/venv/lib/python3.11/site-packages/transformers/modeling_utils.py", 3312)
-warnings.warn_explicit("our own code is about to change", FutureWarning, "/srv/app/engine/model.py", 1)
+warnings.warn_explicit("our own code is about to change", FutureWarning, "/srv/app/engine/model/loader.py", 1)
 print(json.dumps({"bars": hf_logging.is_progress_bar_enabled(), "hub_bars": not hub_utils.are_progress_bars_disabled()}))
 """
 

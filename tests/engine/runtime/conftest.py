@@ -89,11 +89,11 @@ def build_tiny(name: str, tmp: Path) -> TinyModel:
         "b": _save_adapter(model, tmp / f"{name}-b", 2, 8, ["q_proj", "v_proj", "down_proj"]),
     }
     if name.endswith("-fp16"):
-        from engine import fp16_weights
+        from engine.weights import fp16_weights
 
         assert fp16_weights.convert(model).modules == 2 * 7 + 1  # every projection and the untied head
     if name.endswith("-bf16"):
-        from engine import bf16_weights
+        from engine.weights import bf16_weights
 
         assert bf16_weights.convert(model).modules == 2 * 7 + 1
     if name.endswith("-nf4"):

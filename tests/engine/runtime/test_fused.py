@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import fp16_weights
+from engine.weights import fp16_weights
 from engine.config import load_settings
 from engine.model import memory_footprint
 from engine.runtime import FastRuntime

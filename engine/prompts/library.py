@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from jinja2 import StrictUndefined, TemplateError as JinjaError, TemplateSyntaxError
 
 from engine.errors import ConfigError, EngineError, InputTooLong, TemplateError, TemplateNotFound
-from engine.template_limits import LimitedSandbox, RenderLimit, limits, render_limited
+from engine.prompts.limits import LimitedSandbox, RenderLimit, limits, render_limited
 from engine.types import Message, RoleInfo, UserContext
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def safe_prompt(language: str) -> str:
 class TemplateLibrary:
     """All role templates of one folder, refreshed from disk at most every `poll_s` seconds.
 
-    Rendering runs under a time and size budget (`engine.template_limits`), at load (the test
+    Rendering runs under a time and size budget (`engine.prompts.limits`), at load (the test
     render) and for every request, so a template that loops or grows without end is refused
     with its file instead of stalling whoever renders it. The engine renders off its event
     loop and refreshes from a poller thread (`start_polling`), so no disk read or render ever

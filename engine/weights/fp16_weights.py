@@ -67,7 +67,7 @@ class Fp16Linear(nn.Linear):
 
 @dataclass(frozen=True)
 class Conversion:
-    """What `convert` (or `engine.bf16_weights.convert`) did, for the load log."""
+    """What `convert` (or `engine.weights.bf16_weights.convert`) did, for the load log."""
 
     modules: int
     packed_bytes: int  # bytes now held in the 16-bit weights

@@ -20,7 +20,7 @@ depends on the batch's row count, so a row's numbers may differ in the last bits
 batch it is in (as on a GPU). Where AMX is missing, bf16 runs on emulation and is slower than
 fp16, so `QUANTIZATION=auto` takes it only where `available()` says the tiles are there.
 
-As with `engine.fp16_weights`, the converted modules stay `nn.Linear` subclasses (peft wraps
+As with `engine.weights.fp16_weights`, the converted modules stay `nn.Linear` subclasses (peft wraps
 them as any linear layer) and `weight` reads back an fp32 copy on demand. A forward with
 gradients enabled (training) multiplies by that copy in fp32, so training sees a plain
 `F.linear` over the served weight values, without bf16's rounding of activations.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.fp16_weights import Conversion, swap_linears
+from engine.weights.fp16_weights import Conversion, swap_linears
 
 
 def available() -> bool:

@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +45,12 @@ class LoadedModel:
     quantization: str
     device: str
     dtype: str
-    fingerprint: str | None = None  # of the weight files on disk (engine.fingerprint)
+    fingerprint: str | None = None  # of the weight files on disk (engine.model.fingerprint)
 
     @property
     def identity(self) -> Any:
         """The model id that adapters are checked against, carrying the weights' fingerprint."""
-        from engine.fingerprint import ModelIdentity
+        from engine.model.fingerprint import ModelIdentity
 
         return ModelIdentity(self.source.model_id, self.fingerprint)
 
@@ -181,7 +180,7 @@ def torch_dtype(settings: EngineSettings, device: str) -> Any:
 
 def quantization_config(quantization: str, dtype: Any) -> Any:
     """The bitsandbytes config for a resolved quantization, or None for `none`, `fp16` and
-    `bf16` (which are ours: `engine.fp16_weights`, `engine.bf16_weights`, applied after loading)."""
+    `bf16` (which are ours: `engine.weights.fp16_weights`, `engine.weights.bf16_weights`, applied after loading)."""
     if quantization in ("none", "fp16", "bf16"):
         return None
     from transformers import BitsAndBytesConfig
@@ -198,8 +197,8 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
 
 def memory_footprint(model: Any) -> int:
     """The model's bytes in memory: transformers' parameter and buffer count plus the 16-bit
-    weights it does not see (fbgemm's fp16 packs, `engine.bf16_weights`' tensors)."""
-    from engine import bf16_weights, fp16_weights
+    weights it does not see (fbgemm's fp16 packs, `engine.weights.bf16_weights`' tensors)."""
+    from engine.weights import bf16_weights, fp16_weights
 
     return int(model.get_memory_footprint()) + fp16_weights.packed_bytes(model) + bf16_weights.stored_bytes(model)
 
@@ -244,14 +243,14 @@ def load(settings: EngineSettings) -> LoadedModel:
     model.eval()
     packing = ""
     if quantization == "fp16":
-        from engine import fp16_weights
+        from engine.weights import fp16_weights
 
         packing = "; " + fp16_weights.convert(model).describe()
     elif quantization == "bf16":
-        from engine import bf16_weights
+        from engine.weights import bf16_weights
 
         packing = "; " + bf16_weights.convert(model).describe()
-    from engine.fingerprint import fingerprint_model
+    from engine.model.fingerprint import fingerprint_model
 
     fingerprint = fingerprint_model(source.load_path)
     log.info(
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.model", description=__doc__)
     parser.add_argument("--prepare", action="store_true", help="convert the configured model once and exit")
     parser.add_argument("--fingerprint", action="store_true",
-                        help="print the configured model's id and weights fingerprint (engine.fingerprint)")
+                        help="print the configured model's id and weights fingerprint (engine.model.fingerprint)")
     parser.add_argument("--stamp", nargs="+", type=Path, default=[], metavar="VERSION_DIR",
                         help="record the fingerprint in these versions' meta.json (e.g. adapters/legal/v1)")
     parser.add_argument("--force", action="store_true", help="with --stamp: even when base_model or a fingerprint differs")
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         log.info("model ready: %s at %s", source.model_id, source.load_path)
     if args.fingerprint or args.stamp:
-        from engine.fingerprint import ModelIdentity, fingerprint_model, stamp
+        from engine.model.fingerprint import ModelIdentity, fingerprint_model, stamp
 
         fp = fingerprint_model(source.load_path)
         if fp is None:
@@ -291,7 +290,3 @@ def main(argv: list[str] | None = None) -> int:
         for line in stamp(args.stamp, ModelIdentity(source.model_id, fp), args.force):
             print(line)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
