@@ -141,16 +141,16 @@ class LoraBook:
         return None
 
     def refuse(self, v: LoraVersion, reason: str) -> None:
-        """`v` cannot serve; if it was serving (or its domain had none), its domain has none now.
-        A refused held version is let go: the domain's serving version is not its concern."""
-        serving = self.serving.get(v.domain)
+        """`v` cannot serve; if it was serving (or about to), its domain has none now. A refused
+        held version is let go, and the domain's serving version and error are left alone."""
+        serving, held = self.serving.get(v.domain), self.held.get(v.domain, ())
         if serving is v:
             del self.serving[v.domain]
-        if serving is None or serving is v:
-            self.errors[v.domain] = reason
-        if v.version in self.held.get(v.domain, ()):
+        if v.version in held:
             log.error("held version %s let go: %s", v.key, reason)
-            self.hold(v.domain, tuple(h for h in self.held[v.domain] if h != v.version))
+            self.hold(v.domain, tuple(h for h in held if h != v.version))
+        elif serving is None or serving is v:
+            self.errors[v.domain] = reason
         if v.in_flight <= 0:
             self.versions.pop(v.key, None)
         else:

@@ -889,3 +889,20 @@ async def test_the_stamp_names_the_replica_that_finished_an_answer_continued_els
     reply.allow(2)
     assert "".join(await collect(stream)) == " two three four"
     assert stream.replicas_used == [a.url, b.url] and stream.result.stamp.replica == b.url
+
+
+async def test_a_held_version_a_restarted_replica_refuses_is_let_go_and_the_domain_keeps_serving(
+        fakes, make_engine, adapters_dir):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica, vllm_health_interval_s=0.05)
+    write_adapter(adapters_dir, "legal", "v2", current=False, r=8, seed=5)
+    await engine.hold("legal", ("v2",))
+    replica.max_lora_rank = 4  # restarted with a lower --max-lora-rank: the candidate no longer fits
+    await replica.restart()
+    await replica.wait_for(lambda: set(replica.adapters) == {"legal__v1", "medical__v1"})
+    await _wait_ready(engine, 1)
+    legal = engine.modes().adapter("legal")
+    assert (legal.current, legal.error) == ("v1", None)
+    assert {v.version: v.state for v in legal.versions} == {"v1": "ready", "v2": None}  # let go, not resident
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    assert "legal__v1" in "".join(await collect(stream))
