@@ -263,8 +263,10 @@ class VllmEngine:
             if lv is None or lv.state == "failed":
                 lv = self.book.versions[fresh.key] = fresh
         lv.in_flight += 1
+        assert self.fleet is not None, "start() first"
+        if lv.state == "ready" and all(lv.key in r.registered for r in self.fleet.ready()):
+            return lv  # held (the A/B's requests): no wait behind a switch for the fleet's lock
         try:
-            assert self.fleet is not None, "start() first"
             await self.fleet.register(lv)
         except BaseException:
             self.release_lease(lv)
