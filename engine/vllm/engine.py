@@ -10,7 +10,13 @@ training, and the metrics. See docs/deployment.md for when to use it.
 At start every replica is checked (reachable, the configured base model, a context of at
 least CONTEXT_TOKENS, LoRA loadable at run time) and each domain's serving version is
 validated as the local engine does and registered on every replica as `<domain>__<version>`.
-A health loop then watches the replicas (see fleet.py).
+A health loop then watches the replicas (see fleet.py). `hold` keeps more versions of a domain
+(an A/B's candidate) registered beside the serving one; a request may pin any version on disk.
+
+Each answer's audit stamp names the replica that wrote it (the last one, when another replica
+continued an answer after a failure), the base weights' fingerprint (of the model files this
+process reads its tokenizer from, which the replicas must serve: computed once at start) and
+no quantization (a replica does not tell what it runs: its flags are the operator's).
 """
 from __future__ import annotations
 
@@ -20,16 +26,16 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import aiohttp
 
-from engine.adapter_store import AdapterStore, VersionDir
+from engine.adapter_store import AdapterStore, VersionDir, version_name
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineError
 from engine.metrics import EngineMetrics
 from engine.types import (
-    EngineStatus, GenerationParams, Message, Mode, ModeCatalog, ReloadReport, UserContext,
+    EngineStatus, GenerationParams, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter, UserContext,
 )
 from engine.vllm.client import ReplicaClient, Timeouts, open_session
 from engine.vllm.config import VllmSettings, load_vllm_settings
@@ -37,6 +43,9 @@ from engine.vllm.fleet import Fleet, Replica
 from engine.vllm.lora import LoraBook, LoraVersion, replica_path, validate_version
 from engine.vllm.metrics import ReplicaMetrics
 from engine.vllm.stream import VllmStream
+
+if TYPE_CHECKING:
+    from engine.prompts import BuiltPrompt
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,7 @@ class VllmEngine:
         self.started = False
         self.closed = False
         self.model_id = ""
+        self.base_fingerprint: str | None = None  # of the model files here (engine/fingerprint.py)
         self.served_model = ""
         self.stop_token_ids: list[int] = []
         self.fleet: Fleet | None = None  # set by start()
@@ -99,6 +109,7 @@ class VllmEngine:
         self._watch: asyncio.Task[None] | None = None
         self._streams: set[VllmStream] = set()
         self._unloads: set[asyncio.Task[None]] = set()
+        self._hold_lock = asyncio.Lock()  # one hold() at a time: each replaces a domain's held set
         self._started_at = time.monotonic()
         # one thread tokenizes: off the event loop, and never two calls into the tokenizer at once
         self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-prompts")
@@ -140,11 +151,14 @@ class VllmEngine:
 
     def _load_sync(self) -> None:
         from engine import model as model_loader
+        from engine.fingerprint import ModelIdentity, fingerprint_model
         from engine.prompts import PromptMaker, load_templates
 
         self.templates = load_templates(self.settings)  # first: a wrong TEMPLATES_DIR fails in a second
         source = model_loader.prepare(self.settings)
-        self.model_id = source.model_id
+        self.base_fingerprint = fingerprint_model(source.load_path)  # headers and a few values: milliseconds
+        # adapters are matched on the fingerprint where both sides have one, as the local engine does
+        self.model_id = ModelIdentity(source.model_id, self.base_fingerprint)
         self.served_model = self.vllm.vllm_model or source.model_id
         tokenizer = model_loader.load_tokenizer(source)
         self.stop_token_ids = stop_token_ids(tokenizer, source.load_path)
@@ -220,11 +234,13 @@ class VllmEngine:
         return VllmStream(self, list(messages), mode, params or GenerationParams(), user)
 
     async def build_prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
-                           max_new: int) -> tuple[list[int], int]:
-        """Token ids of the prompt and the turns trimmed, exactly as the local engine builds them
-        (template render and tokenizing in the prompt thread, never on the event loop)."""
+                           max_new: int) -> "BuiltPrompt":
+        """The prompt's token ids, the turns trimmed and the system prompt's template, exactly as
+        the local engine builds them (template render and tokenizing in the prompt thread, never
+        on the event loop)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prompt_pool, self.prompts.build, role, user, messages, max_new)
+        return await loop.run_in_executor(self._prompt_pool, self.prompts.build_prompt, role, user, messages,
+                                          max_new)
 
     def register_stream(self, stream: VllmStream) -> None:
         self._streams.add(stream)
@@ -232,8 +248,85 @@ class VllmEngine:
     def unregister_stream(self, stream: VllmStream) -> None:
         self._streams.discard(stream)
 
+    async def lease(self, domain: str, version: str | None) -> LoraVersion:
+        """The version a new request on `domain` uses, counted in flight until `release_lease`:
+        the serving one, or `version` (pinned), registered on the replicas first if it is not
+        (AdapterNotFound: not on disk; AdapterInvalid: it fails validation or a replica refuses it)."""
+        serving = self.book.serving.get(domain)
+        if version is None or (serving is not None and serving.version == version):
+            return self.book.lease(domain)
+        vd = self.store.version(domain, version)  # AdapterNotFound when it is not on disk
+        lv = self.book.versions.get(version_name(domain, version))
+        if lv is None or lv.state == "failed":
+            fresh = await asyncio.to_thread(self._validated, vd)
+            lv = self.book.versions.get(fresh.key)  # another request may have tracked it meanwhile
+            if lv is None or lv.state == "failed":
+                lv = self.book.versions[fresh.key] = fresh
+        lv.in_flight += 1
+        assert self.fleet is not None, "start() first"
+        if lv.state == "ready" and all(lv.key in r.registered for r in self.fleet.ready()):
+            return lv  # held (the A/B's requests): no wait behind a switch for the fleet's lock
+        try:
+            await self.fleet.register(lv)
+        except BaseException:
+            self.release_lease(lv)
+            raise
+        return lv
+
+    async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
+        """Keep these versions of `name` registered on every replica beside its serving one (and
+        on a replica that comes back); `()` lets them go (unloaded once no request uses them).
+        AdapterNotFound / AdapterInvalid leave the previous set held; see engine/face.py."""
+        assert self.fleet is not None, "start() first"
+        wanted = tuple(dict.fromkeys(versions))
+        async with self._hold_lock:
+            self.store.domain_dir(name)  # validates the name
+            if not self.store.versions(name) and name not in self.book.serving:
+                raise AdapterNotFound(self.book.not_found(name))
+            dirs = [self.store.version(name, v) for v in wanted]  # AdapterNotFound before anything changes
+            fresh = {}
+            for vd in dirs:
+                known = self.book.versions.get(version_name(name, vd.version))
+                if known is None or known.state == "failed":
+                    fresh[vd.version] = await asyncio.to_thread(self._validated, vd)  # AdapterInvalid
+            serving = self.book.serving.get(name)
+            keep = tuple(v for v in wanted if serving is None or serving.version != v)
+            before = self.book.hold(name, tuple(dict.fromkeys(self.book.held.get(name, ()) + keep)))
+            added: list[LoraVersion] = []  # held during the registration, so no health check drops them
+            try:
+                for vd in dirs:
+                    key = version_name(name, vd.version)
+                    lv = self.book.versions.get(key)
+                    if lv is None or lv.state == "failed":
+                        lv = fresh.get(vd.version) or await asyncio.to_thread(self._validated, vd)
+                        self.book.versions[key] = lv
+                        added.append(lv)
+                    elif lv.state == "retired":
+                        lv.state = "loading"  # back while requests still use it
+                        added.append(lv)
+                    await self.fleet.register(lv)
+            except (AdapterInvalid, AdapterNotFound) as exc:
+                log.error("holding %s %s refused: %s", name, ", ".join(wanted), exc)
+                self.book.hold(name, before)  # the previous set stays; take back what this call put on
+                for lv in added:
+                    if not self.book.needed(lv):
+                        lv.state = "failed" if lv.state == "loading" else "retired"
+                        if lv.in_flight <= 0:
+                            await self.fleet.unload_everywhere(lv)
+                raise
+            self.book.hold(name, keep)
+            for version in before:
+                lv = self.book.versions.get(version_name(name, version))
+                if lv is not None and not self.book.needed(lv) and lv.in_flight <= 0:
+                    await self.fleet.unload_everywhere(lv)
+            if wanted or before:
+                log.info("adapter %s: holding %s beside the serving version (was %s)", name,
+                         ", ".join(wanted) or "nothing", ", ".join(before) or "nothing")
+            resident = {(a.name, a.version): a for a in self.book.resident()}
+            return tuple(resident[(name, v)] for v in wanted if (name, v) in resident)
+
     def release_lease(self, lease: LoraVersion) -> None:
-        """A request on `lease` ended; unload a retired version once nothing uses it."""
+        """A request on `lease` ended; unload a version nothing keeps once nothing uses it."""
         if self.book.release(lease) and self.fleet is not None and not self.closed:
             task = asyncio.get_running_loop().create_task(self.fleet.unload_everywhere(lease),
                                                           name=f"unload-{lease.key}")

@@ -1,14 +1,15 @@
 """The replicas: their states, which adapters each holds, routing, and keeping them in line.
 
-A replica is `starting` until first checked, `registering` while the serving adapters are put
-on it, `ready` when it takes requests, `down` after a failure (left out for VLLM_RETRY_AFTER_S,
+A replica is `starting` until first checked, `registering` while the adapters it must hold are
+put on it, `ready` when it takes requests, `down` after a failure (left out for VLLM_RETRY_AFTER_S,
 then checked again) and `incompatible` when it cannot serve this bot (another base model, a
 context shorter than CONTEXT_TOKENS, runtime LoRA loading off, a bad API key).
 
 Adapters: a switch (start, /reload, promotion, rollback) registers the new version on every
-ready replica before anything routes to it; a replica that comes back, or that restarted and
-lost its adapters (seen in its /v1/models, or as "model does not exist" on a request), gets
-the serving set before it takes requests again. Switches, registrations and unloads are
+ready replica before anything routes to it, as does holding a version (an A/B's candidate) or
+pinning one on a request; a replica that comes back, or that restarted and lost its adapters
+(seen in its /v1/models, or as "model does not exist" on a request), gets the serving and held
+set (and versions pinned by requests in flight) before it takes requests again. Switches, registrations and unloads are
 serialised by one lock, so a replica never misses a version switched in while it was coming
 back.
 
@@ -164,7 +165,7 @@ class Fleet:
         return {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
 
     async def bring_in(self, r: Replica) -> None:
-        """Probe `r`, give it the serving adapters, drop ours it should not hold; then ready.
+        """Probe `r`, give it the wanted adapters (serving, held, pinned), drop ours it should not hold; then ready.
 
         A version it could not load for an engine error of no known cause is left off it (its
         requests go to replicas that have it) and tried again at the next health check.
@@ -236,7 +237,7 @@ class Fleet:
         missing = {v.key for v in self.book.wanted() if v.state == "ready"} - held
         stale = held - self.book.keep()
         if missing:
-            log.warning("replica %s lacks %s (restarted, or a load failed): registering the serving adapters",
+            log.warning("replica %s lacks %s (restarted, or a load failed): registering its adapters again",
                         r.url, ", ".join(sorted(missing)))
         if missing or stale:
             async with self.lock:
@@ -261,32 +262,14 @@ class Fleet:
     async def switch(self, v: LoraVersion) -> None:
         """Register `v` on every ready replica, then make it serve; else raise and change nothing.
 
-        The version it replaces is retired and unloaded once its last request ends.
+        The version it replaces is retired and unloaded once its last request ends (unless held).
         """
         async with self.lock:
             known = self.book.versions.get(v.key)
             was = known.state if known is not None else None  # "retired": a rollback to one still in use
             v = self.book.track(v)
-            targets = [r for r in self.ready() if v.key not in r.registered]
-            results = await asyncio.gather(*(self._load(r, v) for r in targets), return_exceptions=True)
-            refusals, loaded = [], []
-            for r, res in zip(targets, results):
-                if isinstance(res, LoraDisabled):  # the replica's set-up, not the version: leave it out
-                    self._set(r, "incompatible", _lora_disabled(r, res))
-                elif isinstance(res, AdapterLoadFailed):  # an engine error, retried: nothing switches, nothing is out
-                    refusals.append(f"{r.url}: {res.args[0]} (vLLM failed, not the adapter as far as it says; "
-                                    f"/reload {v.domain} tries again)")
-                elif isinstance(res, ReplicaUnavailable):
-                    self.take_out(r, str(res))  # it gets the serving set when it comes back
-                elif isinstance(res, ReplicaRejected):
-                    refusals.append(f"{r.url}: {res.detail}{_hint(res.detail, v)}")
-                elif isinstance(res, BaseException):
-                    raise res
-                else:
-                    loaded.append(r)
+            refusals = await self._load_everywhere(v)
             if refusals:
-                for r in loaded:  # take back what this switch put on; nothing else changes
-                    await self._unload(r, v.key)
                 if was == "retired":
                     v.state = "retired"
                 elif self.book.serving.get(v.domain) is not v:
@@ -298,6 +281,47 @@ class Fleet:
             old = self.book.make_serving(v)
         if old is not None and old.in_flight <= 0:
             await self.unload_everywhere(old)
+
+    async def register(self, v: LoraVersion) -> None:
+        """Put `v` (tracked by the book: held, or pinned by a request) on every ready replica that
+        lacks it; on a refusal take back what this call put on, mark `v` failed, raise
+        AdapterInvalid. Serving pointers are left alone: a candidate cannot break its domain."""
+        async with self.lock:
+            refusals = await self._load_everywhere(v)
+            if refusals:
+                if not self.book.needed(v):
+                    v.state = "failed"
+                    self.book.forget(v)
+                raise AdapterInvalid(f"adapter {v.domain}/{v.version} was refused by the replicas: "
+                                     + "; ".join(refusals))
+            if v.state in ("loading", "failed"):
+                v.state = "ready"
+
+    async def _load_everywhere(self, v: LoraVersion) -> list[str]:
+        """Load `v` on every ready replica lacking it; the refusals (what this call put on is
+        then taken back). A replica that fails or cannot load adapters at all is taken out.
+        Hold `self.lock`."""
+        targets = [r for r in self.ready() if v.key not in r.registered]
+        results = await asyncio.gather(*(self._load(r, v) for r in targets), return_exceptions=True)
+        refusals, loaded = [], []
+        for r, res in zip(targets, results):
+            if isinstance(res, LoraDisabled):  # the replica's set-up, not the version: leave it out
+                self._set(r, "incompatible", _lora_disabled(r, res))
+            elif isinstance(res, AdapterLoadFailed):  # an engine error, retried: nothing switches, nothing is out
+                refusals.append(f"{r.url}: {res.args[0]} (vLLM failed, not the adapter as far as it says; "
+                                f"/reload {v.domain} tries again)")
+            elif isinstance(res, ReplicaUnavailable):
+                self.take_out(r, str(res))  # it gets the wanted set when it comes back
+            elif isinstance(res, ReplicaRejected):
+                refusals.append(f"{r.url}: {res.detail}{_hint(res.detail, v)}")
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                loaded.append(r)
+        if refusals:
+            for r in loaded:  # take back what this call put on; nothing else changes
+                await self._unload(r, v.key)
+        return refusals
 
     async def _load(self, r: Replica, v: LoraVersion) -> None:
         try:

@@ -6,8 +6,14 @@ per request. A version's life: `loading` (validated here, being registered on th
 took over; requests that started on it finish on it) -> gone once its last request ended and
 the fleet unloaded it. `failed` keeps the reason a version was refused.
 
+Besides its serving version a domain may have versions *held* (`VllmEngine.hold`: an A/B's
+candidate): they are on every replica like the serving one (and put back on a replica that
+restarted), stay when the serving version changes, and go once no longer held and unused. A
+request may pin any version on disk (`GenerationParams.adapter_version`); one neither serving
+nor held is registered for it and unloaded after its last request.
+
 The name a version has on a replica is `<domain>__<version>` (e.g. `legal__v3`): one per
-version, so the old and the new one coexist while a switch is under way.
+version, so the old and the new one, or the serving one and a candidate, coexist.
 """
 from __future__ import annotations
 
@@ -71,6 +77,7 @@ class LoraBook:
         self.serving: dict[str, LoraVersion] = {}  # domain -> the version new requests use
         self.versions: dict[str, LoraVersion] = {}  # lora name -> version (serving, switching, retired)
         self.errors: dict[str, str] = {}  # domain -> why its current version is not serving
+        self.held: dict[str, tuple[str, ...]] = {}  # domain -> versions kept beside the serving one
 
     # ---- requests ---------------------------------------------------------------------------
     def lease(self, domain: str) -> LoraVersion:
@@ -84,21 +91,29 @@ class LoraBook:
         return v
 
     def release(self, v: LoraVersion) -> bool:
-        """One request on `v` ended; True when `v` is retired and now unused (unload it)."""
+        """One request on `v` ended; True when nothing keeps `v` any more (unload it): it is
+        retired, or was registered for pinned requests only, and this was its last request."""
         v.in_flight -= 1
-        return v.state == "retired" and v.in_flight <= 0
+        return v.in_flight <= 0 and v.state in ("ready", "retired", "failed") and not self.needed(v)
 
     # ---- what the replicas should hold --------------------------------------------------------
+    def needed(self, v: LoraVersion) -> bool:
+        """`v` serves its domain or is held: it stays on the replicas whatever requests do."""
+        return self.serving.get(v.domain) is v or v.version in self.held.get(v.domain, ())
+
+    def _live(self, v: LoraVersion) -> bool:
+        return v.state == "loading" or (v.state == "ready" and (self.needed(v) or v.in_flight > 0))
+
     def wanted(self) -> list[LoraVersion]:
-        """Versions every replica that takes requests must have: the serving ones (and one
-        being switched to). A replica coming back gets exactly these."""
-        return [v for v in self.versions.values() if v.state in ("loading", "ready")]
+        """Versions every replica that takes requests must have: the serving and held ones, one
+        being registered, and one registered for pinned requests while they run. A replica
+        coming back gets exactly these."""
+        return [v for v in self.versions.values() if self._live(v)]
 
     def keep(self) -> set[str]:
         """Names no replica may drop yet: the wanted ones, and retired ones still in use (a
         request that fails over before its first token moves to a replica that has them)."""
-        return {v.key for v in self.versions.values()
-                if v.state in ("loading", "ready") or (v.state == "retired" and v.in_flight > 0)}
+        return {v.key for v in self.versions.values() if self._live(v) or v.in_flight > 0}
 
     def track(self, v: LoraVersion) -> LoraVersion:
         """Start tracking a version about to be registered (or the one already tracked)."""
@@ -111,29 +126,46 @@ class LoraBook:
         return v
 
     def make_serving(self, v: LoraVersion) -> LoraVersion | None:
-        """`v` now serves its domain; returns the version it replaced (now retired), if any."""
+        """`v` now serves its domain (and is no longer held: it is kept as the serving one);
+        returns the version it replaced (now retired unless held), if any."""
         old = self.serving.get(v.domain)
         v.state = "ready"
         self.serving[v.domain] = v
         self.errors.pop(v.domain, None)
+        self.hold(v.domain, tuple(h for h in self.held.get(v.domain, ()) if h != v.version))
         if old is not None and old is not v:
-            old.state = "retired"
+            if not self.needed(old):
+                old.state = "retired"
             log.info("adapter %s now serves %s (was %s)", v.domain, v.version, old.version)
             return old
         return None
 
     def refuse(self, v: LoraVersion, reason: str) -> None:
-        """`v` cannot serve; if it was serving, its domain has none now."""
-        if self.serving.get(v.domain) is v:
+        """`v` cannot serve; if it was serving (or about to), its domain has none now. A refused
+        held version is let go, and the domain's serving version and error are left alone."""
+        serving, held = self.serving.get(v.domain), self.held.get(v.domain, ())
+        if serving is v:
             del self.serving[v.domain]
+        if v.version in held:
+            log.error("held version %s let go: %s", v.key, reason)
+            self.hold(v.domain, tuple(h for h in held if h != v.version))
+        elif serving is None or serving is v:
+            self.errors[v.domain] = reason
         if v.in_flight <= 0:
             self.versions.pop(v.key, None)
         else:
             v.state = "retired"
-        self.errors[v.domain] = reason
+
+    def hold(self, domain: str, versions: tuple[str, ...]) -> tuple[str, ...]:
+        """Set the versions held for `domain`; returns the ones held before."""
+        before = self.held.pop(domain, ())
+        if versions:
+            self.held[domain] = versions
+        return before
 
     def forget(self, v: LoraVersion) -> None:
-        if self.versions.get(v.key) is v and v.in_flight <= 0 and v.state in ("retired", "failed", "loading"):
+        """Stop tracking `v` once nothing keeps it (neither serving, held, nor in use)."""
+        if self.versions.get(v.key) is v and v.in_flight <= 0 and not self.needed(v):
             del self.versions[v.key]
 
     # ---- reporting ----------------------------------------------------------------------------

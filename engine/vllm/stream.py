@@ -8,7 +8,8 @@ or is not ready before the first piece arrives is taken out and the request is r
 another. A replica that fails in the middle of an answer is taken out too, and another one
 continues the answer: it gets the prompt plus the token ids streamed so far (vLLM sends them
 with each piece, `return_token_ids`) and the rest of the token budget, so the user's answer
-goes on where it stopped. A refusal of the request itself (a 4xx, before or inside the stream)
+goes on where it stopped (the answer's audit stamp then names the replica that finished it;
+`replicas_used` lists them all). A refusal of the request itself (a 4xx, before or inside the stream)
 ends it with an error naming what vLLM refused, and takes no replica out. Leaving early closes
 the HTTP response, and vLLM aborts the request.
 """
@@ -18,10 +19,11 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
-from engine.audit import effective_sampling
+from engine.audit import audit_stamp, effective_sampling
 from engine.types import (
     EffectiveSampling, FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext,
 )
@@ -149,11 +151,19 @@ class VllmStream:
         s, mode, p = engine.settings, self._mode, self._params
         sampling = effective_sampling(s, p)
         max_new = sampling.max_new_tokens
+        if p.adapter_version is not None and mode.adapter is None:
+            raise EngineError(f"adapter_version={p.adapter_version!r} needs an adapter in the mode")
         if mode.adapter is not None:
-            self._lease = engine.book.lease(mode.adapter)
+            self._lease = await engine.lease(mode.adapter, p.adapter_version)
             self.result.adapter_version = self._lease.version
-        ids, trimmed = await engine.build_prompt(mode.role, self._user, self._messages, max_new)
-        self.result.prompt_tokens, self.result.trimmed_turns = len(ids), trimmed
+        built = await engine.build_prompt(mode.role, self._user, self._messages, max_new)
+        ids = built.ids
+        self.result.prompt_tokens, self.result.trimmed_turns = len(ids), built.trimmed_turns
+        self.result.stamp = audit_stamp(
+            base_model=str(engine.model_id), base_fingerprint=engine.base_fingerprint, quantization=None,
+            adapter=mode.adapter, adapter_version=self.result.adapter_version, system=built.system,
+            sampling=sampling, backend="vllm",
+        )  # the replica is named once one takes the request (and renamed if another continues it)
         model = self._lease.key if self._lease is not None else engine.served_model
         self._prompt_ids, self._key = ids, (model if self._lease is not None else None)
         self._body = completion_body(engine, model, ids, p, sampling)
@@ -214,6 +224,8 @@ class VllmStream:
                     self._absorb(event)
                     if self._pieces or self._finish is not None:
                         break
+                if self.result.stamp is not None:
+                    self.result.stamp = replace(self.result.stamp, replica=r.url)
                 return
             except ModelMissing as exc:
                 self._drop_replica("failover")

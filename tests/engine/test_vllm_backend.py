@@ -701,3 +701,208 @@ async def test_history_tokens_and_template_limits_apply_as_in_the_local_engine(f
         assert request.prompt == local.build(role, None, history, 32)[0]
     assert tokenizer.decode(replica.completions[1].prompt).count("Write verse") == 0  # over TEMPLATE_MAX_CHARS
     assert len(replica.completions[0].prompt) < 100
+
+
+# ---- operators' controls (issue 27): held versions, pinned requests, the audit stamp --------------
+
+
+async def test_hold_registers_the_candidate_on_every_replica_and_a_pinned_request_uses_it(fakes, make_engine,
+                                                                                        adapters_dir):
+    a, b = await fakes(2)
+    engine = await make_engine(a, b)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    resident = await engine.hold("legal", ("v2",))
+    assert [(r.name, r.version, r.state) for r in resident] == [("legal", "v2", "ready")]
+    for replica in (a, b):
+        assert set(replica.adapters) == {"legal__v1", "legal__v2", "medical__v1"}
+    legal = engine.modes().adapter("legal")
+    assert legal.current == "v1"
+    assert {v.version: v.state for v in legal.versions} == {"v1": "ready", "v2": "ready"}
+    pinned = engine.generate([Message("user", "q")], Mode("legal"), GenerationParams(adapter_version="v2"))
+    assert "legal__v2" in "".join(await collect(pinned))
+    assert pinned.result.adapter_version == "v2"
+    serving = engine.generate([Message("user", "q")], Mode("legal"))
+    await collect(serving)
+    assert serving.result.adapter_version == "v1"
+    assert [c.body["model"] for c in a.completions + b.completions] == ["legal__v2", "legal__v1"]
+    assert [a.in_flight for a in engine.status().adapters] == [0, 0, 0]
+    assert await engine.hold("legal", ("v2",)) == resident  # idempotent: nothing loaded again
+    assert len(a.loads) == len(b.loads) == 3
+
+
+async def test_hold_of_nothing_unloads_the_candidate_and_keeps_the_serving_version(fakes, make_engine, adapters_dir):
+    a, b = await fakes(2)
+    engine = await make_engine(a, b)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    await engine.hold("legal", ("v2",))
+    assert await engine.hold("legal", ()) == ()
+    for replica in (a, b):
+        assert set(replica.adapters) == {"legal__v1", "medical__v1"} and ("legal__v2", 200) in replica.unloads
+    assert [(x.name, x.version) for x in engine.status().adapters] == [("legal", "v1"), ("medical", "v1")]
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    await collect(stream)
+    assert stream.result.adapter_version == "v1"
+
+
+async def test_a_candidate_let_go_while_a_pinned_request_runs_leaves_after_that_request(fakes, make_engine,
+                                                                                     adapters_dir):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    await engine.hold("legal", ("v2",))
+    reply = replica.script("an answer from the candidate", stepped=True)
+    running = engine.generate([Message("user", "q")], Mode("legal"), GenerationParams(adapter_version="v2"))
+    await running.__anext__()
+    await engine.hold("legal", ())
+    assert "legal__v2" in replica.adapters  # its request still streams
+    reply.allow(10)
+    await collect(running)
+    await replica.wait_for(lambda: "legal__v2" not in replica.adapters)
+
+
+async def test_a_pinned_version_not_held_is_registered_for_the_request_and_unloaded_after(fakes, make_engine,
+                                                                                       adapters_dir):
+    a, b = await fakes(2)
+    engine = await make_engine(a, b)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    stream = engine.generate([Message("user", "q")], Mode("legal"), GenerationParams(adapter_version="v2"))
+    assert "legal__v2" in "".join(await collect(stream))
+    assert stream.result.adapter_version == "v2"
+    assert all(("legal__v2", str((adapters_dir / "legal" / "v2").resolve()), 200) in r.loads for r in (a, b))
+    for replica in (a, b):
+        await replica.wait_for(lambda r=replica: "legal__v2" not in r.adapters)
+    assert engine.modes().adapter("legal").current == "v1"
+    assert [(x.name, x.version) for x in engine.status().adapters] == [("legal", "v1"), ("medical", "v1")]
+
+
+async def test_held_versions_survive_promotion_of_another_version_and_reload(fakes, make_engine, adapters_dir):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    write_adapter(adapters_dir, "legal", "v3", current=False, seed=6)
+    await engine.hold("legal", ("v2",))
+    assert await engine.training.promote("legal", "v3") == "v3"
+    await engine.reload()
+    await replica.wait_for(lambda: "legal__v1" not in replica.adapters)  # the old serving one goes
+    assert {"legal__v2", "legal__v3"} <= set(replica.adapters)
+    pinned = engine.generate([Message("user", "q")], Mode("legal"), GenerationParams(adapter_version="v2"))
+    assert "legal__v2" in "".join(await collect(pinned))
+    # promoting the held version itself: it serves, and is no longer held beside itself
+    assert await engine.training.promote("legal", "v2") == "v2"
+    await replica.wait_for(lambda: "legal__v3" not in replica.adapters)
+    assert await engine.hold("legal", ()) == ()
+    assert {"legal__v2", "medical__v1"} == set(replica.adapters)
+
+
+async def test_a_restarted_replica_gets_the_held_versions_back(fakes, make_engine, adapters_dir):
+    a, b = await fakes(2)
+    engine = await make_engine(a, b, vllm_health_interval_s=0.05)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    await engine.hold("legal", ("v2",))
+    await a.restart()
+    await a.wait_for(lambda: set(a.adapters) == {"legal__v1", "legal__v2", "medical__v1"})
+    await _wait_ready(engine, 2)
+    b.forget()  # restarted between two looks: a pinned request finds its version gone
+    engine.fleet.replicas[0].in_flight = 10  # (route it to b)
+    stream = engine.generate([Message("user", "q")], Mode("legal"), GenerationParams(adapter_version="v2"))
+    assert "".join(await collect(stream)).startswith("vllm-2:legal__v2")
+    engine.fleet.replicas[0].in_flight = 0
+    assert "legal__v2" in b.adapters
+
+
+@pytest.mark.parametrize("problem", ["missing", "not on disk", "corrupt", "refused by a replica"])
+async def test_a_bad_candidate_is_refused_and_leaves_the_serving_version_and_the_held_set(fakes, make_engine,
+                                                                                       adapters_dir, problem):
+    a, = await fakes(1)
+    b, = await fakes(1, max_lora_rank=8)
+    engine = await make_engine(a, b)
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    await engine.hold("legal", ("v2",))
+    if problem == "corrupt":
+        path = write_adapter(adapters_dir, "legal", "v3", current=False, seed=6)
+        (path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    elif problem == "refused by a replica":
+        write_adapter(adapters_dir, "legal", "v3", current=False, r=16, seed=6)  # above b's max_lora_rank
+    elif problem == "not on disk":
+        write_adapter(adapters_dir, "legal", "v3", current=False, seed=6)
+    expected = AdapterNotFound if problem in ("missing", "not on disk") else AdapterInvalid
+    name = "finance" if problem == "not on disk" else "legal"
+    with pytest.raises(expected):
+        await engine.hold(name, ("v2", "v3") if name == "legal" else ("v1",))
+    with pytest.raises(expected):
+        await collect(engine.generate([Message("user", "q")], Mode(name), GenerationParams(adapter_version="v3")
+                                      if name == "legal" else GenerationParams(adapter_version="v1")))
+    for replica in (a, b):
+        assert set(replica.adapters) == {"legal__v1", "legal__v2", "medical__v1"}  # v3 taken back, v2 still held
+    legal = engine.modes().adapter("legal")
+    assert (legal.current, legal.error) == ("v1", None)
+    assert [r.state for r in engine.status().replicas] == ["ready", "ready"]
+    for version in ("v1", "v2"):
+        stream = engine.generate([Message("user", "q")], Mode("legal"),
+                                 GenerationParams(adapter_version=version if version == "v2" else None))
+        assert f"legal__{version}" in "".join(await collect(stream))
+
+
+async def test_a_pinned_version_needs_an_adapter_in_the_mode(fakes, make_engine):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    with pytest.raises(EngineError, match="needs an adapter"):
+        await collect(engine.generate([Message("user", "q")], Mode(), GenerationParams(adapter_version="v1")))
+    assert replica.completions == []
+
+
+async def test_the_stamp_names_the_backend_the_replica_the_template_and_the_effective_sampling(
+        fakes, make_engine, adapters_dir):
+    from engine.fingerprint import fingerprint_model
+
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica, engine={"temperature": 0.3, "top_k": 20})
+    write_adapter(adapters_dir, "legal", "v2", current=False, seed=5)
+    user = UserContext(first_name="Ann", language="ru")
+    stream = engine.generate(HISTORY, Mode("legal", "lawyer"), GenerationParams(adapter_version="v2", seed=7,
+                                                                             max_new_tokens=16), user=user)
+    await collect(stream)
+    stamp = stream.result.stamp
+    system = engine.prompts.templates.system_prompt("lawyer", user)
+    assert (stamp.backend, stamp.replica, stamp.adapter, stamp.adapter_version) == ("vllm", replica.url, "legal", "v2")
+    assert (stamp.template, stamp.template_hash, stamp.template_language) == ("lawyer", system.sha256,
+                                                                             system.language)
+    assert (stamp.sampling.max_new_tokens, stamp.sampling.temperature, stamp.sampling.top_k, stamp.sampling.seed,
+            stamp.sampling.top_p) == (16, 0.3, 20, 7, engine.settings.top_p)
+    assert stamp.base_model == MODEL_ID and stamp.quantization is None
+    assert stamp.base_fingerprint == fingerprint_model(str(REPO / "models" / "SmolLM2-135M-Instruct"))
+    assert stamp.base_fingerprint.startswith("w1:")
+    base = engine.generate([Message("user", "q")], Mode())
+    await collect(base)
+    assert (base.result.stamp.adapter, base.result.stamp.adapter_version, base.result.stamp.template) == \
+        (None, None, "assistant")
+
+
+async def test_the_stamp_names_the_replica_that_finished_an_answer_continued_elsewhere(fakes, make_engine):
+    a, b = await fakes(2)
+    engine = await make_engine(a, b)
+    reply = a.script("one two three", drop_after=2, stepped=True)
+    b.script(pieces=[" three", " four"])
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    await stream.__anext__()
+    assert stream.result.stamp.replica == a.url
+    reply.allow(2)
+    assert "".join(await collect(stream)) == " two three four"
+    assert stream.replicas_used == [a.url, b.url] and stream.result.stamp.replica == b.url
+
+
+async def test_a_held_version_a_restarted_replica_refuses_is_let_go_and_the_domain_keeps_serving(
+        fakes, make_engine, adapters_dir):
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica, vllm_health_interval_s=0.05)
+    write_adapter(adapters_dir, "legal", "v2", current=False, r=8, seed=5)
+    await engine.hold("legal", ("v2",))
+    replica.max_lora_rank = 4  # restarted with a lower --max-lora-rank: the candidate no longer fits
+    await replica.restart()
+    await replica.wait_for(lambda: set(replica.adapters) == {"legal__v1", "medical__v1"})
+    await _wait_ready(engine, 1)
+    legal = engine.modes().adapter("legal")
+    assert (legal.current, legal.error) == ("v1", None)
+    assert {v.version: v.state for v in legal.versions} == {"v1": "ready", "v2": None}  # let go, not resident
+    stream = engine.generate([Message("user", "q")], Mode("legal"))
+    assert "legal__v1" in "".join(await collect(stream))

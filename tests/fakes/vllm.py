@@ -9,7 +9,9 @@ such point has a contract test that runs against this fake and a real vLLM alike
   "Success: ..." text, or `{"error": {message, type, param, code}}` with vLLM's words and
   status codes: 400 already loaded, 404 no adapter at the path, 500 for a rank above
   `--max-lora-rank` or LoRA not enabled, worded as the engine's RPC wraps them; file paths in
-  error messages hidden as `<path>`, as vLLM hides them).
+  error messages hidden as `<path>`, as vLLM hides them). Registrations are not bounded by
+  `--max-loras` (adapters in one batch) nor `--max-cpu-loras` (an LRU cache whose evicted
+  adapters vLLM loads again from their path when asked): any number is accepted and answers.
 - The Bearer API key is checked first for every path under /v1, a route that does not exist
   included (401 `{"error": "Unauthorized"}`); without runtime LoRA updating the load and
   unload routes do not exist (FastAPI's 404 `{"detail": "Not Found"}`).
@@ -130,7 +132,7 @@ class FakeVllm:
     """See the module docstring. `async with FakeVllm(name="vllm-1") as v:` or start()/stop()."""
 
     def __init__(self, *, name: str = "vllm", model: str = MODEL_ID, root: str = "/models/SmolLM2-135M-Instruct",
-                 max_model_len: int = 2048, max_lora_rank: int = 16, enable_lora: bool = True,
+                 max_model_len: int = 2048, max_lora_rank: int = 16, max_loras: int = 8, enable_lora: bool = True,
                  runtime_lora: bool = True, api_key: str | None = None,
                  path_map: tuple[str, Path] | None = None) -> None:
         self.name = name
@@ -138,6 +140,7 @@ class FakeVllm:
         self.root = root
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras  # bounds a batch on vLLM, never what may be registered (see above)
         self.enable_lora = enable_lora
         self.runtime_lora = runtime_lora
         self.api_key = api_key

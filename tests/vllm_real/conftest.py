@@ -21,7 +21,7 @@ import pytest
 from tests.engine.vllm_support import adapters_dir, make_engine  # noqa: F401  (fixtures)
 from tests.fakes.vllm import FakeVllm
 from tests.vllm_real import servers
-from tests.vllm_real.servers import API_KEY, MAX_LORA_RANK, MAX_MODEL_LEN, SERVED_NAME, VllmServer
+from tests.vllm_real.servers import API_KEY, MAX_LORA_RANK, MAX_LORAS, MAX_MODEL_LEN, SERVED_NAME, VllmServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,6 +87,7 @@ class Server:
     model: str = SERVED_NAME
     max_model_len: int = MAX_MODEL_LEN
     max_lora_rank: int = MAX_LORA_RANK
+    max_loras: int = MAX_LORAS
 
     @property
     def headers(self) -> dict[str, str]:
@@ -97,7 +98,7 @@ class Server:
 async def vllm_server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     if request.param == "fake":
         async with FakeVllm(name="fake", model=SERVED_NAME, api_key=API_KEY, max_model_len=MAX_MODEL_LEN,
-                            max_lora_rank=MAX_LORA_RANK) as fake:
+                            max_lora_rank=MAX_LORA_RANK, max_loras=MAX_LORAS) as fake:
             yield Server("fake", fake.url, fake=fake)
     else:
         replicas: RealReplicas = request.getfixturevalue("real_replicas")

@@ -97,6 +97,28 @@ async def test_loading_answers_in_vllms_words(vllm_server, tmp_path):
                                                         "served base model.")
 
 
+async def test_more_adapters_than_max_loras_are_accepted_and_each_answers_as_itself(vllm_server, tmp_path):
+    """--max-loras bounds the adapters in one batch and --max-cpu-loras (unset: the same) an LRU
+    cache, not what may be registered: past both, every adapter is listed and answers, vLLM
+    loading an evicted one again from its path (the backend registers the serving and held
+    versions of every domain whatever the replicas' limits)."""
+    n = vllm_server.max_loras + 2
+    paths = {f"d{i}__v1": write_adapter(tmp_path / "adapters", f"d{i}", r=4, seed=i) for i in range(n)}
+    async with open_session() as session:
+        c = client(vllm_server, session)
+        try:
+            for name, path in paths.items():
+                await c.load_adapter(name, str(path))
+            assert [m["id"] for m in await c.models() if m.get("parent")] == list(paths)
+            for _ in range(2):  # the second round asks for adapters the first one evicted
+                for name in paths:
+                    status, events = await stream_events(vllm_server, completion(vllm_server, model=name))
+                    assert status == 200 and events[-1] == "[DONE]" and events[0]["model"] == name
+        finally:
+            for name in paths:
+                await c.unload_adapter(name)
+
+
 async def test_a_rank_above_max_lora_rank_is_a_refusal_of_the_adapter(vllm_server, tmp_path):
     path = write_adapter(tmp_path / "adapters", "legal", r=16)
     async with open_session() as session:

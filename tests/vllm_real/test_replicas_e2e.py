@@ -5,8 +5,9 @@ adapters; each test drives `VllmEngine` as the bot does and checks what a user o
 sees: answers in every mode, the same prompt as the local engine for a long conversation, a
 promoted version live on the running replicas, a replica killed mid-answer (the answer goes
 on from the other) and restarted (its adapters come back, it takes requests again), a replica
-without LoRA left out without blaming the adapter, idling past vLLM's keep-alive, and a
-setting vLLM refuses. The keep-alive check also runs on the fake, the rest only on real vLLM.
+without LoRA left out without blaming the adapter, idling past vLLM's keep-alive, a
+setting vLLM refuses, and an A/B's candidates held on every replica beside the serving
+versions (more than --max-loras) and answering pinned requests. The keep-alive check also runs on the fake, the rest only on real vLLM.
 """
 from __future__ import annotations
 
@@ -127,6 +128,43 @@ async def test_a_promoted_version_goes_live_on_the_running_replicas(fleet, shipp
     stream = engine.generate(QUESTION, Mode("legal", "assistant"), GREEDY)
     assert await collect(stream) == base != trained
     assert stream.result.adapter_version == "v2"
+
+
+@pytestmark_real
+async def test_held_candidates_are_on_every_replica_and_pinned_requests_get_them(fleet, shipped_adapters):
+    import shutil
+
+    from tests.vllm_real.servers import MAX_LORAS
+
+    engine, servers = fleet
+    expected = {}
+    for name, mode in (("base", Mode(None, "assistant")), ("legal", Mode("legal", "assistant")),
+                       ("medical", Mode("medical", "assistant"))):
+        expected[name] = await collect(engine.generate(QUESTION, mode, GREEDY))
+    assert len(set(expected.values())) == 3
+    # three candidates of legal: untrained (answers as the base), medical's weights, legal's own
+    write_adapter(shipped_adapters, "legal", "v2", current=False)
+    for version, source in (("v3", "medical"), ("v4", "legal")):
+        shutil.copytree(shipped_adapters / source / "v1", shipped_adapters / "legal" / version)
+    twins = {"v2": "base", "v3": "medical", "v4": "legal"}
+    await engine.hold("legal", tuple(twins))
+    registered = {"legal__v1", "medical__v1", "finance__v1", "legal__v2", "legal__v3", "legal__v4"}
+    assert len(registered) > MAX_LORAS
+    for s in servers:
+        assert adapters_on(s.url) == registered
+    for _ in range(2):  # the second round after vLLM's LRU evicted some: each still answers as itself
+        for version, twin in twins.items():
+            stream = engine.generate(QUESTION, Mode("legal", "assistant"), GenerationParams(
+                temperature=0.0, max_new_tokens=GREEDY.max_new_tokens, adapter_version=version))
+            assert await collect(stream) == expected[twin], version
+            stamp = stream.result.stamp
+            assert (stream.result.adapter_version, stamp.adapter_version, stamp.backend) == (version, version, "vllm")
+            assert stamp.replica == stream.replica_url in [s.url for s in servers]
+        serving = engine.generate(QUESTION, Mode("legal", "assistant"), GREEDY)
+        assert await collect(serving) == expected["legal"] and serving.result.adapter_version == "v1"
+    await engine.hold("legal", ())
+    for s in servers:
+        assert adapters_on(s.url) == {"legal__v1", "medical__v1", "finance__v1"}
 
 
 @pytestmark_real
