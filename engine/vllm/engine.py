@@ -151,7 +151,7 @@ class VllmEngine:
 
     def _load_sync(self) -> None:
         from engine import model as model_loader
-        from engine.fingerprint import ModelIdentity, fingerprint_model
+        from engine.model.fingerprint import ModelIdentity, fingerprint_model
         from engine.prompts import PromptMaker, load_templates
 
         self.templates = load_templates(self.settings)  # first: a wrong TEMPLATES_DIR fails in a second

@@ -853,7 +853,7 @@ async def test_a_pinned_version_needs_an_adapter_in_the_mode(fakes, make_engine)
 
 async def test_the_stamp_names_the_backend_the_replica_the_template_and_the_effective_sampling(
         fakes, make_engine, adapters_dir):
-    from engine.fingerprint import fingerprint_model
+    from engine.model.fingerprint import fingerprint_model
 
     (replica,) = await fakes(1)
     engine = await make_engine(replica, engine={"temperature": 0.3, "top_k": 20})
