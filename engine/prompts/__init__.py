@@ -6,10 +6,10 @@ escape. The names below are what the engine, the vLLM backend and the benchmarks
 """
 from engine.prompts.library import (
     DEFAULT_LANGUAGE, DEFAULT_ROLE, SAFE_PROMPTS, BuiltPrompt, PromptBuilder, PromptMaker, RoleTemplate, SystemPrompt,
-    TemplateLibrary, load_templates, parse_meta, safe_prompt,
+    TemplateLibrary, end_token_ids, load_templates, parse_meta, safe_prompt,
 )
 
 __all__ = [
     "DEFAULT_LANGUAGE", "DEFAULT_ROLE", "SAFE_PROMPTS", "BuiltPrompt", "PromptBuilder", "PromptMaker", "RoleTemplate",
-    "SystemPrompt", "TemplateLibrary", "load_templates", "parse_meta", "safe_prompt",
+    "SystemPrompt", "TemplateLibrary", "end_token_ids", "load_templates", "parse_meta", "safe_prompt",
 ]

@@ -445,3 +445,15 @@ class BuiltPrompt:
     ids: list[int]
     trimmed_turns: int
     system: SystemPrompt
+
+
+def end_token_ids(tokenizer: Any, config_eos: int | Sequence[int] | None = None) -> list[int]:
+    """The ids that end an answer, for every backend: the tokenizer's EOS, the model's generation
+    config's (`config_eos`: one id or several) and the chat templates' end markers it knows."""
+    ids = {tokenizer.eos_token_id}
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(special)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if isinstance(i, int))

@@ -66,20 +66,17 @@ def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
 
 
 def stop_token_ids(tokenizer: Any, load_path: str) -> list[int]:
-    """The ids that end an answer, as the local engine stops on them (EOS, chat end markers)."""
-    ids = {tokenizer.eos_token_id}
+    """The ids that end an answer, as the local engine stops on them (engine.prompts.end_token_ids)."""
+    from engine.prompts import end_token_ids
+
+    eos = None
     try:
         from transformers import GenerationConfig
 
         eos = GenerationConfig.from_pretrained(load_path).eos_token_id
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     except (OSError, ValueError):
-        pass  # no generation_config.json: the tokenizer's EOS and the markers below
-    for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(special)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if isinstance(i, int))
+        pass  # no generation_config.json: the tokenizer's EOS and the markers
+    return end_token_ids(tokenizer, eos)
 
 
 class VllmEngine:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
 from engine.audit import audit_stamp, effective_sampling
@@ -32,16 +32,47 @@ from engine.vllm.client import (
 )
 
 if TYPE_CHECKING:
-    from engine.vllm.engine import VllmEngine
-    from engine.vllm.fleet import Replica
+    from engine.config import EngineSettings
+    from engine.metrics import EngineMetrics
+    from engine.prompts import BuiltPrompt
+    from engine.vllm.config import VllmSettings
+    from engine.vllm.fleet import Fleet, Replica
     from engine.vllm.lora import LoraVersion
+
+
+class StreamHost(Protocol):
+    """What a stream needs of the engine that opened it (engine.vllm.engine.VllmEngine): its
+    settings, the fleet, the prompt builder and the adapter leases, and where it reports its end."""
+
+    settings: "EngineSettings"
+    vllm: "VllmSettings"
+    metrics: "EngineMetrics"
+    fleet: "Fleet | None"
+    started: bool
+    closed: bool
+    model_id: Any  # str, or engine.model.fingerprint.ModelIdentity
+    base_fingerprint: str | None
+    served_model: str
+    stop_token_ids: list[int]
+    tokens_generated: int
+
+    async def build_prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
+                           max_new: int) -> "BuiltPrompt": ...
+
+    async def lease(self, domain: str, version: str | None) -> "LoraVersion": ...
+
+    def release_lease(self, lease: "LoraVersion") -> None: ...
+
+    def register_stream(self, stream: "VllmStream") -> None: ...
+
+    def unregister_stream(self, stream: "VllmStream") -> None: ...
 
 log = logging.getLogger(__name__)
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], params: GenerationParams,
+def completion_body(engine: StreamHost, model: str, prompt_ids: list[int], params: GenerationParams,
                     sampling: EffectiveSampling) -> dict[str, Any]:
     """The /v1/completions request: the engine's sampling settings mapped one to one.
 
@@ -74,7 +105,7 @@ def completion_body(engine: "VllmEngine", model: str, prompt_ids: list[int], par
 class VllmStream:
     """See the module docstring; the face's TextStream."""
 
-    def __init__(self, engine: "VllmEngine", messages: Sequence[Message], mode: Mode, params: GenerationParams,
+    def __init__(self, engine: StreamHost, messages: Sequence[Message], mode: Mode, params: GenerationParams,
                  user: UserContext | None) -> None:
         self._engine, self._messages, self._mode, self._params, self._user = engine, messages, mode, params, user
         self.result = GenerationResult(adapter=mode.adapter, role=mode.role)

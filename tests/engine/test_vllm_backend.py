@@ -906,3 +906,23 @@ async def test_a_held_version_a_restarted_replica_refuses_is_let_go_and_the_doma
     assert {v.version: v.state for v in legal.versions} == {"v1": "ready", "v2": None}  # let go, not resident
     stream = engine.generate([Message("user", "q")], Mode("legal"))
     assert "legal__v1" in "".join(await collect(stream))
+
+
+async def test_the_engine_gives_its_streams_everything_their_host_protocol_names(fakes, make_engine):
+    """engine.vllm.stream sees the engine only through StreamHost (no import back into the engine
+    module); a started VllmEngine must have every attribute and method it names."""
+    import inspect
+
+    from engine.vllm.stream import StreamHost
+
+    (replica,) = await fakes(1)
+    engine = await make_engine(replica)
+    names = set(StreamHost.__annotations__) | {n for n, _ in inspect.getmembers(StreamHost, inspect.isfunction)
+                                               if not n.startswith("_")}
+    assert {"fleet", "lease", "release_lease", "build_prompt"} <= names
+    missing = sorted(n for n in names if not hasattr(engine, n))
+    assert not missing, f"VllmEngine lacks {missing}"
+    for n in names:
+        if inspect.isfunction(getattr(StreamHost, n, None)):
+            assert inspect.iscoroutinefunction(getattr(StreamHost, n)) == \
+                inspect.iscoroutinefunction(getattr(engine, n)), n
