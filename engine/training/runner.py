@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from engine.adapter_store import AdapterStore, VersionDir
@@ -99,7 +100,7 @@ def run_job(
 
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     from engine import model as model_mod
     from engine.training.encoding import collator, encode_dataset
@@ -135,28 +136,7 @@ def run_job(
     with store.staging(domain) as staged:
         scratch = staged / ".trainer"
         progress = _Progress(emit, job_id, domain, f"training on {len(train_enc)} rows")
-        args = TrainingArguments(
-            output_dir=str(scratch),
-            per_device_train_batch_size=options.batch_size,
-            gradient_accumulation_steps=options.grad_accum,
-            num_train_epochs=options.epochs,
-            max_steps=options.max_steps or -1,
-            learning_rate=options.learning_rate,
-            # whole steps, rounded down: a short run gets no warm-up (one step of warm-up on a
-            # one-step run would train at learning rate 0 and change nothing)
-            warmup_steps=int(options.warmup * total_steps),
-            lr_scheduler_type="linear",
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            use_cpu=loaded.device == "cpu",
-            bf16=loaded.dtype == "bfloat16",
-            fp16=loaded.dtype == "float16",
-            seed=options.seed,
-            data_seed=options.seed,
-        )
+        args = training_arguments(options, loaded, scratch, total_steps)
         trainer = Trainer(model=peft_model, args=args, train_dataset=train_enc,
                           data_collator=collator(tokenizer), callbacks=[progress.callback])
         trainer.remove_callback(PrinterCallback)  # progress goes through our events, not print()
@@ -168,57 +148,15 @@ def run_job(
                 f"training changed nothing: after {int(output.global_step)} step(s) at learning rate "
                 f"{options.learning_rate:g} the adapter is still its initial no-op; no version was written "
                 "(train for more steps or with a higher learning rate)")
-        # Scoring comes after training on purpose: on CPUs with AVX512-BF16, bitsandbytes
-        # repacks 4-bit weights for inference at the first no-grad eval-mode forward, and the
-        # repacked kernel has no backward, so scoring first would silently break the gradients
-        # that flow through the frozen layers.
-        new = score("the new adapter")
-        with peft_model.disable_adapter():
-            base = score("the base model")
-        previous: EvalResult | None = None
-        if current_dir is not None:
-            peft_model.load_adapter(str(current_dir.path), adapter_name="previous")
-            peft_model.set_adapter("previous")
-            previous = score(f"current version {current}")
-            peft_model.set_adapter("default")
-            peft_model.delete_adapter("previous")
+        new, base, previous = _score_all(peft_model, score, current, current_dir)
         decision = gate(new.loss, base.loss, (current, previous.loss) if previous and current else None)
         log.info("gate: %s", decision.reason)
 
-        shutil.rmtree(scratch, ignore_errors=True)
-        peft_model.save_pretrained(str(staged))
-        (staged / "README.md").unlink(missing_ok=True)  # peft's empty model card
-        for f in staged.iterdir():  # safetensors writes 0600; a server running as another user must read it
-            if f.is_file():
-                f.chmod(0o644)
-        metrics: dict[str, float] = {
-            "eval_loss": new.loss, "eval_perplexity": new.perplexity,
-            "eval_loss_base": base.loss, "eval_perplexity_base": base.perplexity,
-            "train_loss": float(output.training_loss), "train_seconds": round(train_seconds, 1),
-            "job_seconds": round(time.monotonic() - wall, 1),
-        }
-        if previous is not None:
-            metrics.update(eval_loss_previous=previous.loss, eval_perplexity_previous=previous.perplexity)
-        meta = {
-            "base_model": str(model_id),
-            "base_fingerprint": loaded.fingerprint,
-            "status": "candidate",
-            "parent": current if current_dir is not None else None,
-            "metrics": {k: round(v, 6) for k, v in metrics.items()},
-            "gate": {"passed": decision.passed, "reference": decision.reference,
-                     "reference_loss": round(decision.reference_loss, 6), "reason": decision.reason},
-            "training": {
-                "r": settings.lora_r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
-                "target_modules": settings.lora_target_modules, "quantization": loaded.quantization,
-                "steps": int(output.global_step), "epochs": round(float(trainer.state.epoch or 0), 3),
-                "samples": len(train_enc), "eval_samples": len(eval_enc), "eval_tokens": new.tokens,
-                "learning_rate": options.learning_rate, "batch_size": options.batch_size,
-                "grad_accum": options.grad_accum, "max_seq_len": options.max_seq_len, "seed": options.seed,
-                "skipped_rows": len(data.bad), "dropped_too_long": dropped,
-                "eval_from_train": data.eval_from_train, "data": options.dataset or data.files,
-                "device": loaded.device, "job_id": job_id, "requested_by": requested_by,
-            },
-        }
+        _save_adapter(peft_model, staged, scratch)
+        meta = _version_meta(settings, options, loaded, model_id, data, decision, output, trainer,
+                             scores=(new, base, previous), parent=current if current_dir is not None else None,
+                             samples=(len(train_enc), len(eval_enc), dropped), seconds=(train_seconds, wall),
+                             job=(job_id, requested_by))
         version = store.commit(domain, staged, meta)
     log.info("wrote %s/%s: %s", domain, version.version, decision.reason)
     emit(TrainingEvent(job_id, domain, "finished", step=int(output.global_step),
@@ -261,3 +199,103 @@ def _compatible(store: AdapterStore, domain: str, current: str | None, model_id:
         log.warning("%s has no adapter weights; gating against the base model", vdir.path)
         return None
     return vdir
+
+
+def training_arguments(options: TrainOptions, loaded: Any, scratch: Path, total_steps: int) -> Any:
+    """transformers' TrainingArguments for one job: our options, the loaded model's device and dtype."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(scratch),
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        learning_rate=options.learning_rate,
+        # whole steps, rounded down: a short run gets no warm-up (one step of warm-up on a
+        # one-step run would train at learning rate 0 and change nothing)
+        warmup_steps=int(options.warmup * total_steps),
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=loaded.device == "cpu",
+        bf16=loaded.dtype == "bfloat16",
+        fp16=loaded.dtype == "float16",
+        seed=options.seed,
+        data_seed=options.seed,
+    )
+
+
+def _score_all(peft_model: Any, score: Callable[[str], EvalResult], current: str | None,
+               current_dir: VersionDir | None) -> tuple[EvalResult, EvalResult, EvalResult | None]:
+    """Eval loss of the new adapter, the base model and the serving version (if it is compatible).
+
+    Scoring comes after training on purpose: on CPUs with AVX512-BF16, bitsandbytes repacks
+    4-bit weights for inference at the first no-grad eval-mode forward, and the repacked kernel
+    has no backward, so scoring first would silently break the gradients that flow through the
+    frozen layers.
+    """
+    new = score("the new adapter")
+    with peft_model.disable_adapter():
+        base = score("the base model")
+    previous: EvalResult | None = None
+    if current_dir is not None:
+        peft_model.load_adapter(str(current_dir.path), adapter_name="previous")
+        peft_model.set_adapter("previous")
+        previous = score(f"current version {current}")
+        peft_model.set_adapter("default")
+        peft_model.delete_adapter("previous")
+    return new, base, previous
+
+
+def _save_adapter(peft_model: Any, staged: Path, scratch: Path) -> None:
+    """The adapter's files into the staging folder, readable by a server running as another user."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    peft_model.save_pretrained(str(staged))
+    (staged / "README.md").unlink(missing_ok=True)  # peft's empty model card
+    for f in staged.iterdir():  # safetensors writes 0600
+        if f.is_file():
+            f.chmod(0o644)
+
+
+def _version_meta(settings: EngineSettings, options: TrainOptions, loaded: Any, model_id: Any, data: Any,
+                  decision: Any, output: Any, trainer: Any, *,
+                  scores: tuple[EvalResult, EvalResult, EvalResult | None], parent: str | None,
+                  samples: tuple[int, int, int], seconds: tuple[float, float],
+                  job: tuple[str, str | None]) -> dict[str, Any]:
+    """meta.json of the new version: metrics, the gate's decision and how it was trained."""
+    new, base, previous = scores
+    train_rows, eval_rows, dropped = samples
+    train_seconds, wall = seconds
+    job_id, requested_by = job
+    metrics: dict[str, float] = {
+        "eval_loss": new.loss, "eval_perplexity": new.perplexity,
+        "eval_loss_base": base.loss, "eval_perplexity_base": base.perplexity,
+        "train_loss": float(output.training_loss), "train_seconds": round(train_seconds, 1),
+        "job_seconds": round(time.monotonic() - wall, 1),
+    }
+    if previous is not None:
+        metrics.update(eval_loss_previous=previous.loss, eval_perplexity_previous=previous.perplexity)
+    return {
+        "base_model": str(model_id),
+        "base_fingerprint": loaded.fingerprint,
+        "status": "candidate",
+        "parent": parent,
+        "metrics": {k: round(v, 6) for k, v in metrics.items()},
+        "gate": {"passed": decision.passed, "reference": decision.reference,
+                 "reference_loss": round(decision.reference_loss, 6), "reason": decision.reason},
+        "training": {
+            "r": settings.lora_r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
+            "target_modules": settings.lora_target_modules, "quantization": loaded.quantization,
+            "steps": int(output.global_step), "epochs": round(float(trainer.state.epoch or 0), 3),
+            "samples": train_rows, "eval_samples": eval_rows, "eval_tokens": new.tokens,
+            "learning_rate": options.learning_rate, "batch_size": options.batch_size,
+            "grad_accum": options.grad_accum, "max_seq_len": options.max_seq_len, "seed": options.seed,
+            "skipped_rows": len(data.bad), "dropped_too_long": dropped,
+            "eval_from_train": data.eval_from_train, "data": options.dataset or data.files,
+            "device": loaded.device, "job_id": job_id, "requested_by": requested_by,
+        },
+    }
