@@ -1,8 +1,11 @@
-"""Engine benchmark: mode switching, hot-load pauses, memory, throughput — against the naive way.
+"""Engine benchmark: switching modes, a hot-load beside a decoding stream, and the memory of
+adapter versions (an A/B's candidate included), against the naive way.
 
     python -m bench.engine [--tokens 48]
 
-Prints tables; asserts nothing (these machines are shared and noisy).
+Throughput, and hot-loads under many streams, are `bench.serving`'s (beside the reference path,
+a naive baseline and llama.cpp). This one drives the engine through its public face only and
+prints tables; it asserts nothing (these machines are shared and noisy).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ("legal", "medical", "finance")
@@ -40,8 +44,8 @@ def workdir() -> Path:
     return root
 
 
-def new_version(root: Path, domain: str) -> str:
-    """A v2 with the same shapes (scaled lora_B), committed and made current."""
+def new_version(root: Path, domain: str, make_current: bool = True) -> str:
+    """A new version with v1's shapes (scaled lora_B), committed and (by default) made current."""
     from safetensors.torch import load_file, save_file
 
     from engine.adapter_store import AdapterStore
@@ -53,7 +57,8 @@ def new_version(root: Path, domain: str) -> str:
         t = load_file(str(src / "adapter_model.safetensors"))
         save_file({k: v * 1.5 if ".lora_B." in k else v for k, v in t.items()}, str(staged / "adapter_model.safetensors"))
         v = store.commit(domain, staged, json.loads((src / "meta.json").read_text())).version
-    store.set_current(domain, v)
+    if make_current:
+        store.set_current(domain, v)
     return v
 
 
@@ -70,127 +75,92 @@ async def timed_stream(engine, mode, tokens: int) -> tuple[list[float], float]:
     return gaps, stream.result.completion_tokens / max(dur, 1e-9)
 
 
-async def run(args: argparse.Namespace) -> None:
-    import torch
+async def switching(engine: Any, root: Path) -> None:
+    """A mode switch: ours is a row's adapter slot chosen at admission; the naive way is peft's
+    global `set_adapter` (which races across users) or a load from disk per request."""
+    from peft import PeftModel
 
-    from engine import Engine, GenerationParams, Message, Mode
-    from engine.config import load_settings
-
-    root = workdir()
-    settings = load_settings(adapters_dir=root / "adapters", templates_dir=root / "templates",
-                             model_cache_dir=ROOT / "models")
-    engine = Engine(settings)
-    await engine.start()
-    rt = engine.runtime
-
-    # ---- 1. switching mode between requests -------------------------------------------
-    n = 2000
-    t0 = time.perf_counter()
-    for i in range(n):
-        key, _ = engine.registry.acquire(DOMAINS[i % 3])
-        rt.row_adapters = [key]
-        engine.registry.release(key)
-    ours = (time.perf_counter() - t0) / n
-    peft = rt.peft_model
-    t0 = time.perf_counter()
-    for i in range(3):
-        peft.load_adapter(str(root / "adapters" / DOMAINS[i] / "v1"), adapter_name=f"naive{i}")
-    naive_reload = (time.perf_counter() - t0) / 3
-    t0 = time.perf_counter()
-    for i in range(30):
-        peft.set_adapter(f"naive{i % 3}")
-    naive_set = (time.perf_counter() - t0) / 30
-    # the naive calls above touch peft's global state; restart to measure the rest cleanly
-    await engine.close()
-    engine = Engine(settings)
-    await engine.start()
-    rt = engine.runtime
+    from engine import GenerationParams, Message, Mode
+    from engine.model import load
 
     same, alternating = [], []
     for i in range(6):
         for bucket, mode in ((same, Mode("legal")), (alternating, Mode(DOMAINS[i % 3]))):
             t0 = time.perf_counter()
-            s = engine.generate([Message("user", QUESTION)], mode, GenerationParams(max_new_tokens=1, temperature=0))
-            async for _ in s:
+            async for _ in engine.generate([Message("user", QUESTION)], mode,
+                                           GenerationParams(max_new_tokens=1, temperature=0)):
                 pass
             bucket.append(time.perf_counter() - t0)
-    table("Switching mode between requests", ["method", "per switch (ms)", "reloads weights"], [
-        ["ours: adapter chosen per row at admission", ours * 1e3, "no"],
-        ["naive: peft set_adapter (global) per request", naive_set * 1e3, "no (but races across users)"],
-        ["naive: load adapter from disk per request", naive_reload * 1e3, "yes"],
+    naive = load(engine.settings)  # a model of its own: peft's adapters are global state
+    adapters = [root / "adapters" / d / "v1" for d in DOMAINS]
+    peft = PeftModel.from_pretrained(naive.model, str(adapters[0]), adapter_name="naive0")
+    t0 = time.perf_counter()
+    for i in (1, 2):
+        peft.load_adapter(str(adapters[i]), adapter_name=f"naive{i}")
+    naive_reload = (time.perf_counter() - t0) / 2
+    t0 = time.perf_counter()
+    for i in range(30):
+        peft.set_adapter(f"naive{i % 3}")
+    naive_set = (time.perf_counter() - t0) / 30
+    table("Switching mode between requests", ["method", "per request (ms)", "reloads weights"], [
         ["ours, end to end: 1-token request, same mode (median)", statistics.median(same) * 1e3, "no"],
         ["ours, end to end: 1-token request, mode alternating (median)", statistics.median(alternating) * 1e3, "no"],
+        ["naive: peft set_adapter (global) per request, the switch alone", naive_set * 1e3,
+         "no (but races across users)"],
+        ["naive: load the adapter from disk per request, the load alone", naive_reload * 1e3, "yes"],
     ])
 
-    # ---- 2. hot-load of a new version while another user streams --------------------
-    base_gaps, _ = await timed_stream(engine, Mode("medical"), args.tokens)
-    task = asyncio.create_task(timed_stream(engine, Mode("medical"), args.tokens))
+
+async def hot_load(engine: Any, root: Path, tokens: int) -> None:
+    """reload() of a new version while another user's stream decodes: its gaps before and during."""
+    from engine import Mode
+
+    base_gaps, _ = await timed_stream(engine, Mode("medical"), tokens)
+    task = asyncio.create_task(timed_stream(engine, Mode("medical"), tokens))
     await asyncio.sleep(1.0)
     version = new_version(root, "legal")
     t0 = time.perf_counter()
     await engine.reload("legal")
-    ours_load = time.perf_counter() - t0
-    ours_gaps, _ = await task
-
-
-    vdir = engine.store.version("finance", "v1")
-
-    def naive_load():  # on the model thread: everyone waits while it loads
-        t = time.perf_counter()
-        rt.peft_model.load_adapter(str(vdir.path), adapter_name="naive_finance")
-        return time.perf_counter() - t
-
-    task = asyncio.create_task(timed_stream(engine, Mode("medical"), args.tokens))
-    await asyncio.sleep(1.0)
-    naive_load_s = await asyncio.wrap_future(engine.scheduler.run_exclusive(naive_load))
-    naive_gaps, _ = await task
-    table(f"Hot-loading a new adapter version while another stream decodes ({args.tokens} tokens)", [
-        "method", "load time (ms)", "other stream: median gap (ms)", "longest gap (ms)"], [
-        ["no load (reference)", "-", statistics.median(base_gaps) * 1e3, max(base_gaps) * 1e3],
-        [f"ours: reload('legal') -> {version}, loader thread", ours_load * 1e3,
-         statistics.median(ours_gaps) * 1e3, max(ours_gaps) * 1e3],
-        ["naive: peft load_adapter on the model thread", naive_load_s * 1e3,
-         statistics.median(naive_gaps) * 1e3, max(naive_gaps) * 1e3],
+    load_s = time.perf_counter() - t0
+    gaps, _ = await task
+    table(f"Hot-loading a new adapter version while another stream decodes ({tokens} tokens)", [
+        "what", "load time (ms)", "other stream: median gap (ms)", "longest gap (ms)"], [
+        ["no load", "-", statistics.median(base_gaps) * 1e3, max(base_gaps) * 1e3],
+        [f"reload('legal') -> {version} (loader thread)", load_s * 1e3, statistics.median(gaps) * 1e3,
+         max(gaps) * 1e3],
     ])
-    await engine.close()
 
-    # ---- 3. memory -----------------------------------------------------------------
-    from engine import model as loader
 
-    fp32 = loader.load(load_settings(model_cache_dir=ROOT / "models", quantization="none"))
-    fp32_bytes = fp32.model.get_memory_footprint()
-    del fp32
-    engine = Engine(settings)
-    await engine.start()
+async def memory(engine: Any, root: Path) -> None:
+    """The base model and each resident adapter version, and what holding an A/B's candidate adds."""
     st = engine.status()
-    rows = [["base model, fp32 (quantization=none)", fp32_bytes / 2**20, "", ""],
-            ["base model, nf4 (default)", st.model_bytes / 2**20, "", ""]]
+    rows = [[f"base model, {st.quantization}", st.model_bytes / 2**20, "", ""]]
     for a in st.adapters:
         rows.append([f"adapter {a.name}/{a.version} resident", a.bytes / 2**20, a.file_bytes / 2**20,
                      f"{a.bytes / a.file_bytes:.3f}x"])
+    candidate = new_version(root, "finance", make_current=False)
+    held = await engine.hold("finance", (candidate,))
+    for a in held:
+        rows.append([f"A/B candidate {a.name}/{a.version} held (engine.hold)", a.bytes / 2**20,
+                     a.file_bytes / 2**20, f"{a.bytes / a.file_bytes:.3f}x"])
+    await engine.hold("finance", ())
     table("Memory", ["what", "MiB in memory", "file MiB", "memory / file"], rows)
 
-    # ---- 4. throughput ---------------------------------------------------------------
-    tok = args.tokens
-    _, base_rate = await timed_stream(engine, Mode(None), tok)
-    _, lora_rate = await timed_stream(engine, Mode("legal"), tok)
-    modes = [Mode(DOMAINS[i % 3]) if i % 4 else Mode(None) for i in range(8)]
-    t0 = time.perf_counter()
-    for m in modes:
-        await timed_stream(engine, m, tok)
-    seq = 8 * tok / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(timed_stream(engine, m, tok) for m in modes))
-    batched = 8 * tok / (time.perf_counter() - t0)
-    table(f"Throughput, nf4 on {torch.get_num_threads()} CPU threads, {tok} new tokens per request", [
-        "workload", "tokens/s"], [
-        ["1 request, base model", base_rate],
-        ["1 request, LoRA adapter (legal)", lora_rate],
-        ["8 requests, 3 adapters + base, one after another (naive)", seq],
-        ["8 requests, 3 adapters + base, batched together (ours)", batched],
-    ])
-    await engine.close()
-    shutil.rmtree(root, ignore_errors=True)
+
+async def run(args: argparse.Namespace) -> None:
+    from engine import Engine
+    from engine.config import load_settings
+
+    root = workdir()
+    settings = load_settings(adapters_dir=root / "adapters", templates_dir=root / "templates",
+                             model_cache_dir=ROOT / "models")
+    try:
+        async with Engine(settings) as engine:
+            await switching(engine, root)
+            await hot_load(engine, root, args.tokens)
+            await memory(engine, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
