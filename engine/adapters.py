@@ -310,10 +310,6 @@ class AdapterRegistry:
                     self._free_async(res)
                 log.info("adapter %s let go", res.key)
 
-    def held(self) -> dict[str, frozenset[str]]:
-        with self._lock:
-            return dict(self._held)
-
     def _load_async(self, version: VersionDir, make_serving: bool) -> Future:
         key = version_name(version.domain, version.version)
         with self._lock:
