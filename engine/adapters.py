@@ -1,9 +1,14 @@
 """The adapter registry: which LoRA versions are in memory and which one serves each domain.
 
 Lifecycle of a version in memory: `loading` -> `ready` -> (`retired` when a newer version
-took over or it was evicted) -> freed once no request uses it. Requests pick their adapter
-per row at admission (`acquire`), so two users of different modes never race over a global
-`set_adapter`, and a request keeps the version it started with until it finishes.
+took over, it was evicted or let go) -> freed once no request uses it. Requests pick their
+adapter per row at admission (`acquire`), so two users of different modes never race over a
+global `set_adapter`, and a request keeps the version it started with until it finishes.
+
+Besides its serving version, a domain can have versions held (`hold`: an A/B's candidate)
+and requests can ask for one version by name (`GenerationParams.adapter_version`). Held
+versions are never evicted and stay through reloads; a version that fails to load is
+remembered as failed (the catalog says so) without touching the domain's serving version.
 
 Threads: validation and loading run on one loader thread, concurrently with the model
 thread's decode steps, so a hot-load does not pause anyone: the fast path copies a version
@@ -19,11 +24,11 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from engine import cpu_threads
 from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name
-from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound
+from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, ConfigError
 from engine.model.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
 from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, ResidentAdapter
@@ -165,31 +170,38 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._serving: dict[str, str] = {}  # domain -> version serving new requests
         self._resident: dict[str, Resident] = {}  # peft name -> Resident
-        self._errors: dict[str, str] = {}  # domain -> last load error
+        self._errors: dict[str, str] = {}  # domain -> why its serving version did not load
+        self._failed: dict[str, str] = {}  # peft name -> why that version did not load (last try)
+        self._held: dict[str, frozenset[str]] = {}  # domain -> versions kept resident (`hold`)
+        self._hold_lock = threading.Lock()  # one `hold` at a time: each replaces a domain's set
         self._pending: dict[str, Future] = {}  # peft name -> load in progress
         # below the model thread's priority, and single-threaded: see engine.cpu_threads
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader",
                                           initializer=cpu_threads.lower_priority)
 
     # ---- model-thread API ------------------------------------------------------------
-    def acquire(self, domain: str | None) -> tuple[str, str | None] | None:
+    def acquire(self, domain: str | None, version: str | None = None) -> tuple[str, str | None] | None:
         """The peft name + version for a new row, counting it in flight; None while loading.
 
-        An evicted serving version is loaded again in the background on demand.
+        `version`: the one the request asked for (None: the domain's serving version). A
+        version not resident (evicted, or never loaded) is loaded in the background on demand;
+        one whose last load failed is refused with that reason.
         """
         if domain is None:
             return BASE_ADAPTER, None
         with self._lock:
-            version = self._serving.get(domain)
             if version is None:
-                raise AdapterNotFound(self._not_found(domain))
-            res = self._resident.get(version_name(domain, version))
+                version = self._serving.get(domain)
+                if version is None:
+                    raise AdapterNotFound(self._not_found(domain))
+            key = version_name(domain, version)
+            res = self._resident.get(key)
             if res is not None and res.state == "ready":
                 res.in_flight += 1
                 res.last_used = time.monotonic()
                 return res.key, version
-            if domain in self._errors and res is None and version_name(domain, version) not in self._pending:
-                raise AdapterInvalid(self._errors[domain])
+            if key in self._failed and res is None and key not in self._pending:
+                raise AdapterInvalid(self._failed[key])
             self._load_async(self.store.version(domain, version), make_serving=False)
             return None
 
@@ -246,6 +258,58 @@ class AdapterRegistry:
             return fut
         return self._load_async(version, make_serving=True)
 
+    def hold(self, domain: str, versions: Sequence[str]) -> list[ResidentAdapter]:
+        """Keep `versions` of `domain` resident beside its serving one; blocks until they are.
+
+        Replaces the set held before (`()` lets every one go: a version neither serving nor in
+        use is freed). AdapterNotFound (not on disk) or AdapterInvalid (failed to load) leaves
+        the previous set held and the serving version as it was. Held versions count toward
+        MAX_RESIDENT_ADAPTERS and must leave room there for one more, or the serving versions
+        would push each other out on every load.
+        """
+        with self._hold_lock:
+            wanted = tuple(dict.fromkeys(versions))
+            dirs = [self.store.version(domain, v) for v in wanted]  # AdapterNotFound, checked names
+            with self._lock:
+                previous = self._held.get(domain, frozenset())
+                serving = self._serving.get(domain)
+                extra = sum(len(vs - {self._serving.get(d)}) for d, vs in self._held.items() if d != domain)
+                extra += sum(v != serving for v in wanted)
+                if extra > self.max_resident - 1:
+                    raise ConfigError(
+                        f"holding {', '.join(f'{domain}/{v}' for v in wanted)} would keep {extra} versions resident "
+                        f"beside the serving ones, and MAX_RESIDENT_ADAPTERS={self.max_resident} leaves room for "
+                        f"{self.max_resident - 1}; raise MAX_RESIDENT_ADAPTERS")
+                self._held[domain] = previous | set(wanted)  # while loading: neither old nor new is evicted
+                for v in wanted:  # asked for again: try again
+                    self._failed.pop(version_name(domain, v), None)
+            failures = []
+            for fut in [self._load_async(d, make_serving=False) for d in dirs]:
+                try:
+                    fut.result()
+                except Exception as exc:  # the others still finish, so they are let go together
+                    failures.append(exc)
+            if failures:
+                with self._lock:
+                    self._set_held(domain, previous)
+                raise failures[0]
+            with self._lock:
+                self._set_held(domain, frozenset(wanted))
+                return [self._entry(self._resident[version_name(domain, v)]) for v in wanted]
+
+    def _set_held(self, domain: str, versions: frozenset[str]) -> None:
+        """Hold exactly `versions`; those let go that neither serve nor answer are freed."""
+        before = self._held.pop(domain, frozenset())
+        if versions:
+            self._held[domain] = versions
+        for v in before - versions:
+            res = self._resident.get(version_name(domain, v))
+            if res is not None and res.state == "ready" and v != self._serving.get(domain):
+                res.state = "retired"
+                if res.in_flight <= 0:
+                    self._free_async(res)
+                log.info("adapter %s let go", res.key)
+
     def _load_async(self, version: VersionDir, make_serving: bool) -> Future:
         key = version_name(version.domain, version.version)
         with self._lock:
@@ -276,8 +340,11 @@ class AdapterRegistry:
         key = version_name(version.domain, version.version)
         started = time.monotonic()
         with self._lock:
-            res = self._resident[key]
+            res = self._resident.get(key)
+            if res is None:  # an earlier load of it, queued first, failed
+                raise AdapterInvalid(self._failed.get(key, f"adapter {version.domain}/{version.version} did not load"))
             already = res.state == "ready"
+            serves = make_serving or self._serving.get(version.domain) == version.version
         if not already:
             try:
                 adapter = validate(version, self.model_id, self.runtime.linear_shapes)
@@ -289,7 +356,9 @@ class AdapterRegistry:
             except Exception as exc:
                 with self._lock:
                     self._resident.pop(key, None)
-                    self._errors[version.domain] = str(exc)
+                    self._failed[key] = str(exc)
+                    if serves:  # a candidate that fails leaves the domain's serving version alone
+                        self._errors[version.domain] = str(exc)
                 if self.metrics:
                     self.metrics.adapter_loads.labels(version.domain, "failed").inc()
                 log.error("adapter %s refused: %s", key, exc)
@@ -305,8 +374,10 @@ class AdapterRegistry:
                 self.metrics.adapter_loads.labels(version.domain, "ok").inc()
             log.info("adapter %s ready in %.0f ms (%.1f MB)", key, (time.monotonic() - started) * 1e3, added / 2**20)
         with self._lock:
-            self._errors.pop(version.domain, None)
-            if make_serving or version.domain not in self._serving:
+            self._failed.pop(key, None)
+            if serves:
+                self._errors.pop(version.domain, None)
+            if make_serving:
                 self._set_serving(version.domain, version.version)
             self._evict_over_limit()
             if self.metrics:
@@ -318,7 +389,7 @@ class AdapterRegistry:
         self._serving[domain] = version
         if old and old != version:
             prev = self._resident.get(version_name(domain, old))
-            if prev is not None and prev.state == "ready":
+            if prev is not None and prev.state == "ready" and old not in self._held.get(domain, ()):
                 prev.state = "retired"  # requests on it finish; freed when the last one does
                 if prev.in_flight <= 0:
                     self._free_async(prev)
@@ -330,7 +401,7 @@ class AdapterRegistry:
         for res in ready:
             if excess <= 0:
                 break
-            if res.in_flight == 0:
+            if res.in_flight == 0 and res.version not in self._held.get(res.domain, ()):
                 res.state = "retired"
                 self._free_async(res)
                 excess -= 1
@@ -361,15 +432,17 @@ class AdapterRegistry:
 
     def resident(self) -> list[ResidentAdapter]:
         with self._lock:
-            return [
-                ResidentAdapter(r.domain, r.version, r.state, r.bytes, r.file_bytes, r.in_flight)
-                for r in sorted(self._resident.values(), key=lambda r: r.key)
-            ]
+            return [self._entry(r) for r in sorted(self._resident.values(), key=lambda r: r.key)]
+
+    @staticmethod
+    def _entry(r: Resident) -> ResidentAdapter:
+        return ResidentAdapter(r.domain, r.version, r.state, r.bytes, r.file_bytes, r.in_flight)
 
     def catalog(self) -> list[AdapterInfo]:
         with self._lock:
             serving, errors = dict(self._serving), dict(self._errors)
-            states = {k: r.state for k, r in self._resident.items()}
+            states: dict[str, AdapterState] = {k: "failed" for k in self._failed}
+            states.update((k, r.state) for k, r in self._resident.items())
         return catalog(self.store, serving, states, errors)
 
     def wait_idle(self, timeout: float = 30.0) -> None:

@@ -11,17 +11,21 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from engine import cpu_threads
 from engine.adapter_store import AdapterStore
 from engine.config import EngineSettings, load_settings
-from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed
+from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.model import memory_footprint
 from engine.types import (
-    EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, UserContext,
+    EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter,
+    UserContext,
 )
+
+if TYPE_CHECKING:
+    from engine.prompts import BuiltPrompt
 
 log = logging.getLogger(__name__)
 
@@ -235,32 +239,47 @@ class Engine:
         return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
 
     async def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
-        from engine.audit import effective_sampling
+        from engine.audit import audit_stamp, effective_sampling
         from engine.requests import Request, SamplingSettings
 
         if self._closed or not self._ready:
             raise EngineClosed("the engine is not running" if not self._closed else "the engine is shutting down")
         mode, p, s = stream._mode, stream._params, self.settings
-        if mode.adapter is not None and mode.adapter not in self.registry.serving():
+        pinned = p.adapter_version
+        if pinned is not None and mode.adapter is None:
+            raise EngineError(f"adapter_version={pinned!r} needs an adapter in the mode (it names a version of one)")
+        if pinned is None and mode.adapter is not None and mode.adapter not in self.registry.serving():
             raise AdapterNotFound(self.registry._not_found(mode.adapter))
         effective = effective_sampling(s, p)
-        max_new = effective.max_new_tokens
         # Template refresh, render and tokenizing read disk and run user-written code: off the loop.
-        ids, trimmed = await asyncio.to_thread(self._prompt, mode.role, stream._user, stream._messages, max_new)
+        built = await asyncio.to_thread(self._prompt, mode, pinned, stream._user, stream._messages,
+                                        effective.max_new_tokens)
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         result = stream.result
-        result.prompt_tokens, result.trimmed_turns = len(ids), trimmed
+        result.prompt_tokens, result.trimmed_turns = len(built.ids), built.trimmed_turns
+        loaded = self.loaded
+        stamp = audit_stamp(  # its adapter version is the one admission takes
+            base_model=loaded.source.model_id, base_fingerprint=loaded.fingerprint,
+            quantization=loaded.quantization, adapter=mode.adapter, adapter_version=None, system=built.system,
+            sampling=effective, backend="local",
+        )
         sampling = SamplingSettings(**asdict(effective), ignore_eos=p.ignore_eos)
         loop = asyncio.get_running_loop()
-        req = Request(ids, mode.adapter, sampling, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), result)
+        req = Request(built.ids, mode.adapter, sampling, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                      result, version=pinned, stamp=stamp)
         self.scheduler.submit(req)
         return req
 
-    def _prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
-                max_new: int) -> tuple[list[int], int]:
-        """System prompt + history -> token ids (worker thread)."""
-        return self.prompts.build(role, user, messages, max_new)
+    def _prompt(self, mode: Mode, pinned: str | None, user: UserContext | None, messages: Sequence[Message],
+                max_new: int) -> BuiltPrompt:
+        """System prompt + history -> token ids, with the template that served (worker thread).
+
+        A pinned version must be on disk (AdapterNotFound before it waits in the queue).
+        """
+        if pinned is not None and mode.adapter is not None:
+            self.store.version(mode.adapter, pinned)
+        return self.prompts.build_prompt(mode.role, user, messages, max_new)
 
     def modes(self) -> ModeCatalog:
         # no disk access here (the poller thread refreshes the templates): modes() runs on the loop
@@ -281,6 +300,16 @@ class Engine:
                 continue
             (report.unchanged if before.get(domain) == version else report.loaded)[domain] = version
         return report
+
+    async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
+        """Keep these versions of `name` resident beside its serving one (see engine/face.py).
+
+        Loads run on the registry's loader (and, where the runtime needs it, on the model
+        thread between steps); this waits for them off the event loop.
+        """
+        if self._closed or not self._ready:
+            raise EngineClosed("the engine is not running" if not self._closed else "the engine is shutting down")
+        return tuple(await asyncio.to_thread(self.registry.hold, name, tuple(versions)))
 
     def status(self) -> EngineStatus:
         rss = 0

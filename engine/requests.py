@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engine.types import GenerationResult
+from engine.types import AuditStamp, GenerationResult
 
 
 @dataclass
@@ -33,6 +33,10 @@ class Request:
     sampling: SamplingSettings
     sink: Callable[[object], None]  # thread-safe: hands an item to the consumer's event loop
     result: GenerationResult
+    #: the version of `domain` it asked for (None: whichever serves when it is admitted)
+    version: str | None = None
+    #: its audit stamp but for the adapter version, which admission fills in
+    stamp: AuditStamp | None = None
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 

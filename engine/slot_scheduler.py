@@ -283,7 +283,7 @@ class SlotScheduler(threading.Thread):
             req.emit(StreamEnd())
             return None
         try:
-            got = self.registry.acquire(req.domain)
+            got = self.registry.acquire(req.domain, req.version)
         except EngineError as exc:
             self._remove_waiting(req)
             req.result.finish_reason = "error"
@@ -295,6 +295,8 @@ class SlotScheduler(threading.Thread):
         self._remove_waiting(req)
         key, version = got
         req.result.adapter_version = version
+        if req.stamp is not None:  # now the version that answers is known
+            req.result.stamp = dataclasses.replace(req.stamp, adapter_version=version)
         return key
 
     def _remove_waiting(self, req: Request) -> None:

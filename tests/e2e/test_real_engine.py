@@ -1,13 +1,15 @@
 """The bot on the real engine and the real default model (SmolLM2-135M; QUANTIZATION=auto, so fp32 on CPU), over the fake Bot API.
 
 The `legal` adapter is a small random LoRA written in the
-documented on-disk layout under tmp_path, so these tests need neither the shipped adapters nor
-training. Greedy decoding and a short answer cap keep them to seconds each on a CPU.
+documented on-disk layout under tmp_path (v1 serving, and v2, its lora_B tripled, a candidate for
+/ab), so these tests need neither the shipped adapters nor training. Greedy decoding and a short answer cap keep them to seconds each on a CPU.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ pytest.importorskip("engine.engine", reason="engine/engine.py is not there yet")
 
 from engine import Engine  # noqa: E402
 from engine.config import load_settings  # noqa: E402
+from engine.adapter_store import AdapterStore  # noqa: E402
+from tests.conftest import ADMIN_ID  # noqa: E402
+from tests.engine.test_engine_integration import scaled_copy  # noqa: E402
 from tests.fakes.telegram import FakeTelegram  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +55,7 @@ def adapters_dir(tmp_path_factory) -> Path:
         pytest.fail(f"the default model is not converted at {MODEL_DIR} (run `make model`)")
     root = tmp_path_factory.mktemp("adapters")
     _write_random_adapter(root, "legal")
+    scaled_copy(AdapterStore(root), "legal", root / "legal" / "v1", 3.0, {"status": "candidate"})
     return root
 
 
@@ -134,3 +140,40 @@ async def test_an_answer_cut_by_max_new_tokens_is_marked_with_a_continue_button(
     assert _rows(bot.store)[0]["finish_reason"] == "length"
     assert final.text.endswith("✂️ Cut off at the length limit.")
     assert [b["text"] for b in final.buttons] == ["👍", "👎", "▶ Continue"]
+
+
+async def test_an_ab_on_the_real_engine_answers_from_both_versions_and_why_tells_which(
+    tg, real_engine, start_bot
+):
+    bot = await start_bot(real_engine, rng=random.Random(0))  # seed 0: serving first, then the candidate
+    tg.send_text(ADMIN_ID, "/ab legal 100")
+    await tg.wait_for_text(ADMIN_ID, "A/B of legal is running: 100% of its requests take part", timeout=120)
+    held = {(a.name, a.version): a.state for a in real_engine.status().adapters}
+    assert held == {("legal", "v1"): "ready", ("legal", "v2"): "ready"}  # both resident while it runs
+    answers = []
+    for user in (7, ADMIN_ID):  # the same first question, greedy: only the version can make them differ
+        bot.store.touch_user(user)
+        bot.store.set_mode(user, "legal", "lawyer")
+        tg.send_text(user, "Can my landlord keep the deposit?", first_name="Ann")
+        final = await tg.wait_for(lambda u=user: next(iter(_answers(tg, u)), None), timeout=300)
+        stored = await tg.wait_for(lambda u=user, m=final.message_id: bot.store.answer_shown_in(u, m))
+        answers.append((final, stored))
+    (first, serving), (shown, candidate) = answers
+    assert (serving.ab_arm, serving.adapter_version) == ("serving", "v1")
+    assert (candidate.ab_arm, candidate.adapter_version) == ("candidate", "v2")
+    assert serving.prompt_tokens == candidate.prompt_tokens and first.text != shown.text
+    template = hashlib.sha256((REPO / "templates" / "lawyer.en.j2").read_bytes()).hexdigest()
+    for record, version in ((serving, "v1"), (candidate, "v2")):
+        stamp = record.stamp
+        assert (stamp.adapter, stamp.adapter_version, stamp.backend) == ("legal", version, "local")
+        assert (stamp.base_model, stamp.base_fingerprint) == (MODEL_ID, real_engine.loaded.fingerprint)
+        assert stamp.quantization == real_engine.status().quantization != "auto"  # what QUANTIZATION=auto chose
+        assert (stamp.template, stamp.template_language, stamp.template_hash) == ("lawyer", "en", template)
+        assert (stamp.sampling.temperature, stamp.sampling.max_new_tokens) == (0.0, 24)
+    tg.send_text(ADMIN_ID, "/why", reply_to=shown.message_id)
+    why = await tg.wait_for_text(ADMIN_ID, "🔎 Answer #")
+    assert "Adapter: legal v2 · A/B #1" in why.text and f"sha256 {template[:12]}" in why.text
+    tg.send_text(ADMIN_ID, "/ab legal stop")
+    await tg.wait_for_text(ADMIN_ID, "Stopped the A/B test of legal")
+    real_engine.registry.wait_idle()
+    assert {(a.name, a.version) for a in real_engine.status().adapters} == {("legal", "v1")}
