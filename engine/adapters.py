@@ -193,7 +193,7 @@ class AdapterRegistry:
             if version is None:
                 version = self._serving.get(domain)
                 if version is None:
-                    raise AdapterNotFound(self._not_found(domain))
+                    raise AdapterNotFound(self.not_found(domain))
             key = version_name(domain, version)
             res = self._resident.get(key)
             if res is not None and res.state == "ready":
@@ -242,7 +242,7 @@ class AdapterRegistry:
         current = self.store.current(domain)
         if current is None:
             fut: Future = Future()
-            fut.set_exception(AdapterNotFound(self._not_found(domain)))
+            fut.set_exception(AdapterNotFound(self.not_found(domain)))
             return fut
         with self._lock:
             res = self._resident.get(version_name(domain, current))
@@ -422,7 +422,7 @@ class AdapterRegistry:
         self._loader.submit(self._single_threaded, free)
 
     # ---- reporting -----------------------------------------------------------------
-    def _not_found(self, domain: str) -> str:
+    def not_found(self, domain: str) -> str:
         known = ", ".join(sorted(self._serving)) or "none"
         return f"no adapter {domain!r} is serving (available: {known}; folder {self.store.root})"
 

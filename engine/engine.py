@@ -11,7 +11,8 @@ import logging
 import os
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from engine import cpu_threads
 from engine.adapter_store import AdapterStore
@@ -63,7 +64,8 @@ class GenerationStream:
         if self._queue is None:
             self._queue = asyncio.Queue()
             try:
-                self._request = await self._engine._submit(self, self._queue)
+                self._request = await self._engine.submit(self._messages, self._mode, self._params, self._user, self.result,
+                                                         self._queue)
             except BaseException:
                 self._done = True
                 self.result.finish_reason = self.result.finish_reason or "error"
@@ -139,7 +141,7 @@ class Engine:
     def _start_sync(self) -> None:
         from engine import model as model_loader
         from engine.adapters import AdapterRegistry
-        from engine.prompts import PromptMaker
+        from engine.prompts import PromptMaker, end_token_ids
         from engine.slot_scheduler import SlotScheduler
 
         self.loaded = model_loader.load(self.settings)
@@ -160,12 +162,12 @@ class Engine:
             self.runtime = ReferenceRunner(self.loaded.model)
             log.info("reference path: transformers + peft, one request at a time (batch size 1; MAX_BATCH_SIZE=%d "
                      "and PREFIX_CACHE_TOKENS do not apply)", self.settings.max_batch_size)
-        self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, self._eos_ids())
         self.registry = AdapterRegistry(
             self.store, self.runtime, self.loaded.identity, self.settings.max_resident_adapters,
-            self.scheduler.run_exclusive, self.metrics,
+            self._on_model_thread, self.metrics,
         )
-        self.scheduler.registry = self.registry
+        eos = end_token_ids(tok, getattr(self.loaded.model.generation_config, "eos_token_id", None))
+        self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, set(eos), self.registry)
         self.scheduler.start()
 
     def _choose_runtime(self) -> str:
@@ -186,16 +188,9 @@ class Engine:
         log.info("serving with the reference path: %s", reason)
         return "reference"
 
-    def _eos_ids(self) -> set[int]:
-        tok, cfg = self.loaded.tokenizer, self.loaded.model.generation_config
-        ids = {tok.eos_token_id}
-        eos = getattr(cfg, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-        for special in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            tid = tok.convert_tokens_to_ids(special)
-            if isinstance(tid, int) and tid != tok.unk_token_id:
-                ids.add(tid)
-        return {i for i in ids if isinstance(i, int)}
+    def _on_model_thread(self, fn: Callable[[], Any]) -> Future:
+        """The registry's loads that touch the runtime run between two steps of the model thread."""
+        return self.scheduler.run_exclusive(fn)
 
     def _start_training(self) -> None:
         try:
@@ -238,25 +233,27 @@ class Engine:
                  *, user: UserContext | None = None) -> GenerationStream:
         return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
 
-    async def _submit(self, stream: GenerationStream, queue: asyncio.Queue) -> Any:
+    async def submit(self, messages: Sequence[Message], mode: Mode, p: GenerationParams, user: UserContext | None,
+                     result: GenerationResult, queue: asyncio.Queue) -> Any:
+        """Build the prompt and queue the request (a GenerationStream's first read); its pieces and
+        its end go to `queue`, its figures into `result`. EngineError and its kinds before queueing."""
         from engine.audit import audit_stamp, effective_sampling
         from engine.requests import Request, SamplingSettings
 
         if self._closed or not self._ready:
             raise EngineClosed("the engine is not running" if not self._closed else "the engine is shutting down")
-        mode, p, s = stream._mode, stream._params, self.settings
+        s = self.settings
         pinned = p.adapter_version
         if pinned is not None and mode.adapter is None:
             raise EngineError(f"adapter_version={pinned!r} needs an adapter in the mode (it names a version of one)")
         if pinned is None and mode.adapter is not None and mode.adapter not in self.registry.serving():
-            raise AdapterNotFound(self.registry._not_found(mode.adapter))
+            raise AdapterNotFound(self.registry.not_found(mode.adapter))
         effective = effective_sampling(s, p)
         # Template refresh, render and tokenizing read disk and run user-written code: off the loop.
-        built = await asyncio.to_thread(self._prompt, mode, pinned, stream._user, stream._messages,
+        built = await asyncio.to_thread(self._prompt, mode, pinned, user, messages,
                                         effective.max_new_tokens)
         if self._closed:
             raise EngineClosed("the engine is shutting down")
-        result = stream.result
         result.prompt_tokens, result.trimmed_turns = len(built.ids), built.trimmed_turns
         loaded = self.loaded
         stamp = audit_stamp(  # its adapter version is the one admission takes

@@ -127,11 +127,11 @@ class SlotScheduler(threading.Thread):
     or `engine.reference.ReferenceRunner` with room for one row) by cache slot and token ids."""
 
     def __init__(self, runtime: Any, tokenizer: Any, settings: EngineSettings, metrics: EngineMetrics,
-                 eos_ids: set[int]) -> None:
+                 eos_ids: set[int], registry: Any) -> None:
         super().__init__(name="model", daemon=True)
         self.rt = runtime
         self.settings, self.metrics, self.eos_ids = settings, metrics, eos_ids
-        self.registry: Any = None  # engine.adapters.AdapterRegistry, set before start()
+        self.registry = registry  # engine.adapters.AdapterRegistry: leases of adapter versions
         self.chunk_tokens = settings.resolved_prefill_chunk(str(runtime.device))
         self.writer = StreamWriter(tokenizer, metrics)
         self.rows: list[SlotRow] = []
