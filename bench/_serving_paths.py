@@ -108,7 +108,7 @@ def make_workdir() -> Path:
 
 
 def set_current(root: Path, domain: str, version: str) -> None:
-    from engine.adapter_store import AdapterStore
+    from engine.adapters.store import AdapterStore
 
     AdapterStore(root / "adapters").set_current(domain, version)
 
@@ -519,8 +519,8 @@ class _Stamps:
 
 async def _in_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)` in a thread that exits afterwards, so the OpenMP team of the naive path's
-    torch work does not outlive it and slow the engines' model threads (engine.cpu_threads)."""
-    from engine.cpu_threads import run_in_passing_thread
+    torch work does not outlive it and slow the engines' model threads (engine.serving.threads)."""
+    from engine.serving.threads import run_in_passing_thread
 
     return await asyncio.to_thread(run_in_passing_thread, functools.partial(fn, *args), "naive")
 

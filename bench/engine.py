@@ -48,7 +48,7 @@ def new_version(root: Path, domain: str, make_current: bool = True) -> str:
     """A new version with v1's shapes (scaled lora_B), committed and (by default) made current."""
     from safetensors.torch import load_file, save_file
 
-    from engine.adapter_store import AdapterStore
+    from engine.adapters.store import AdapterStore
 
     store = AdapterStore(root / "adapters")
     src = root / "adapters" / domain / "v1"

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from typing import Any
 
-from engine.adapter_store import AdapterStore
+from engine.adapters.store import AdapterStore
 from engine.config import load_settings
 from engine.training.data import load_domain_data
 from engine.types import GenerationParams, Message, Mode

@@ -93,7 +93,7 @@ class EngineSettings(BaseSettings):
     cpu_threads: int | None = Field(
         None, ge=1, le=1024,
         description="Torch threads when the model runs on the CPU. Empty = OMP_NUM_THREADS when set, else every "
-        "usable core (the model thread's OpenMP team; see engine.cpu_threads).",
+        "usable core (the model thread's OpenMP team; see engine.serving.threads).",
     )
     max_queue: int = Field(64, ge=1, le=100000, description="Waiting requests before new ones are refused.")
     template_poll_s: float = Field(1.0, ge=0.0, description="How often template files are checked for changes.")
@@ -150,7 +150,7 @@ class EngineSettings(BaseSettings):
         Every core: the decode step is bound by memory bandwidth at a few rows and by compute
         at many, and both grow with threads (2-core machine, `python -m bench.serving
         --threads N`: 16 users over 4 modes 180 tok/s with 1 thread, 263-285 with 2). This
-        holds once the forward's OpenMP team is the only one in the process (engine.cpu_threads);
+        holds once the forward's OpenMP team is the only one in the process (engine.serving.threads);
         before that, 2 threads had measured slower than 1 (37 vs 69 tok/s), which had been
         read as the event loop descheduling a worker and had made the default "cores minus one"."""
         if self.cpu_threads is not None:
@@ -248,7 +248,7 @@ class EngineSettings(BaseSettings):
                             f"has no role templates (<role>.<lang>.j2){_project_hint(self.templates_dir)}")
         if problems:
             raise ConfigError("; ".join(problems))
-        from engine.adapter_store import AdapterStore
+        from engine.adapters.store import AdapterStore
 
         notes = []
         if not AdapterStore(self.adapters_dir).domains():

@@ -14,8 +14,8 @@ from dataclasses import asdict
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from engine import cpu_threads
-from engine.adapter_store import AdapterStore
+from engine.serving import threads as cpu_threads
+from engine.adapters.store import AdapterStore
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
@@ -120,7 +120,7 @@ class Engine:
         """
         notes = await asyncio.to_thread(self.settings.check_folders)
         self.templates = await asyncio.to_thread(self._load_templates)
-        # in a thread that then exits, taking its OpenMP team along (see engine.cpu_threads)
+        # in a thread that then exits, taking its OpenMP team along (see engine.serving.threads)
         await asyncio.to_thread(cpu_threads.run_in_passing_thread, self._start_sync, "engine-start")
         failures = await asyncio.to_thread(self.registry.load_all)
         for domain, reason in failures.items():
@@ -140,16 +140,16 @@ class Engine:
 
     def _start_sync(self) -> None:
         from engine import model as model_loader
-        from engine.adapters import AdapterRegistry
+        from engine.adapters.registry import AdapterRegistry
         from engine.prompts import PromptMaker, end_token_ids
-        from engine.slot_scheduler import SlotScheduler
+        from engine.serving.scheduler import SlotScheduler
 
         self.loaded = model_loader.load(self.settings)
         tok = self.loaded.tokenizer
         self.prompts = PromptMaker(self.templates, tok, self.settings)
         self.runtime_kind = self._choose_runtime()
         if self.runtime_kind == "fast":
-            from engine.runtime import FastRuntime
+            from engine.serving.runner import FastRuntime
 
             self.runtime = FastRuntime(self.loaded.model, self.settings)
             self.runtime.warm_up()
@@ -171,9 +171,9 @@ class Engine:
         self.scheduler.start()
 
     def _choose_runtime(self) -> str:
-        """`fast` (engine.runtime) where it serves the model, else the transformers + peft path."""
+        """`fast` (engine.serving) where it serves the model, else the transformers + peft path."""
         from engine.errors import ConfigError
-        from engine.runtime.llama import unsupported_reason
+        from engine.serving.llama import unsupported_reason
 
         wanted = self.settings.serving_runtime
         if wanted == "reference":

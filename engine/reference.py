@@ -1,6 +1,6 @@
 """The serial oracle: transformers' own forward with peft's adapter, one request at a time.
 
-The tests hold the fast path (`engine.runtime`) against it token for token, and it serves
+The tests hold the fast path (`engine.serving`) against it token for token, and it serves
 what the fast path does not cover (`SERVING_RUNTIME=reference`, or `auto` when the fast path
 refuses the model or the device). The model thread drives it as it drives the fast runtime,
 with room for one row, so requests are answered one after another. It stays plain so that it
@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from engine.adapter_store import version_name
-from engine.adapters import ValidatedAdapter, linear_shapes
+from engine.adapters.store import version_name
+from engine.adapters.registry import ValidatedAdapter, linear_shapes
 from engine.requests import SamplingSettings
-from engine.runtime.sampler import BatchSampler
+from engine.serving.sampler import BatchSampler
 from engine.types import BASE_ADAPTER
 
 

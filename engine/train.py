@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nice:
         os.nice(args.nice)
 
-    from engine.adapter_store import AdapterStore
+    from engine.adapters.store import AdapterStore
     from engine.config import load_settings
     from engine.training import lock
     from engine.training.jobs import JobLog, JobRecord, new_job_id
@@ -295,7 +295,7 @@ def _replace(record: Any, **changes: Any) -> Any:
 
 
 def _now() -> str:
-    from engine.adapter_store import utc_now
+    from engine.adapters.store import utc_now
 
     return utc_now()
 

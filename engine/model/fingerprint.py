@@ -187,7 +187,7 @@ def base_mismatch(meta: Mapping[str, Any], model: str, where: str = "this versio
 
 def stamp(version_dirs: Iterable[Path], model: ModelIdentity, force: bool = False) -> list[str]:
     """Record `model.fingerprint` in each version's meta.json that lacks one; returns what it did."""
-    from engine.adapter_store import write_json_atomic
+    from engine.adapters.store import write_json_atomic
 
     done = []
     for folder in version_dirs:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from engine.adapter_store import AdapterStore, utc_now
+from engine.adapters.store import AdapterStore, utc_now
 from engine.errors import AdapterIncompatible, AdapterNotFound
 from engine.model.fingerprint import base_mismatch
 

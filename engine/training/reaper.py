@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
-from engine.adapter_store import AdapterStore, utc_now
+from engine.adapters.store import AdapterStore, utc_now
 from engine.training import lock
 from engine.training.jobs import JobLog, JobRecord
 

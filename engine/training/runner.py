@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.adapter_store import AdapterStore, VersionDir
+from engine.adapters.store import AdapterStore, VersionDir
 from engine.config import EngineSettings
 from engine.errors import TrainingError
 from engine.model.fingerprint import base_mismatch

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
 import engine
-from engine.adapter_store import AdapterStore, utc_now
+from engine.adapters.store import AdapterStore, utc_now
 from engine.config import EngineSettings
 from engine.errors import AdapterInvalid, AdapterNotFound, TrainingBusy, TrainingStorageError
 from engine.metrics import EngineMetrics

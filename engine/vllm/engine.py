@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import aiohttp
 
-from engine.adapter_store import AdapterStore, VersionDir, version_name
+from engine.adapters.store import AdapterStore, VersionDir, version_name
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineError
 from engine.metrics import EngineMetrics
@@ -57,7 +57,7 @@ def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine import adapters
+    from engine.adapters import registry as adapters
 
     config = AutoConfig.from_pretrained(load_path)
     with torch.device("meta"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.adapter_store import CONFIG_FILE, AdapterStore, VersionDir, catalog, version_name
+from engine.adapters.store import CONFIG_FILE, AdapterStore, VersionDir, catalog, version_name
 from engine.errors import AdapterInvalid, AdapterNotFound
 from engine.types import AdapterInfo, AdapterState, ResidentAdapter
 
@@ -62,7 +62,7 @@ def validate_version(version: VersionDir, model_id: str, linear_shapes: dict[str
 
     Runs in a worker thread: it reads the weights.
     """
-    from engine.adapters import validate
+    from engine.adapters.registry import validate
 
     validate(version, model_id, linear_shapes)
     config: dict[str, Any] = json.loads((version.path / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ whose result needs no transposing copy (a 512-token gate/up product: 2.0 ms inst
 The price is bf16's rounding: weights to 2^-9 of their size (fp16 keeps 2^-11), the linear
 layers' inputs and outputs to bf16 (the residual stream, norms, attention, the LoRA expand
 and the KV cache stay fp32; the LoRA shrink rides in the bf16 product, see
-`engine.runtime.lora`). That is the precision a GPU serves in (`COMPUTE_DTYPE=auto` is bf16 on CUDA),
+`engine.serving.lora`). That is the precision a GPU serves in (`COMPUTE_DTYPE=auto` is bf16 on CUDA),
 but greedy answers drift from fp32's sooner than with fp16, and the kernel's summation order
 depends on the batch's row count, so a row's numbers may differ in the last bits with the
 batch it is in (as on a GPU). Where AMX is missing, bf16 runs on emulation and is slower than

@@ -132,7 +132,7 @@ def swap_linears(model: nn.Module, cls: type, store: Callable[[nn.Linear, torch.
 
 def fuse(modules: list[Fp16Linear]) -> Any:
     """One fbgemm pack holding `modules`' weights one after another (their outputs side by side),
-    for layers that read the same input (q/k/v, gate/up; see `engine.runtime.fused`).
+    for layers that read the same input (q/k/v, gate/up; see `engine.serving.fused`).
 
     The members keep answering as before, through their columns of the shared pack, and drop
     their own packs, so the bytes held do not change. Fusing the same members again (a second

@@ -18,7 +18,7 @@ pytest.importorskip("engine.engine", reason="engine/engine.py is not there yet")
 
 from engine import Engine  # noqa: E402
 from engine.config import load_settings  # noqa: E402
-from engine.adapter_store import AdapterStore  # noqa: E402
+from engine.adapters.store import AdapterStore  # noqa: E402
 from tests.conftest import ADMIN_ID  # noqa: E402
 from tests.engine.test_engine_integration import scaled_copy  # noqa: E402
 from tests.fakes.telegram import FakeTelegram  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapter_store import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AdapterStore, version_number
+from engine.adapters.store import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AdapterStore, version_number
 from engine.errors import AdapterInvalid, AdapterNotFound
 
 
@@ -289,7 +289,7 @@ def test_version_number() -> None:
 def test_catalog_marks_versions_kept_back_by_training_as_candidates(store: AdapterStore) -> None:
     """The one catalog both backends list (/adapters, /ab): a version whose meta says "candidate"
     and that does not serve is what an A/B can test; the serving one never is, whatever its meta."""
-    from engine.adapter_store import catalog, version_name
+    from engine.adapters.store import catalog, version_name
 
     make_dir(store, "legal", "v1", status="promoted")
     make_dir(store, "legal", "v2", status="candidate", metrics={"eval_loss": 1.5, "bad": float("nan")})

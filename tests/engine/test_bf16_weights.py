@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.weights import bf16_weights
-from engine.runtime.fused import FusedLinear
+from engine.serving.fused import FusedLinear
 
 
 def test_a_converted_linear_computes_in_bf16_with_an_fp32_result() -> None:
@@ -101,8 +101,8 @@ def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> N
 
     from engine import model as engine_model
     from engine.config import load_settings
-    from engine.runtime import FastRuntime
-    from tests.engine.runtime.test_runner import adapter_modules
+    from engine.serving.runner import FastRuntime
+    from tests.engine.serving.test_runner import adapter_modules
     from tests.engine.test_fast_path import ROOT as REPO
 
     s = load_settings(quantization="bf16", max_batch_size=4, context_tokens=512, max_new_tokens=64,

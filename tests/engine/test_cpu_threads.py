@@ -1,4 +1,4 @@
-"""engine.cpu_threads: the forward's OpenMP team is the model thread's alone.
+"""engine.serving.threads: the forward's OpenMP team is the model thread's alone.
 
 What must hold: a thread that claims N threads computes with N whatever other threads do; a
 `single_threaded` block computes with one thread on its own thread only, and leaves the count
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from engine import cpu_threads
+from engine.serving import threads as cpu_threads
 
 
 @pytest.fixture(autouse=True)

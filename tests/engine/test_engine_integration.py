@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from engine import Engine, GenerationParams, Message, Mode
-from engine.adapter_store import AdapterStore
+from engine.adapters.store import AdapterStore
 from engine.config import load_settings
 from engine.errors import AdapterNotFound, TemplateNotFound
 

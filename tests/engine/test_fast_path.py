@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from engine import Engine, GenerationParams, Message, Mode
-from engine.adapter_store import AdapterStore
+from engine.adapters.store import AdapterStore
 from engine.config import load_settings
 from tests.engine.test_engine_integration import scaled_copy
 
@@ -232,7 +232,7 @@ async def test_16_bit_weights_serve_a_mixed_batch_as_the_reference_does(cpu16_en
 async def test_a_bf16_kv_cache_halves_the_cache_and_serves_every_mode(workdir: Path, engines) -> None:
     """KV_CACHE_DTYPE=bfloat16 over the fp32 model: half the cache's bytes, and the mixed batch
     with joins and leaves is answered in every mode. Attention in bf16 moves the logits by bf16
-    rounding (tests/engine/runtime/test_runner.py), so answers are not compared with fp32's."""
+    rounding (tests/engine/serving/test_runner.py), so answers are not compared with fp32's."""
     fast = Engine(settings(workdir, "fast", kv_cache_dtype="bfloat16", prefill_chunk_tokens=24))
     await fast.start()
     try:
@@ -244,7 +244,7 @@ async def test_a_bf16_kv_cache_halves_the_cache_and_serves_every_mode(workdir: P
 
 
 async def test_the_model_thread_computes_with_cpu_threads_and_the_loader_runs_lowered_and_alone(engines) -> None:
-    """engine.cpu_threads on a running engine: the model thread (of both paths) computes with
+    """engine.serving.threads on a running engine: the model thread (of both paths) computes with
     CPU_THREADS whatever thread loaded the model, and adapter loads run single-threaded on a
     thread of lower priority."""
     import os

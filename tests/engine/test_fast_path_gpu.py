@@ -1,7 +1,7 @@
 """GPU twins of the fast path's tests (marked `gpu`; they skip without CUDA).
 
-CPU twins: tests/engine/runtime/test_runner.py (tiny models vs peft),
-tests/engine/runtime/test_graphs.py (bucketing, how a capture failure is reported) and
+CPU twins: tests/engine/serving/test_runner.py (tiny models vs peft),
+tests/engine/serving/test_graphs.py (bucketing, how a capture failure is reported) and
 tests/engine/test_fast_path.py (the real model, fast vs reference; the decoding window of the
 sync count). Here the decode step runs as CUDA graphs: equality in fp32, bounded drift in bf16
 (nf4, the product's default on CUDA), graphs captured for the nf4 kernels (q/k/v and gate/up as
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from engine import Engine, GenerationParams, Message, Mode
-from tests.engine.runtime.conftest import build_tiny
-from tests.engine.runtime.test_runner import MODES, SEQS, adapter_modules, reference_logits
+from tests.engine.serving.conftest import build_tiny
+from tests.engine.serving.test_runner import MODES, SEQS, adapter_modules, reference_logits
 from tests.engine.test_fast_path import CASES, settings, window_while_decoding, workdir  # noqa: F401
 
 pytestmark = [pytest.mark.gpu]
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.gpu]
 @pytest.mark.parametrize("arch", ["llama", "qwen2-bias", "llama-gqa"])
 def test_tiny_models_decode_through_cuda_graphs_like_peft(arch: str, tmp_path: Path) -> None:
     from engine.config import load_settings
-    from engine.runtime import FastRuntime
+    from engine.serving.runner import FastRuntime
 
     tiny = build_tiny(arch, tmp_path)
     refs = [reference_logits(tiny, m, s) for m, s in zip(MODES, SEQS)]
@@ -136,7 +136,7 @@ def test_a_capture_survives_another_thread_allocating() -> None:
     benchmark reading memory) while the model thread captures neither fails nor breaks the graph."""
     import threading
 
-    from engine.runtime.graphs import DecodeGraphs
+    from engine.serving.graphs import DecodeGraphs
 
     x = torch.arange(8, dtype=torch.float32, device="cuda")
     other_done, other_error = threading.Event(), []
@@ -171,7 +171,7 @@ def test_a_failed_capture_decodes_eagerly_and_says_why(caplog: pytest.LogCapture
     traceback and the first error, and the step goes on eagerly with the right numbers."""
     import logging
 
-    from engine.runtime.graphs import DecodeGraphs
+    from engine.serving.graphs import DecodeGraphs
 
     x = torch.arange(8, dtype=torch.float32, device="cuda")
 
@@ -180,7 +180,7 @@ def test_a_failed_capture_decodes_eagerly_and_says_why(caplog: pytest.LogCapture
 
     graphs = DecodeGraphs(step, slots=8, context=256)
     stream = torch.cuda.current_stream()
-    with caplog.at_level(logging.WARNING, logger="engine.runtime.graphs"):
+    with caplog.at_level(logging.WARNING, logger="engine.serving.graphs"):
         out = graphs.run(2, 100)
     assert torch.cuda.current_stream() == stream, "the failed capture left its stream current"
     torch.testing.assert_close(out.cpu(), torch.tensor([0.0, 28.0]))

@@ -16,13 +16,13 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from engine.adapter_store import VersionDir
-from engine.adapters import ValidatedAdapter
+from engine.adapters.store import VersionDir
+from engine.adapters.registry import ValidatedAdapter
 from engine.reference import ReferenceRunner, cache_kwarg, returned_cache
 from engine.requests import SamplingSettings
 from engine.types import BASE_ADAPTER
-from tests.engine.runtime.conftest import TinyModel, build_tiny
-from tests.engine.runtime.test_runner import SEQS, adapter_modules
+from tests.engine.serving.conftest import TinyModel, build_tiny
+from tests.engine.serving.test_runner import SEQS, adapter_modules
 
 GREEDY = SamplingSettings(max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
 
@@ -141,7 +141,7 @@ def test_the_oracle_answers_as_peft_alone_with_adapters_coming_and_going(tiny: T
 
 def test_a_seeded_row_draws_what_the_fast_paths_sampler_draws() -> None:
     """The oracle samples with the fast path's sampler, row by row: a seed means one answer."""
-    from engine.runtime.sampler import BatchSampler
+    from engine.serving.sampler import BatchSampler
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.adapter_store import AdapterStore
+from engine.adapters.store import AdapterStore
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[2]

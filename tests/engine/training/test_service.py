@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapter_store import AdapterStore
+from engine.adapters.store import AdapterStore
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, NoTrainingData, TrainingBusy
 from engine.metrics import EngineMetrics
 from engine.training import TrainingJob, TrainingService, TrainOptions
@@ -197,7 +197,7 @@ def test_a_live_shell_job_is_left_running(settings, store, adapters) -> None:
 #: "running" record, a staging folder; then it works until killed.
 SHELL_JOB = """
 import sys, time
-from engine.adapter_store import AdapterStore, utc_now
+from engine.adapters.store import AdapterStore, utc_now
 from engine.training import lock
 from engine.training.jobs import JobLog, JobRecord
 import os

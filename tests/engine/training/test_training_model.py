@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.adapter_store import AdapterStore
+from engine.adapters.store import AdapterStore
 from engine.errors import TrainingBusy
 from engine.metrics import EngineMetrics
 from engine.training import TrainingService, TrainOptions

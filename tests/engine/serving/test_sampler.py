@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.runtime.sampler import BatchSampler
+from engine.serving.sampler import BatchSampler
 
 
 def penalized(logits: torch.Tensor, repetition_penalty: float, seen: torch.Tensor | None) -> torch.Tensor:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.fused import FusedLinear
-from engine.runtime.kv_cache import SlotKVCache
-from engine.runtime.lora import LoraBatch, LoraSlots, product_key
+from engine.serving.fused import FusedLinear
+from engine.serving.kv_cache import SlotKVCache
+from engine.serving.lora import LoraBatch, LoraSlots, product_key
 
 log = logging.getLogger(__name__)
 

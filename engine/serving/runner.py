@@ -4,7 +4,7 @@
 slot KV cache, the stacked LoRA slots, the batched sampler, the decode state on the device
 and, on CUDA, the decode step's CUDA graphs, and it alone writes them. The model thread's
 policy (who is admitted, how prompts are chunked, when rows finish) lives in
-`engine.slot_scheduler`, which talks to this object by cache slot and token ids, as it talks
+`engine.serving.scheduler`, which talks to this object by cache slot and token ids, as it talks
 to the serial oracle `engine.reference.ReferenceRunner`; so does the adapter registry.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 
 from engine.config import EngineSettings
 from engine.requests import SamplingSettings
-from engine.runtime.graphs import DecodeGraphs, powers_of_two
-from engine.runtime.kv_cache import SlotKVCache
-from engine.runtime.llama import ARCHITECTURES, Packing, unsupported_reason
-from engine.runtime.lora import LoraSlots, serving_targets
-from engine.runtime.prefix_cache import PrefixCache
-from engine.runtime.sampler import BatchSampler
+from engine.serving.graphs import DecodeGraphs, powers_of_two
+from engine.serving.kv_cache import SlotKVCache
+from engine.serving.llama import ARCHITECTURES, Packing, unsupported_reason
+from engine.serving.lora import LoraSlots, serving_targets
+from engine.serving.prefix_cache import PrefixCache
+from engine.serving.sampler import BatchSampler
 from engine.types import BASE_ADAPTER
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class FastRuntime:
         kv_dtype = getattr(torch, settings.resolved_kv_cache_dtype(str(self.device)))
         self.cache = SlotKVCache(layers, slots, kv_heads, head_dim, settings.context_tokens, kv_dtype, self.device)
         targets = serving_targets(model, settings.lora_target_modules)
-        from engine.adapters import linear_shapes
+        from engine.adapters.registry import linear_shapes
 
         # every linear layer, so validation names the real problem ("not served" vs "no such module")
         self.linear_shapes = linear_shapes(model)
@@ -232,7 +232,7 @@ class FastRuntime:
         return False  # a load writes into a free slot; nothing the model thread reads changes
 
     def load(self, adapter: Any) -> int:
-        from engine.adapter_store import version_name
+        from engine.adapters.store import version_name
 
         v = adapter.version
         key = version_name(v.domain, v.version)

@@ -1,4 +1,4 @@
-"""The CUDA-free parts of `engine.runtime.graphs`: bucketing and how a failed capture is reported.
+"""The CUDA-free parts of `engine.serving.graphs`: bucketing and how a failed capture is reported.
 
 CPU twin of test_fast_path_gpu.py's capture tests: there a real capture fails (a host sync
 inside it) and the log and `failed` must name that first error, not the one ending the capture
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.runtime.graphs import bucket, failure_text, powers_of_two
+from engine.serving.graphs import bucket, failure_text, powers_of_two
 
 
 @pytest.mark.parametrize("lo, hi, expected", [(1, 1, [1]), (1, 8, [1, 2, 4, 8]), (1, 12, [1, 2, 4, 8, 12]),

@@ -26,8 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from engine import cpu_threads
-from engine.adapter_store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name
+from engine.serving import threads as cpu_threads
+from engine.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, ConfigError
 from engine.model.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
@@ -155,7 +155,7 @@ class AdapterRegistry:
     def __init__(
         self,
         store: AdapterStore,
-        runtime: Any,  # engine.runtime.FastRuntime or engine.reference.ReferenceRunner
+        runtime: Any,  # engine.serving.runner.FastRuntime or engine.reference.ReferenceRunner
         model_id: str,
         max_resident: int,
         run_exclusive: Callable[[Callable[[], Any]], Future],
@@ -175,7 +175,7 @@ class AdapterRegistry:
         self._held: dict[str, frozenset[str]] = {}  # domain -> versions kept resident (`hold`)
         self._hold_lock = threading.Lock()  # one `hold` at a time: each replaces a domain's set
         self._pending: dict[str, Future] = {}  # peft name -> load in progress
-        # below the model thread's priority, and single-threaded: see engine.cpu_threads
+        # below the model thread's priority, and single-threaded: see engine.serving.threads
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader",
                                           initializer=cpu_threads.lower_priority)
 

@@ -4,13 +4,13 @@ Why: a decode step of a few rows is a sequence of small matrix products whose fi
 call is a large share of their time. On a 2-core CPU a SmolLM2 layer's seven products at one
 row took ~640 µs and the same weights in four products ~420 µs (`QUANTIZATION=fp16`); the
 LoRA delta of a fused group is one product pair instead of one pair per module (see
-`engine.runtime.lora`). vLLM's `QKVParallelLinear`/`MergedColumnParallelLinear` do the same.
+`engine.serving.lora`). vLLM's `QKVParallelLinear`/`MergedColumnParallelLinear` do the same.
 
 Memory stays as it was: the fused weight is the only copy. The member modules keep working
 for anyone who calls them (the reference path, a test): a plain `nn.Linear` member's weight
 (or a `Bf16Linear` member's bf16 weight) becomes a view into the fused weight, and an
 `Fp16Linear` member computes through the fused pack and keeps its own columns; bitsandbytes
-4-bit members (nf4, fp4) keep views of one packed weight (`engine.runtime.fused_4bit`). Layers
+4-bit members (nf4, fp4) keep views of one packed weight (`engine.serving.fused_4bit`). Layers
 whose weights cannot be concatenated (bitsandbytes `Linear8bitLt`, 4-bit layers repacked for
 bitsandbytes' AVX-512 CPU kernel, hooked or mixed modules) are called one by one and their
 outputs concatenated, so the runner sees one layout for every kind.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.weights import bf16_weights, fp16_weights
-from engine.runtime import fused_4bit
+from engine.serving import fused_4bit
 
 
 class FusedLinear:
@@ -36,7 +36,7 @@ class FusedLinear:
 
     A product of bf16 weights can carry extra rows below its weight (`make_room`):
     `with_rows` returns x times those rows too, from the same kernel. The LoRA
-    stacks put their A matrices there (see `engine.runtime.lora`), so a LoRA shrink costs no
+    stacks put their A matrices there (see `engine.serving.lora`), so a LoRA shrink costs no
     product of its own.
     """
 

@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from engine.adapter_store import CONFIG_FILE
+from engine.adapters.store import CONFIG_FILE
 from engine.errors import AdapterIncompatible, AdapterInvalid
 
 if TYPE_CHECKING:
-    from engine.runtime.fused import FusedLinear
+    from engine.serving.fused import FusedLinear
 
 log = logging.getLogger(__name__)
 

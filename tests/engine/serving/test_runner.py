@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from engine.config import load_settings
-from engine.runtime import FastRuntime
-from tests.engine.runtime.conftest import TinyModel, close_to_peft
+from engine.serving.runner import FastRuntime
+from tests.engine.serving.conftest import TinyModel, close_to_peft
 
 SEQS = [[5, 17, 33, 2, 8, 61, 40, 9, 12, 77, 3], [11, 4, 90, 23, 7, 1, 55, 6], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]]
 MODES = [None, "a", "b"]

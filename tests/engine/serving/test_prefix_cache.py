@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, chain
-from tests.engine.runtime.conftest import TinyModel, close_to_peft
-from tests.engine.runtime.test_runner import reference_logits, runtime
+from engine.serving.prefix_cache import BLOCK_TOKENS, PrefixCache, chain
+from tests.engine.serving.conftest import TinyModel, close_to_peft
+from tests.engine.serving.test_runner import reference_logits, runtime
 
 SHARED = [(7 * i + 3) % 90 + 1 for i in range(2 * BLOCK_TOKENS + 5)]  # two full blocks and 5 tokens more
 TAIL_A = [11 + i for i in range(16)]  # so the block holding the end of SHARED is full
@@ -116,7 +116,7 @@ def test_prefix_cache_tokens_zero_turns_it_off(tiny: TinyModel) -> None:
 
 
 def test_pool_memory_is_what_the_setting_asks() -> None:
-    from engine.runtime.kv_cache import SlotKVCache
+    from engine.serving.kv_cache import SlotKVCache
 
     cache = SlotKVCache(layers=3, slots=2, kv_heads=2, head_dim=8, context=64, dtype=torch.float32, device="cpu")
     pc = PrefixCache(cache, 5 * BLOCK_TOKENS + 7)  # whole blocks only

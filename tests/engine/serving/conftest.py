@@ -26,7 +26,7 @@ ARCHS = {
     "llama-gqa-bf16": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
     "qwen2-bias-bf16": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
     # QUANTIZATION=nf4 (the CUDA default) in bitsandbytes' row-major layout, the one its CUDA
-    # kernels read: q/k/v and gate/up as one 4-bit product each (`engine.runtime.fused_4bit`)
+    # kernels read: q/k/v and gate/up as one 4-bit product each (`engine.serving.fused_4bit`)
     "llama-gqa-nf4": ("transformers.LlamaConfig", {"num_key_value_heads": 1}),
     "qwen2-bias-nf4": ("transformers.Qwen2Config", {"num_key_value_heads": 2, "use_sliding_window": False}),
 }
@@ -42,7 +42,7 @@ class TinyModel:
 
 #: How close the fast path's logits are to peft's. fp32 and fp16 products: 1e-4 (the same
 #: dot products, summed in another order). bf16 products: the LoRA shrink comes out of the
-#: bf16 product (A rides below its weight, `engine.runtime.lora`), so it multiplies the bf16
+#: bf16 product (A rides below its weight, `engine.serving.lora`), so it multiplies the bf16
 #: copy of the product's input by A rounded to bf16, where peft multiplies in fp32: measured
 #: at most 0.0044 apart on these models, whose adapters move logits by 0.15 on average and
 #: up to 0.77; 1e-2 keeps 15x below the mean move, so a missing or wrong adapter still fails.

@@ -1,7 +1,7 @@
 """The model thread: admission into cache slots, chunked prefill, one sync per step.
 
 It decides on plain data (which request gets which cache slot, which prompt tokens are
-prefilled this turn, when a row ends) and the runtime computes: `engine.runtime.FastRuntime`
+prefilled this turn, when a row ends) and the runtime computes: `engine.serving.runner.FastRuntime`
 (every row at once), or `engine.reference.ReferenceRunner` (one row at a time).
 
 Each loop turn: drop cancelled rows; admit waiting requests into free cache slots (each
@@ -35,12 +35,12 @@ from typing import Any, Callable
 
 import torch
 
-from engine import cpu_threads
+from engine.serving import threads as cpu_threads
 from engine.config import EngineSettings
 from engine.errors import EngineBusy, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.requests import Request, StreamEnd
-from engine.runtime.prefix_cache import BLOCK_TOKENS, chain
+from engine.serving.prefix_cache import BLOCK_TOKENS, chain
 from engine.stream import IncrementalDecoder
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class StreamWriter(threading.Thread):
 
 class SlotScheduler(threading.Thread):
     """The model thread: the only thread that runs forward passes. Other threads talk to it
-    through `submit` and `run_exclusive`; it drives a runtime (`engine.runtime.FastRuntime`,
+    through `submit` and `run_exclusive`; it drives a runtime (`engine.serving.runner.FastRuntime`,
     or `engine.reference.ReferenceRunner` with room for one row) by cache slot and token ids."""
 
     def __init__(self, runtime: Any, tokenizer: Any, settings: EngineSettings, metrics: EngineMetrics,
@@ -184,7 +184,7 @@ class SlotScheduler(threading.Thread):
 
     # ---- the model thread ----------------------------------------------------------------
     def run(self) -> None:
-        if self.rt.device.type == "cpu":  # the forward's OpenMP team is this thread's (engine.cpu_threads)
+        if self.rt.device.type == "cpu":  # the forward's OpenMP team is this thread's (engine.serving.threads)
             cpu_threads.claim(self.settings.resolved_cpu_threads())
         while True:
             self._run_commands()

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def fuse(modules: list[Any], concat_into_views: Callable[..., torch.Tensor | None],
          side_by_side: Callable[[list[Any]], torch.Tensor | None]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One call computing `modules` (bitsandbytes `Linear4bit`s) side by side, or None when
-    they cannot be fused. `concat_into_views` and `side_by_side` are `engine.runtime.fused`'s
+    they cannot be fused. `concat_into_views` and `side_by_side` are `engine.serving.fused`'s
     helpers: the members' bytes packed into one tensor they keep views of, and their biases
     side by side."""
     try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.runtime.kv_cache import SlotKVCache
+from engine.serving.kv_cache import SlotKVCache
 
 #: Tokens per block: the unit of sharing (a hit also takes part of one more block).
 BLOCK_TOKENS = 16

@@ -17,11 +17,11 @@ from torch import nn
 from engine.weights import fp16_weights
 from engine.config import load_settings
 from engine.model import memory_footprint
-from engine.runtime import FastRuntime
-from engine.runtime.fused import FusedLinear
-from engine.runtime.lora import lora_groups
-from tests.engine.runtime.conftest import TinyModel
-from tests.engine.runtime.test_runner import SEQS, reference_logits, runtime
+from engine.serving.runner import FastRuntime
+from engine.serving.fused import FusedLinear
+from engine.serving.lora import lora_groups
+from tests.engine.serving.conftest import TinyModel
+from tests.engine.serving.test_runner import SEQS, reference_logits, runtime
 
 needs_fbgemm = pytest.mark.skipif(not fp16_weights.available(), reason="this torch build has no fbgemm (not x86)")
 
@@ -176,7 +176,7 @@ def test_4bit_layers_repacked_for_the_cpu_kernel_or_mixed_are_called_one_by_one(
 
 @pytest.mark.parametrize("tiny", ["llama-gqa-nf4"], indirect=True)
 def test_a_4bit_product_that_disagrees_with_its_members_is_not_used(tiny: TinyModel) -> None:
-    from engine.runtime import fused_4bit
+    from engine.serving import fused_4bit
 
     members = [getattr(tiny.model.model.layers[0].mlp, n) for n in ("gate_proj", "up_proj")]
     width = sum(m.out_features for m in members)
