@@ -104,7 +104,8 @@ class Engine:
         self.settings = settings or load_settings()
         self.metrics = EngineMetrics()
         self.store = AdapterStore(self.settings.adapters_dir)
-        self.training: Any = None
+        self.training: Any = None  # engine.training.TrainingService once started, where it imports
+        self.templates: Any = None  # engine.prompts.TemplateLibrary once started
         self._started_at = time.monotonic()
         self._ready = False
         self._closed = False
@@ -193,14 +194,10 @@ class Engine:
         return self.scheduler.run_exclusive(fn)
 
     def _start_training(self) -> None:
-        try:
-            from engine.training.service import TrainingService
-        except ImportError as exc:
-            log.warning("training is not available: %s", exc)
-            return
-        self.training = TrainingService(
-            self.settings, model_id=self.loaded.identity, reload=self.reload, metrics=self.metrics
-        )
+        from engine.training.lifecycle import open_training
+
+        self.training = open_training(self.settings, model_id=self.loaded.identity, reload=self.reload,
+                                      metrics=self.metrics)
 
     async def close(self) -> None:
         """Stop taking requests, end running streams as cancelled, stop the threads."""
@@ -208,15 +205,11 @@ class Engine:
             return
         self._closed = True
         self._ready = False
-        close_training = getattr(self.training, "close", None)
-        if close_training is not None:
-            try:
-                await close_training()
-            except Exception:
-                log.exception("closing the training service failed")
-        templates = getattr(self, "templates", None)
-        if templates is not None:
-            await asyncio.to_thread(templates.stop_polling)
+        from engine.training.lifecycle import close_training
+
+        await close_training(self.training)
+        if self.templates is not None:
+            await asyncio.to_thread(self.templates.stop_polling)
         if self.loaded is not None:
             await asyncio.to_thread(self.scheduler.stop)
             await asyncio.to_thread(self.registry.close)
@@ -341,7 +334,7 @@ class Engine:
 
     def _problems(self) -> list[str]:
         """Why a started engine cannot answer right now (empty when it can)."""
-        templates = getattr(self, "templates", None)
+        templates = self.templates
         if self._ready and templates is not None and not templates.roles(refresh=False):
             errors = "; ".join(templates.errors().values())
             return [f"no role template can be rendered (TEMPLATES_DIR={str(self.settings.templates_dir)!r}"

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from engine.serving import threads as cpu_threads
-from engine.adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name
+from engine.adapters.store import (
+    CONFIG_FILE, PEFT_KEY_PREFIX, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name,
+)
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, ConfigError
 from engine.model.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
@@ -35,7 +37,6 @@ from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, ResidentAdapte
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -115,7 +116,7 @@ def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[
     for key, t in tensors.items():
         for part in (".lora_A.weight", ".lora_B.weight"):
             if key.endswith(part):
-                module = key.removeprefix(_PREFIX)[: -len(part)]
+                module = key.removeprefix(PEFT_KEY_PREFIX)[: -len(part)]
                 break
         else:
             continue  # other trainable extras (e.g. modules_to_save) are peft's to check

@@ -32,6 +32,7 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 META_FILE = "meta.json"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # of every tensor name in a peft LoRA file
 CURRENT_FILE = "current"
 HISTORY_FILE = "history.json"  # {"served": ["v1", "v3"]}: the versions that were current, in order
 

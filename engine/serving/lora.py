@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from engine.adapters.store import CONFIG_FILE
+from engine.adapters.store import CONFIG_FILE, PEFT_KEY_PREFIX
 from engine.errors import AdapterIncompatible, AdapterInvalid
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "base_model.model."
 
 #: Config keys whose non-default values the batched path cannot serve, with the reason.
 _UNSUPPORTED = {
@@ -277,8 +276,8 @@ class LoraSlots:
                 g, j = self._group_of[module]
                 lo, hi = g.columns[j]
                 a4, b4 = self._slot_block(g.key, slot)
-                a4[:r, j].copy_(tensors[f"{_PREFIX}{module}.lora_A.weight"])  # [r, in]
-                b4[:r, j, lo:hi].copy_(tensors[f"{_PREFIX}{module}.lora_B.weight"].T)  # [out, r]
+                a4[:r, j].copy_(tensors[f"{PEFT_KEY_PREFIX}{module}.lora_A.weight"])  # [r, in]
+                b4[:r, j, lo:hi].copy_(tensors[f"{PEFT_KEY_PREFIX}{module}.lora_B.weight"].T)  # [out, r]
             R = self.max_rank
             # the table rows are the switch: until they are written the slot contributes nothing
             for width, table in self.tables.items():

@@ -93,6 +93,7 @@ class VllmEngine:
         self.store = AdapterStore(self.settings.adapters_dir)
         self.book = LoraBook(self.store)
         self.training: Any = None
+        self.templates: Any = None  # engine.prompts.TemplateLibrary once started
         self.tokens_generated = 0
         self.started = False
         self.closed = False
@@ -181,25 +182,19 @@ class VllmEngine:
                            rank, vd.weights.stat().st_size)
 
     def _start_training(self) -> None:
-        try:
-            from engine.training.service import TrainingService
-        except ImportError as exc:
-            log.warning("training is not available: %s", exc)
-            return
-        self.training = TrainingService(self.settings, model_id=self.model_id, reload=self.reload,
-                                        metrics=self.metrics)
+        from engine.training.lifecycle import open_training
+
+        self.training = open_training(self.settings, model_id=self.model_id, reload=self.reload,
+                                      metrics=self.metrics)
 
     async def close(self) -> None:
         """Stop taking requests, cancel running streams (closing their responses), stop checking."""
         if self.closed:
             return
         self.closed = True
-        close_training = getattr(self.training, "close", None)
-        if close_training is not None:
-            try:
-                await close_training()
-            except Exception:
-                log.exception("closing the training service failed")
+        from engine.training.lifecycle import close_training
+
+        await close_training(self.training)
         for stream in list(self._streams):
             stream.cancel()
         if self._watch is not None:
@@ -207,9 +202,8 @@ class VllmEngine:
             await asyncio.gather(self._watch, return_exceptions=True)
         if self._unloads:
             await asyncio.gather(*self._unloads, return_exceptions=True)
-        templates = getattr(self, "templates", None)
-        if templates is not None:
-            await asyncio.to_thread(templates.stop_polling)
+        if self.templates is not None:
+            await asyncio.to_thread(self.templates.stop_polling)
         await self._close_http()
         self._prompt_pool.shutdown(wait=False, cancel_futures=True)
 
