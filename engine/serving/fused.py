@@ -1,9 +1,8 @@
 """Linear layers that read the same input, run as one product (q/k/v; gate/up).
 
 Why: a decode step of a few rows is a sequence of small matrix products whose fixed cost per
-call is a large share of their time. On a 2-core CPU a SmolLM2 layer's seven products at one
-row took ~640 µs and the same weights in four products ~420 µs (`QUANTIZATION=fp16`); the
-LoRA delta of a fused group is one product pair instead of one pair per module (see
+call is a large share of their time, so four products per layer cost less than seven over
+the same weights (docs/engine.md has the measurement); the LoRA delta of a fused group is one product pair instead of one pair per module (see
 `engine.serving.lora`). vLLM's `QKVParallelLinear`/`MergedColumnParallelLinear` do the same.
 
 Memory stays as it was: the fused weight is the only copy. The member modules keep working

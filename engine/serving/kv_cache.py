@@ -4,8 +4,7 @@ Keys and values of every layer live in one tensor [layers, 2, slots, kv_heads, c
 head_dim]; `k[layer]` and `v[layer]` are views of it. One tensor means one copy moves a row's
 prefix (all layers, keys and values) in or out of the prefix cache. A row is prefilled
 into a free slot and decodes at its own position, so a row joining or leaving never copies
-another row's cache (the old path re-padded the whole batch's cache on every admission and
-compacted it on every finish). The extra last position is a scratch column: rows that are
+another row's cache. The extra last position is a scratch column: rows that are
 only padding in a step write there, and no real query ever reads it.
 
 Slots are handed out lowest first, so a decode step covers the contiguous range

@@ -4,11 +4,10 @@ Why this module exists: libgomp (torch's OpenMP) keeps a team of worker threads 
 thread that ever ran a parallel region with more than one thread, until that thread exits.
 Once the process holds more libgomp threads than it has cores, libgomp stops spinning at its
 barriers (its "throttled" spin count) and every parallel region of a decode step waits for
-its workers to wake up. Measured on the 2-core machine, one decode step of the default model
-with 2 threads: 26.6 ms when one thread loaded the model and decoded, 46.6 ms when the model
-was loaded in one thread and decoded in another (1 thread: 39 ms). The engine loads the model
-in a start thread and decodes in the model thread, and loads adapters in a third, so it had
-paid that price and looked faster with one thread than with two.
+its workers to wake up: a decode step with two threads then takes longer than with one (a
+measured example is in docs/engine.md). An engine that loads the model in a start thread,
+decodes in the model thread and loads adapters in a third pays that price unless it keeps a
+single team.
 
 So:
 - the model is loaded in a thread that exits when it is done (`run_in_passing_thread`), and
@@ -83,7 +82,7 @@ def lower_priority(niceness: int = 10) -> None:
     the forward's team uses every core it was given, so CPU time a loader takes stalls a
     barrier of the running step. Nice 10 gives it about a tenth of a core against a busy
     team, so a load still ends in well under a second; `SCHED_IDLE` (run only on idle cores)
-    was tried and starved loads for up to 28 s behind the busy reference path. Raising a nice
+    would starve a load behind a busy model thread for as long as it stays busy. Raising a nice
     value needs no privilege; where it is refused the thread keeps its priority."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)

@@ -3,13 +3,11 @@ multiplied by the CPU's bf16 matrix units; everything else stays fp32.
 
 Why: fbgemm's fp16 GEMM (`QUANTIZATION=fp16`) converts its weights to fp32 and multiplies on
 the vector units, so from a few rows on a decode step is compute-bound. A CPU with AMX tiles
-(Intel Sapphire Rapids and later) multiplies bf16 matrices several times faster: on this
-project's shapes, 1 core, 16 rows, the output head took 3.0 ms instead of fbgemm's 16 ms, a
-gate/up product 0.2 ms instead of 0.43, a 256-token prefill chunk ~5x less (numbers in the
-docs/engine.md). Up to `WIDE_ROWS` rows (decode steps) the product is written as `W @ xᵀ` (oneDNN's
-fast case for a few rows; `x @ Wᵀ` is ~2x slower there), a single row as `torch.mv`, which
-reads the weight once at memory speed; from `WIDE_ROWS` rows on (prefill chunks) as `x @ Wᵀ`,
-whose result needs no transposing copy (a 512-token gate/up product: 2.0 ms instead of 11.3).
+(Intel Sapphire Rapids and later) multiplies bf16 matrices several times faster than that,
+from decode steps of a few rows to prefill chunks (docs/engine.md has the measurements). Up to
+`WIDE_ROWS` rows (decode steps) the product is written as `W @ xᵀ` (oneDNN's fast case for a
+few rows), a single row as `torch.mv`, which reads the weight once at memory speed; from
+`WIDE_ROWS` rows on (prefill chunks) as `x @ Wᵀ`, whose result needs no transposing copy.
 
 The price is bf16's rounding: weights to 2^-9 of their size (fp16 keeps 2^-11), the linear
 layers' inputs and outputs to bf16 (the residual stream, norms, attention, the LoRA expand
@@ -43,13 +41,13 @@ def available() -> bool:
         return False
 
 
-#: Rows from which `x @ Wᵀ` beats `W @ xᵀ` plus its transposing copy (one core, the default
-#: model's products summed over a layer: 1.44 vs 1.46 ms at 112 rows, 0.94 vs 1.07 at 64).
+#: Rows from which `x @ Wᵀ` beats `W @ xᵀ` plus its transposing copy (measured on the default
+#: model's products summed over a layer, one core).
 WIDE_ROWS = 128
 #: Result size from which `W @ xᵀ` runs in blocks of `BLOCK_ROWS` rows of W, each block's
 #: result transposed and converted while it is still in the cache: one transposing conversion
-#: of a large result misses the caches (the default model's output head, in a decode step of
-#: 64 rows: 11.1 ms instead of 19.7; about equal at 24-32 rows, worse below).
+#: of a large result misses the caches (it pays off for the default model's output head from
+#: a few dozen rows on, and costs below that).
 BIG_TRANSPOSE = 1 << 20
 BLOCK_ROWS = 8192
 
