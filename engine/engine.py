@@ -10,16 +10,17 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict
 from concurrent.futures import Future
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from engine.serving import threads as cpu_threads
 from engine.adapters.store import AdapterStore
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.model import memory_footprint
+from engine.serving import threads as cpu_threads
+from engine.stream import GenerationStream
 from engine.types import (
     EngineStatus, GenerationParams, GenerationResult, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter,
     UserContext,
@@ -29,74 +30,6 @@ if TYPE_CHECKING:
     from engine.prompts import BuiltPrompt
 
 log = logging.getLogger(__name__)
-
-
-class GenerationStream:
-    """Async iterator of text pieces; `result` is complete once iteration ends.
-
-    Submission happens on the first `__anext__`, so errors (busy, unknown adapter, bad
-    template, too long) surface there. Leaving early (`aclose`, `cancel`, `async with`) frees
-    the batch row at the next step.
-    """
-
-    def __init__(self, engine: "Engine", messages: Sequence[Message], mode: Mode,
-                 params: GenerationParams, user: UserContext | None) -> None:
-        self._engine, self._messages, self._mode, self._params, self._user = engine, messages, mode, params, user
-        self._queue: asyncio.Queue[object] | None = None
-        self._request: Any = None
-        self._done = False
-        self.result = GenerationResult(adapter=mode.adapter, role=mode.role)
-
-    def __aiter__(self) -> "GenerationStream":
-        return self
-
-    async def __aenter__(self) -> "GenerationStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def __anext__(self) -> str:
-        from engine.requests import StreamEnd
-
-        if self._done:
-            raise StopAsyncIteration
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            try:
-                self._request = await self._engine.submit(self._messages, self._mode, self._params, self._user, self.result,
-                                                         self._queue)
-            except BaseException:
-                self._done = True
-                self.result.finish_reason = self.result.finish_reason or "error"
-                raise
-            if self._done:  # cancelled while the prompt was being prepared
-                self._request.cancelled.set()
-                raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if isinstance(item, str):
-            return item
-        self._done = True
-        if isinstance(item, BaseException):
-            self.result.finish_reason = self.result.finish_reason or "error"
-            raise item
-        assert isinstance(item, StreamEnd)
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        if self._request is not None:
-            self._request.cancelled.set()
-        self._done = True
-        if self.result.finish_reason is None:
-            self.result.finish_reason = "cancelled"
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self.cancel()
 
 
 class Engine:
@@ -224,7 +157,7 @@ class Engine:
     # ---- serving -------------------------------------------------------------------
     def generate(self, messages: Sequence[Message], mode: Mode, params: GenerationParams | None = None,
                  *, user: UserContext | None = None) -> GenerationStream:
-        return GenerationStream(self, list(messages), mode, params or GenerationParams(), user)
+        return GenerationStream(self.submit, list(messages), mode, params or GenerationParams(), user)
 
     async def submit(self, messages: Sequence[Message], mode: Mode, p: GenerationParams, user: UserContext | None,
                      result: GenerationResult, queue: asyncio.Queue) -> Any:

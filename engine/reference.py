@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from engine.adapters.store import version_name
 from engine.adapters.registry import ValidatedAdapter, linear_shapes
+from engine.adapters.store import version_name
 from engine.requests import SamplingSettings
 from engine.serving.sampler import BatchSampler
 from engine.types import BASE_ADAPTER

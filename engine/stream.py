@@ -1,7 +1,17 @@
-"""The text of a stream: token ids turned into text as they come, a character only when it is whole."""
+"""The stream a caller iterates: text pieces as they come (`GenerationStream`), and the token ids
+turned into text, a character only when it is whole (`IncrementalDecoder`).
+"""
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Awaitable, Callable, Sequence
+
+from engine.types import GenerationParams, GenerationResult, Message, Mode, UserContext
+
+#: How a stream hands its request to its engine (`Engine.submit`): the messages, mode, params,
+#: user, the result to fill and the queue its pieces and its end arrive on; returns the request.
+Submit = Callable[[Sequence[Message], Mode, GenerationParams, "UserContext | None", GenerationResult,
+                   "asyncio.Queue[object]"], Awaitable[Any]]
 
 
 class IncrementalDecoder:
@@ -22,3 +32,71 @@ class IncrementalDecoder:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
+
+
+class GenerationStream:
+    """Async iterator of text pieces; `result` is complete once iteration ends.
+
+    Submission happens on the first `__anext__`, so errors (busy, unknown adapter, bad
+    template, too long) surface there. Leaving early (`aclose`, `cancel`, `async with`) frees
+    the batch row at the next step.
+    """
+
+    def __init__(self, submit: Submit, messages: Sequence[Message], mode: Mode,
+                 params: GenerationParams, user: UserContext | None) -> None:
+        self._submit, self._messages, self._mode, self._params, self._user = submit, messages, mode, params, user
+        self._queue: asyncio.Queue[object] | None = None
+        self._request: Any = None
+        self._done = False
+        self.result = GenerationResult(adapter=mode.adapter, role=mode.role)
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __aenter__(self) -> "GenerationStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> str:
+        from engine.requests import StreamEnd
+
+        if self._done:
+            raise StopAsyncIteration
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            try:
+                self._request = await self._submit(self._messages, self._mode, self._params, self._user, self.result,
+                                                  self._queue)
+            except BaseException:
+                self._done = True
+                self.result.finish_reason = self.result.finish_reason or "error"
+                raise
+            if self._done:  # cancelled while the prompt was being prepared
+                self._request.cancelled.set()
+                raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if isinstance(item, str):
+            return item
+        self._done = True
+        if isinstance(item, BaseException):
+            self.result.finish_reason = self.result.finish_reason or "error"
+            raise item
+        assert isinstance(item, StreamEnd)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        if self._request is not None:
+            self._request.cancelled.set()
+        self._done = True
+        if self.result.finish_reason is None:
+            self.result.finish_reason = "cancelled"
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self.cancel()

@@ -35,11 +35,11 @@ from typing import Any, Callable
 
 import torch
 
-from engine.serving import threads as cpu_threads
 from engine.config import EngineSettings
 from engine.errors import EngineBusy, EngineClosed, EngineError
 from engine.metrics import EngineMetrics
 from engine.requests import Request, StreamEnd
+from engine.serving import threads as cpu_threads
 from engine.serving.prefix_cache import BLOCK_TOKENS, chain
 from engine.stream import IncrementalDecoder
 
