@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from engine.adapters.registry import ValidatedAdapter, linear_shapes
-from engine.adapters.store import version_name
 from engine.requests import SamplingSettings
 from engine.serving.sampler import BatchSampler
 from engine.types import BASE_ADAPTER
@@ -64,7 +63,7 @@ class ReferenceRunner:
         """Load a version under its peft name (on the model thread); returns its bytes."""
         from peft import PeftModel
 
-        name, path = version_name(adapter.version.domain, adapter.version.version), str(adapter.version.path)
+        name, path = adapter.key, str(adapter.version.path)
         self._drop_deleted()  # a version freed a moment ago may be the one loaded again
         if self.peft_model is None:
             self.peft_model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name, is_trainable=False)

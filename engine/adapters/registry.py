@@ -66,6 +66,11 @@ class ValidatedAdapter:
     #: slot instead of reading the file again); not kept after the load
     tensors: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def key(self) -> str:
+        """The name the runtime keeps it under (`version_name`)."""
+        return version_name(self.version.domain, self.version.version)
+
 
 def linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
     """(in, out) features of every linear layer by module path: what validation checks against."""

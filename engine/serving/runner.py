@@ -232,10 +232,8 @@ class FastRuntime:
         return False  # a load writes into a free slot; nothing the model thread reads changes
 
     def load(self, adapter: Any) -> int:
-        from engine.adapters.store import version_name
-
-        v = adapter.version
-        key = version_name(v.domain, v.version)
+        """Copy a validated version (engine.adapters.registry.ValidatedAdapter) into a free LoRA slot."""
+        v, key = adapter.version, adapter.key
         weights = adapter.tensors if adapter.tensors is not None else v.weights  # read once, by validation
         self.lora.load(key, v.path, weights, adapter.modules, f"adapter {v.domain}/{v.version} ({v.path})")
         return self.lora.slot_bytes

@@ -236,7 +236,24 @@ class VllmEngine:
     def register_stream(self, stream: VllmStream) -> None:
         self._streams.add(stream)
 
-    def unregister_stream(self, stream: VllmStream) -> None:
+    def first_token(self, seconds: float) -> None:
+        self.metrics.ttft.observe(seconds)
+
+    def stream_ended(self, stream: VllmStream, answered: bool) -> None:
+        """Count `stream`'s answer (if a replica started one), give back its lease, forget it."""
+        res = stream.result
+        if answered:
+            label = res.adapter or "base"
+            self.metrics.requests.labels(label, res.finish_reason).inc()
+            self.metrics.tokens.labels(label).inc(res.completion_tokens)
+            self.metrics.prompt_tokens.inc(res.prompt_tokens)
+            self.tokens_generated += res.completion_tokens
+            decode_s = res.duration_s - (res.time_to_first_token_s or 0.0)
+            if res.completion_tokens > 1 and decode_s > 0:
+                self.metrics.tokens_per_second.observe(res.completion_tokens / decode_s)
+        if stream.lease is not None:
+            lease, stream.lease = stream.lease, None
+            self.release_lease(lease)
         self._streams.discard(stream)
 
     async def lease(self, domain: str, version: str | None) -> LoraVersion:

@@ -33,7 +33,6 @@ from engine.vllm.client import (
 
 if TYPE_CHECKING:
     from engine.config import EngineSettings
-    from engine.metrics import EngineMetrics
     from engine.prompts import BuiltPrompt
     from engine.vllm.config import VllmSettings
     from engine.vllm.fleet import Fleet, Replica
@@ -42,11 +41,11 @@ if TYPE_CHECKING:
 
 class StreamHost(Protocol):
     """What a stream needs of the engine that opened it (engine.vllm.engine.VllmEngine): its
-    settings, the fleet, the prompt builder and the adapter leases, and where it reports its end."""
+    settings, the fleet, the prompt builder and the adapter leases, and where it reports its
+    first token and its end (the engine keeps the figures)."""
 
     settings: "EngineSettings"
     vllm: "VllmSettings"
-    metrics: "EngineMetrics"
     fleet: "Fleet | None"
     started: bool
     closed: bool
@@ -54,18 +53,18 @@ class StreamHost(Protocol):
     base_fingerprint: str | None
     served_model: str
     stop_token_ids: list[int]
-    tokens_generated: int
 
     async def build_prompt(self, role: str, user: UserContext | None, messages: Sequence[Message],
                            max_new: int) -> "BuiltPrompt": ...
 
     async def lease(self, domain: str, version: str | None) -> "LoraVersion": ...
 
-    def release_lease(self, lease: "LoraVersion") -> None: ...
-
     def register_stream(self, stream: "VllmStream") -> None: ...
 
-    def unregister_stream(self, stream: "VllmStream") -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+
+    def stream_ended(self, stream: "VllmStream", answered: bool) -> None:
+        """`stream` is done: count its answer if a replica `answered`, free its lease, forget it."""
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class VllmStream:
         self._pieces: deque[str] = deque()
         self._events: CompletionStream | None = None
         self._replica: "Replica | None" = None
-        self._lease: "LoraVersion | None" = None
+        self.lease: "LoraVersion | None" = None  # the adapter version it holds, given back at its end
         self._finish: FinishReason | None = None
         self._usage: dict[str, Any] | None = None  # the first replica's usage (prompt, prefix cache)
         self._last_usage: dict[str, Any] | None = None
@@ -185,8 +184,8 @@ class VllmStream:
         if p.adapter_version is not None and mode.adapter is None:
             raise EngineError(f"adapter_version={p.adapter_version!r} needs an adapter in the mode")
         if mode.adapter is not None:
-            self._lease = await engine.lease(mode.adapter, p.adapter_version)
-            self.result.adapter_version = self._lease.version
+            self.lease = await engine.lease(mode.adapter, p.adapter_version)
+            self.result.adapter_version = self.lease.version
         built = await engine.build_prompt(mode.role, self._user, self._messages, max_new)
         ids = built.ids
         self.result.prompt_tokens, self.result.trimmed_turns = len(ids), built.trimmed_turns
@@ -195,8 +194,8 @@ class VllmStream:
             adapter=mode.adapter, adapter_version=self.result.adapter_version, system=built.system,
             sampling=sampling, backend="vllm",
         )  # the replica is named once one takes the request (and renamed if another continues it)
-        model = self._lease.key if self._lease is not None else engine.served_model
-        self._prompt_ids, self._key = ids, (model if self._lease is not None else None)
+        model = self.lease.key if self.lease is not None else engine.served_model
+        self._prompt_ids, self._key = ids, (model if self.lease is not None else None)
         self._body = completion_body(engine, model, ids, p, sampling)
         await self._send(self._body, self._key)
 
@@ -316,7 +315,7 @@ class VllmStream:
             if text:
                 if self.result.time_to_first_token_s is None:
                     self.result.time_to_first_token_s = time.monotonic() - self._t0
-                    self._engine.metrics.ttft.observe(self.result.time_to_first_token_s)
+                    self._engine.first_token(self.result.time_to_first_token_s)
                 self._pieces.append(text)
                 self.result.completion_tokens += 1  # replaced by the usage count at the end
             reason = choice.get("finish_reason")
@@ -345,20 +344,7 @@ class VllmStream:
                 res.cached_prompt_tokens = details["cached_tokens"]
         outcome = {"stop": "ok", "length": "ok"}.get(res.finish_reason or "", res.finish_reason or "error")
         self._drop_replica(outcome)
-        engine = self._engine
-        label = self._mode.adapter or "base"
-        if self._started:
-            engine.metrics.requests.labels(label, res.finish_reason).inc()
-            engine.metrics.tokens.labels(label).inc(res.completion_tokens)
-            engine.metrics.prompt_tokens.inc(res.prompt_tokens)
-            engine.tokens_generated += res.completion_tokens
-            decode_s = res.duration_s - (res.time_to_first_token_s or 0.0)
-            if res.completion_tokens > 1 and decode_s > 0:
-                engine.metrics.tokens_per_second.observe(res.completion_tokens / decode_s)
-        if self._lease is not None:
-            lease, self._lease = self._lease, None
-            engine.release_lease(lease)
-        engine.unregister_stream(self)
+        self._engine.stream_ended(self, answered=self._started)
 
     def cancel(self) -> None:
         """Stop now: close the HTTP response (vLLM aborts the request), free the lease."""

@@ -919,7 +919,7 @@ async def test_the_engine_gives_its_streams_everything_their_host_protocol_names
     engine = await make_engine(replica)
     names = set(StreamHost.__annotations__) | {n for n, _ in inspect.getmembers(StreamHost, inspect.isfunction)
                                                if not n.startswith("_")}
-    assert {"fleet", "lease", "release_lease", "build_prompt"} <= names
+    assert {"fleet", "lease", "stream_ended", "build_prompt"} <= names
     missing = sorted(n for n in names if not hasattr(engine, n))
     assert not missing, f"VllmEngine lacks {missing}"
     for n in names:
