@@ -27,32 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from engine.serving import threads as cpu_threads
+from engine.adapters.book import AdapterBook, BookVersion
 from engine.adapters.store import (
-    CONFIG_FILE, PEFT_KEY_PREFIX, WEIGHTS_FILE, AdapterStore, VersionDir, catalog, version_name,
+    CONFIG_FILE, PEFT_KEY_PREFIX, WEIGHTS_FILE, AdapterStore, VersionDir, version_name,
 )
 from engine.errors import AdapterIncompatible, AdapterInvalid, AdapterNotFound, ConfigError
 from engine.model.fingerprint import base_mismatch
 from engine.metrics import EngineMetrics
-from engine.types import BASE_ADAPTER, AdapterInfo, AdapterState, ResidentAdapter
+from engine.types import BASE_ADAPTER, AdapterInfo, ResidentAdapter
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class Resident:
-    domain: str
-    version: str
-    state: AdapterState
-    file_bytes: int = 0
-    bytes: int = 0
-    in_flight: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    error: str | None = None
-
-    @property
-    def key(self) -> str:
-        return version_name(self.domain, self.version)
 
 
 @dataclass(frozen=True)
@@ -173,12 +158,8 @@ class AdapterRegistry:
         self.max_resident = max_resident
         self.run_exclusive = run_exclusive
         self.metrics = metrics
-        self._lock = threading.RLock()
-        self._serving: dict[str, str] = {}  # domain -> version serving new requests
-        self._resident: dict[str, Resident] = {}  # peft name -> Resident
-        self._errors: dict[str, str] = {}  # domain -> why its serving version did not load
-        self._failed: dict[str, str] = {}  # peft name -> why that version did not load (last try)
-        self._held: dict[str, frozenset[str]] = {}  # domain -> versions kept resident (`hold`)
+        self._lock = threading.RLock()  # guards the book: the model thread, the loader and callers share it
+        self.book = AdapterBook(store)  # `versions` are the ones in memory
         self._hold_lock = threading.Lock()  # one `hold` at a time: each replaces a domain's set
         self._pending: dict[str, Future] = {}  # peft name -> load in progress
         # below the model thread's priority, and single-threaded: see engine.serving.threads
@@ -197,17 +178,15 @@ class AdapterRegistry:
             return BASE_ADAPTER, None
         with self._lock:
             if version is None:
-                version = self._serving.get(domain)
+                version = self.book.serving.get(domain)
                 if version is None:
                     raise AdapterNotFound(self.not_found(domain))
             key = version_name(domain, version)
-            res = self._resident.get(key)
+            res = self.book.versions.get(key)
             if res is not None and res.state == "ready":
-                res.in_flight += 1
-                res.last_used = time.monotonic()
-                return res.key, version
-            if key in self._failed and res is None and key not in self._pending:
-                raise AdapterInvalid(self._failed[key])
+                return self.book.use(res).key, version
+            if key in self.book.failed and res is None and key not in self._pending:
+                raise AdapterInvalid(self.book.failed[key])
             self._load_async(self.store.version(domain, version), make_serving=False)
             return None
 
@@ -215,10 +194,10 @@ class AdapterRegistry:
         if key == BASE_ADAPTER:
             return
         with self._lock:
-            res = self._resident.get(key)
+            res = self.book.versions.get(key)
             if res is None:
                 return
-            res.in_flight -= 1
+            self.book.release(res)
             if res.state == "retired" and res.in_flight <= 0:
                 self._free_async(res)
 
@@ -251,8 +230,8 @@ class AdapterRegistry:
             fut.set_exception(AdapterNotFound(self.not_found(domain)))
             return fut
         with self._lock:
-            res = self._resident.get(version_name(domain, current))
-            if self._serving.get(domain) == current and res is not None and res.state == "ready":
+            res = self.book.versions.get(version_name(domain, current))
+            if self.book.serving.get(domain) == current and res is not None and res.state == "ready":
                 fut = Future()
                 fut.set_result(current)
                 return fut
@@ -277,18 +256,18 @@ class AdapterRegistry:
             wanted = tuple(dict.fromkeys(versions))
             dirs = [self.store.version(domain, v) for v in wanted]  # AdapterNotFound, checked names
             with self._lock:
-                previous = self._held.get(domain, frozenset())
-                serving = self._serving.get(domain)
-                extra = sum(len(vs - {self._serving.get(d)}) for d, vs in self._held.items() if d != domain)
+                previous = self.book.held.get(domain, frozenset())
+                serving = self.book.serving.get(domain)
+                extra = sum(len(vs - {self.book.serving.get(d)}) for d, vs in self.book.held.items() if d != domain)
                 extra += sum(v != serving for v in wanted)
                 if extra > self.max_resident - 1:
                     raise ConfigError(
                         f"holding {', '.join(f'{domain}/{v}' for v in wanted)} would keep {extra} versions resident "
                         f"beside the serving ones, and MAX_RESIDENT_ADAPTERS={self.max_resident} leaves room for "
                         f"{self.max_resident - 1}; raise MAX_RESIDENT_ADAPTERS")
-                self._held[domain] = previous | set(wanted)  # while loading: neither old nor new is evicted
+                self.book.held[domain] = previous | set(wanted)  # while loading: neither old nor new is evicted
                 for v in wanted:  # asked for again: try again
-                    self._failed.pop(version_name(domain, v), None)
+                    self.book.failed.pop(version_name(domain, v), None)
             failures = []
             for fut in [self._load_async(d, make_serving=False) for d in dirs]:
                 try:
@@ -301,20 +280,15 @@ class AdapterRegistry:
                 raise failures[0]
             with self._lock:
                 self._set_held(domain, frozenset(wanted))
-                return [self._entry(self._resident[version_name(domain, v)]) for v in wanted]
+                resident = {(a.name, a.version): a for a in self.book.resident()}
+                return [resident[(domain, v)] for v in wanted]
 
     def _set_held(self, domain: str, versions: frozenset[str]) -> None:
         """Hold exactly `versions`; those let go that neither serve nor answer are freed."""
-        before = self._held.pop(domain, frozenset())
-        if versions:
-            self._held[domain] = versions
-        for v in before - versions:
-            res = self._resident.get(version_name(domain, v))
-            if res is not None and res.state == "ready" and v != self._serving.get(domain):
-                res.state = "retired"
-                if res.in_flight <= 0:
-                    self._free_async(res)
-                log.info("adapter %s let go", res.key)
+        for res in self.book.let_go(domain, self.book.hold(domain, versions) - versions):
+            if res.in_flight <= 0:
+                self._free_async(res)
+            log.info("adapter %s let go", res.key)
 
     def _load_async(self, version: VersionDir, make_serving: bool) -> Future:
         key = version_name(version.domain, version.version)
@@ -322,7 +296,7 @@ class AdapterRegistry:
             pending = self._pending.get(key)
             if pending is not None and not make_serving:
                 return pending
-            res = self._resident.get(key)
+            res = self.book.versions.get(key)
             if res is None or res.state in ("retired", "failed"):
                 if res is not None and res.state == "retired" and res.in_flight > 0:
                     res.state = "ready"  # still in memory: revive instead of reloading
@@ -331,7 +305,7 @@ class AdapterRegistry:
                     if make_serving:
                         self._set_serving(version.domain, version.version)
                     return fut
-                self._resident[key] = Resident(version.domain, version.version, "loading")
+                self.book.versions[key] = BookVersion(version.domain, version.version)
             fut = self._loader.submit(self._single_threaded, self._load, version, make_serving)
             self._pending[key] = fut
             fut.add_done_callback(lambda _f, k=key: self._pending.pop(k, None))
@@ -346,11 +320,11 @@ class AdapterRegistry:
         key = version_name(version.domain, version.version)
         started = time.monotonic()
         with self._lock:
-            res = self._resident.get(key)
+            res = self.book.versions.get(key)
             if res is None:  # an earlier load of it, queued first, failed
-                raise AdapterInvalid(self._failed.get(key, f"adapter {version.domain}/{version.version} did not load"))
+                raise AdapterInvalid(self.book.failed.get(key, f"adapter {version.domain}/{version.version} did not load"))
             already = res.state == "ready"
-            serves = make_serving or self._serving.get(version.domain) == version.version
+            serves = make_serving or self.book.serving.get(version.domain) == version.version
         if not already:
             try:
                 adapter = validate(version, self.model_id, self.runtime.linear_shapes)
@@ -361,10 +335,10 @@ class AdapterRegistry:
                     added = self.runtime.load(adapter)
             except Exception as exc:
                 with self._lock:
-                    self._resident.pop(key, None)
-                    self._failed[key] = str(exc)
+                    self.book.versions.pop(key, None)
+                    self.book.failed[key] = str(exc)
                     if serves:  # a candidate that fails leaves the domain's serving version alone
-                        self._errors[version.domain] = str(exc)
+                        self.book.errors[version.domain] = str(exc)
                 if self.metrics:
                     self.metrics.adapter_loads.labels(version.domain, "failed").inc()
                 log.error("adapter %s refused: %s", key, exc)
@@ -380,76 +354,65 @@ class AdapterRegistry:
                 self.metrics.adapter_loads.labels(version.domain, "ok").inc()
             log.info("adapter %s ready in %.0f ms (%.1f MB)", key, (time.monotonic() - started) * 1e3, added / 2**20)
         with self._lock:
-            self._failed.pop(key, None)
+            self.book.failed.pop(key, None)
             if serves:
-                self._errors.pop(version.domain, None)
+                self.book.errors.pop(version.domain, None)
             if make_serving:
                 self._set_serving(version.domain, version.version)
             self._evict_over_limit()
             if self.metrics:
-                self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self._resident.values()))
+                self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
         return version.version
 
     def _set_serving(self, domain: str, version: str) -> None:
-        old = self._serving.get(domain)
-        self._serving[domain] = version
+        old = self.book.serving.get(domain)
+        prev = self.book.make_serving(domain, version)
+        if prev is not None and prev.in_flight <= 0:  # requests on it finish; freed when the last one does
+            self._free_async(prev)
         if old and old != version:
-            prev = self._resident.get(version_name(domain, old))
-            if prev is not None and prev.state == "ready" and old not in self._held.get(domain, ()):
-                prev.state = "retired"  # requests on it finish; freed when the last one does
-                if prev.in_flight <= 0:
-                    self._free_async(prev)
             log.info("adapter %s now serves %s (was %s)", domain, version, old)
 
     def _evict_over_limit(self) -> None:
-        ready = sorted((r for r in self._resident.values() if r.state == "ready"), key=lambda r: r.last_used)
+        ready = sorted((r for r in self.book.versions.values() if r.state == "ready"), key=lambda r: r.last_used)
         excess = len(ready) - self.max_resident
         for res in ready:
             if excess <= 0:
                 break
-            if res.in_flight == 0 and res.version not in self._held.get(res.domain, ()):
+            if res.in_flight == 0 and res.version not in self.book.held.get(res.domain, ()):
                 res.state = "retired"
                 self._free_async(res)
                 excess -= 1
                 log.info("adapter %s evicted (least recently used)", res.key)
 
-    def _free_async(self, res: Resident) -> None:
+    def _free_async(self, res: BookVersion) -> None:
         def free() -> None:
             with self._lock:
-                if res.state != "retired" or res.in_flight > 0 or self._resident.get(res.key) is not res:
+                if res.state != "retired" or res.in_flight > 0 or self.book.versions.get(res.key) is not res:
                     return
-                del self._resident[res.key]
+                del self.book.versions[res.key]
             self.runtime.delete(res.key)
             log.info("adapter %s freed", res.key)
             if self.metrics:
                 with self._lock:
-                    self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self._resident.values()))
+                    self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
 
         self._loader.submit(self._single_threaded, free)
 
     # ---- reporting -----------------------------------------------------------------
     def not_found(self, domain: str) -> str:
-        known = ", ".join(sorted(self._serving)) or "none"
-        return f"no adapter {domain!r} is serving (available: {known}; folder {self.store.root})"
+        return self.book.not_found(domain)
 
     def serving(self) -> dict[str, str]:
         with self._lock:
-            return dict(self._serving)
+            return dict(self.book.serving)
 
     def resident(self) -> list[ResidentAdapter]:
         with self._lock:
-            return [self._entry(r) for r in sorted(self._resident.values(), key=lambda r: r.key)]
-
-    @staticmethod
-    def _entry(r: Resident) -> ResidentAdapter:
-        return ResidentAdapter(r.domain, r.version, r.state, r.bytes, r.file_bytes, r.in_flight)
+            return self.book.resident()
 
     def catalog(self) -> list[AdapterInfo]:
         with self._lock:
-            serving, errors = dict(self._serving), dict(self._errors)
-            states: dict[str, AdapterState] = {k: "failed" for k in self._failed}
-            states.update((k, r.state) for k, r in self._resident.items())
-        return catalog(self.store, serving, states, errors)
+            return self.book.catalog()
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until queued loads and frees have run (tests and shutdown)."""

@@ -129,7 +129,7 @@ class VllmEngine:
         await asyncio.gather(*(self.fleet.check(r) for r in replicas))
         for lv in versions:
             if self.book.versions.get(lv.key) is lv and lv.state == "loading":
-                self.book.make_serving(lv)
+                self.book.serve(lv)
         for domain, reason in self.book.errors.items():
             log.error("adapter %s is not serving: %s", domain, reason)
         if all(r.state == "incompatible" for r in replicas):
@@ -178,8 +178,8 @@ class VllmEngine:
 
     def _validated(self, vd: VersionDir) -> LoraVersion:
         rank = validate_version(vd, self.model_id, self._shapes)
-        return LoraVersion(vd.domain, vd.version, replica_path(vd, self.store.root, self.vllm.vllm_adapters_dir),
-                           rank, vd.weights.stat().st_size)
+        return LoraVersion(vd.domain, vd.version, file_bytes=vd.weights.stat().st_size,
+                           path=replica_path(vd, self.store.root, self.vllm.vllm_adapters_dir), rank=rank)
 
     def _start_training(self) -> None:
         from engine.training.lifecycle import open_training
@@ -260,8 +260,7 @@ class VllmEngine:
         """The version a new request on `domain` uses, counted in flight until `release_lease`:
         the serving one, or `version` (pinned), registered on the replicas first if it is not
         (AdapterNotFound: not on disk; AdapterInvalid: it fails validation or a replica refuses it)."""
-        serving = self.book.serving.get(domain)
-        if version is None or (serving is not None and serving.version == version):
+        if version is None or self.book.serving.get(domain) == version:
             return self.book.lease(domain)
         vd = self.store.version(domain, version)  # AdapterNotFound when it is not on disk
         lv = self.book.versions.get(version_name(domain, version))
@@ -270,7 +269,7 @@ class VllmEngine:
             lv = self.book.versions.get(fresh.key)  # another request may have tracked it meanwhile
             if lv is None or lv.state == "failed":
                 lv = self.book.versions[fresh.key] = fresh
-        lv.in_flight += 1
+        self.book.use(lv)
         assert self.fleet is not None, "start() first"
         if lv.state == "ready" and all(lv.key in r.registered for r in self.fleet.ready()):
             return lv  # held (the A/B's requests): no wait behind a switch for the fleet's lock
@@ -297,9 +296,9 @@ class VllmEngine:
                 known = self.book.versions.get(version_name(name, vd.version))
                 if known is None or known.state == "failed":
                     fresh[vd.version] = await asyncio.to_thread(self._validated, vd)  # AdapterInvalid
-            serving = self.book.serving.get(name)
+            serving = self.book.serving_entry(name)
             keep = tuple(v for v in wanted if serving is None or serving.version != v)
-            before = self.book.hold(name, tuple(dict.fromkeys(self.book.held.get(name, ()) + keep)))
+            before = self.book.hold(name, self.book.held.get(name, frozenset()) | set(keep))
             added: list[LoraVersion] = []  # held during the registration, so no health check drops them
             try:
                 for vd in dirs:
@@ -329,7 +328,7 @@ class VllmEngine:
                     await self.fleet.unload_everywhere(lv)
             if wanted or before:
                 log.info("adapter %s: holding %s beside the serving version (was %s)", name,
-                         ", ".join(wanted) or "nothing", ", ".join(before) or "nothing")
+                         ", ".join(wanted) or "nothing", ", ".join(sorted(before)) or "nothing")
             resident = {(a.name, a.version): a for a in self.book.resident()}
             return tuple(resident[(name, v)] for v in wanted if (name, v) in resident)
 
@@ -352,7 +351,7 @@ class VllmEngine:
             report.templates.update(await asyncio.to_thread(self.templates.refresh, True))
         domains = [name] if name else self.store.domains()
         for domain in domains:
-            before = self.book.serving.get(domain)
+            before = self.book.serving_entry(domain)
             try:
                 version = await self._reload_domain(domain)
             except (AdapterNotFound, AdapterInvalid) as exc:
@@ -366,7 +365,7 @@ class VllmEngine:
         current = self.store.current(domain)
         if current is None:
             raise AdapterNotFound(self.book.not_found(domain))
-        serving = self.book.serving.get(domain)
+        serving = self.book.serving_entry(domain)
         if serving is not None and serving.version == current:
             return current
         assert self.fleet is not None, "start() first"

@@ -272,13 +272,13 @@ class Fleet:
             if refusals:
                 if was == "retired":
                     v.state = "retired"
-                elif self.book.serving.get(v.domain) is not v:
+                elif self.book.serving_entry(v.domain) is not v:
                     self.book.forget(v)
                 raise AdapterInvalid(f"adapter {v.domain}/{v.version} was refused by the replicas: "
                                      + "; ".join(refusals))
             if not self.ready():
                 log.warning("no replica is ready: %s serves from now on, registered when replicas come back", v.key)
-            old = self.book.make_serving(v)
+            old = self.book.serve(v)
         if old is not None and old.in_flight <= 0:
             await self.unload_everywhere(old)
 

@@ -1,10 +1,9 @@
-"""Which adapter version serves each domain on the replicas, and which requests still use which.
+"""Which adapter versions the replicas hold: the adapter book (engine.adapters.book) as vLLM uses it.
 
 Bookkeeping only (no HTTP): the fleet registers and unregisters, the engine leases a version
-per request. A version's life: `loading` (validated here, being registered on the replicas)
--> `ready` (on every replica that is up; new requests use it) -> `retired` (a newer version
-took over; requests that started on it finish on it) -> gone once its last request ended and
-the fleet unloaded it. `failed` keeps the reason a version was refused.
+per request. A version is `loading` while it is validated here and registered on the
+replicas, `ready` once every replica that is up has it, and unloaded from them once it is
+retired and its last request ended.
 
 Besides its serving version a domain may have versions *held* (`VllmEngine.hold`: an A/B's
 candidate): they are on every replica like the serving one (and put back on a replica that
@@ -24,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.adapters.store import CONFIG_FILE, AdapterStore, VersionDir, catalog, version_name
+from engine.adapters.book import AdapterBook, BookVersion
+from engine.adapters.store import CONFIG_FILE, VersionDir
 from engine.errors import AdapterInvalid, AdapterNotFound
-from engine.types import AdapterInfo, AdapterState, ResidentAdapter
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +33,12 @@ log = logging.getLogger(__name__)
 LORA_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}__v\d+\Z")
 
 
-@dataclass
-class LoraVersion:
-    domain: str
-    version: str
-    path: str  # the version folder as the replicas see it (VLLM_ADAPTERS_DIR)
-    rank: int
-    file_bytes: int
-    state: AdapterState = "loading"
-    in_flight: int = 0
+@dataclass(eq=False)
+class LoraVersion(BookVersion):
+    """A version as the replicas load it."""
 
-    @property
-    def key(self) -> str:
-        return version_name(self.domain, self.version)
+    path: str = ""  # the version folder as the replicas see it (VLLM_ADAPTERS_DIR)
+    rank: int = 0
 
 
 def replica_path(version: VersionDir, store_root: Path, replicas_root: str | None) -> str:
@@ -69,38 +61,31 @@ def validate_version(version: VersionDir, model_id: str, linear_shapes: dict[str
     return int(config["r"])
 
 
-class LoraBook:
-    """Serving pointers per domain and every version a replica may hold."""
+class LoraBook(AdapterBook):
+    """The adapter book (engine.adapters.book) with what the replicas should hold.
 
-    def __init__(self, store: AdapterStore) -> None:
-        self.store = store
-        self.serving: dict[str, LoraVersion] = {}  # domain -> the version new requests use
-        self.versions: dict[str, LoraVersion] = {}  # lora name -> version (serving, switching, retired)
-        self.errors: dict[str, str] = {}  # domain -> why its current version is not serving
-        self.held: dict[str, tuple[str, ...]] = {}  # domain -> versions kept beside the serving one
+    Unlike memory, which the local engine keeps as a cache, a replica holds only versions that
+    serve, are held, are being registered, or answer a request right now."""
+
+    versions: dict[str, LoraVersion]  # type: ignore[assignment]
 
     # ---- requests ---------------------------------------------------------------------------
     def lease(self, domain: str) -> LoraVersion:
         """The serving version for a new request, counted in flight until `release`."""
-        v = self.serving.get(domain)
+        v = self.serving_entry(domain)
         if v is None:
             if domain in self.errors:
                 raise AdapterInvalid(self.errors[domain])
             raise AdapterNotFound(self.not_found(domain))
-        v.in_flight += 1
-        return v
+        self.use(v)
+        return v  # type: ignore[return-value]
 
-    def release(self, v: LoraVersion) -> bool:
+    def release(self, v: BookVersion) -> bool:
         """One request on `v` ended; True when nothing keeps `v` any more (unload it): it is
         retired, or was registered for pinned requests only, and this was its last request."""
-        v.in_flight -= 1
-        return v.in_flight <= 0 and v.state in ("ready", "retired", "failed") and not self.needed(v)
+        return super().release(v) and v.state in ("ready", "retired", "failed")
 
     # ---- what the replicas should hold --------------------------------------------------------
-    def needed(self, v: LoraVersion) -> bool:
-        """`v` serves its domain or is held: it stays on the replicas whatever requests do."""
-        return self.serving.get(v.domain) is v or v.version in self.held.get(v.domain, ())
-
     def _live(self, v: LoraVersion) -> bool:
         return v.state == "loading" or (v.state == "ready" and (self.needed(v) or v.in_flight > 0))
 
@@ -125,58 +110,34 @@ class LoraBook:
         self.versions[v.key] = v
         return v
 
-    def make_serving(self, v: LoraVersion) -> LoraVersion | None:
-        """`v` now serves its domain (and is no longer held: it is kept as the serving one);
-        returns the version it replaced (now retired unless held), if any."""
-        old = self.serving.get(v.domain)
+    def serve(self, v: LoraVersion) -> BookVersion | None:
+        """`v`, registered everywhere, now serves its domain (and is no longer held: it is kept
+        as the serving one); returns the version it replaced if that one is now retired."""
         v.state = "ready"
-        self.serving[v.domain] = v
-        self.errors.pop(v.domain, None)
-        self.hold(v.domain, tuple(h for h in self.held.get(v.domain, ()) if h != v.version))
-        if old is not None and old is not v:
-            if not self.needed(old):
-                old.state = "retired"
-            log.info("adapter %s now serves %s (was %s)", v.domain, v.version, old.version)
-            return old
-        return None
+        before = self.serving.get(v.domain)
+        old = self.make_serving(v.domain, v.version)
+        self.hold(v.domain, self.held.get(v.domain, frozenset()) - {v.version})
+        if before is not None and before != v.version:
+            log.info("adapter %s now serves %s (was %s)", v.domain, v.version, before)
+        return old
 
     def refuse(self, v: LoraVersion, reason: str) -> None:
         """`v` cannot serve; if it was serving (or about to), its domain has none now. A refused
         held version is let go, and the domain's serving version and error are left alone."""
-        serving, held = self.serving.get(v.domain), self.held.get(v.domain, ())
-        if serving is v:
+        serving, held = self.serving.get(v.domain), self.held.get(v.domain, frozenset())
+        if serving == v.version:
             del self.serving[v.domain]
         if v.version in held:
             log.error("held version %s let go: %s", v.key, reason)
-            self.hold(v.domain, tuple(h for h in held if h != v.version))
-        elif serving is None or serving is v:
+            self.hold(v.domain, held - {v.version})
+        elif serving is None or serving == v.version:
             self.errors[v.domain] = reason
         if v.in_flight <= 0:
             self.versions.pop(v.key, None)
         else:
             v.state = "retired"
 
-    def hold(self, domain: str, versions: tuple[str, ...]) -> tuple[str, ...]:
-        """Set the versions held for `domain`; returns the ones held before."""
-        before = self.held.pop(domain, ())
-        if versions:
-            self.held[domain] = versions
-        return before
-
     def forget(self, v: LoraVersion) -> None:
         """Stop tracking `v` once nothing keeps it (neither serving, held, nor in use)."""
         if self.versions.get(v.key) is v and v.in_flight <= 0 and not self.needed(v):
             del self.versions[v.key]
-
-    # ---- reporting ----------------------------------------------------------------------------
-    def not_found(self, domain: str) -> str:
-        known = ", ".join(sorted(self.serving)) or "none"
-        return f"no adapter {domain!r} is serving (available: {known}; folder {self.store.root})"
-
-    def resident(self) -> list[ResidentAdapter]:
-        return [ResidentAdapter(v.domain, v.version, v.state, 0, v.file_bytes, v.in_flight)
-                for v in sorted(self.versions.values(), key=lambda v: v.key)]
-
-    def catalog(self) -> list[AdapterInfo]:
-        serving = {d: v.version for d, v in self.serving.items()}
-        return catalog(self.store, serving, {k: v.state for k, v in self.versions.items()}, self.errors)
