@@ -44,23 +44,23 @@ class Fp16Linear(nn.Linear):
 
     packed: Any  # torch.ScriptObject: fbgemm's PackedGemmMatrixFP16 with the bias
     # set by `fuse` instead of `packed`: (a pack shared with sibling layers, this layer's output columns)
-    _fused: tuple[Any, int, int] | None = None
+    shared_pack: tuple[Any, int, int] | None = None
 
     @property  # type: ignore[override]
     def weight(self) -> torch.Tensor:
         shared = self._parameters.get("weight")  # a weight tied to another module (the embedding) stays
         if shared is not None:
             return shared
-        if self._fused is not None:
-            pack, lo, hi = self._fused
+        if self.shared_pack is not None:
+            pack, lo, hi = self.shared_pack
             return torch.ops.quantized.linear_unpack_fp16(pack)[0][lo:hi]
         return torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return F.linear(x, self.weight, self.bias)  # training: differentiable, the same weight values
-        if self._fused is not None:  # the siblings' columns are computed too: fine off the serving path
-            pack, lo, hi = self._fused
+        if self.shared_pack is not None:  # the siblings' columns are computed too: fine off the serving path
+            pack, lo, hi = self.shared_pack
             return torch.ops.quantized.linear_dynamic_fp16(x, pack)[..., lo:hi].contiguous()
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
@@ -140,13 +140,13 @@ def fuse(modules: list[Fp16Linear]) -> Any:
     """
     if not modules or any(type(m) is not Fp16Linear or "weight" in m._parameters for m in modules):
         raise ValueError("fuse takes Fp16Linear layers whose weight lives only in their pack")
-    first = modules[0]._fused
+    first = modules[0].shared_pack
     if first is not None and first[1] == 0:
         lo = 0
         for m in modules:
-            if m._fused is None or m._fused[0] is not first[0] or m._fused[1] != lo:
+            if m.shared_pack is None or m.shared_pack[0] is not first[0] or m.shared_pack[1] != lo:
                 break
-            lo = m._fused[2]
+            lo = m.shared_pack[2]
         else:
             if lo == torch.ops.quantized.linear_unpack_fp16(first[0])[0].shape[0]:
                 return first[0]
@@ -159,7 +159,7 @@ def fuse(modules: list[Fp16Linear]) -> Any:
     pack = torch.ops.quantized.linear_prepack_fp16(torch.cat(weights), bias)
     lo = 0
     for m, w in zip(modules, weights):
-        m._fused = (pack, lo, lo + w.shape[0])
+        m.shared_pack = (pack, lo, lo + w.shape[0])
         m.__dict__.pop("packed", None)
         lo += w.shape[0]
     return pack

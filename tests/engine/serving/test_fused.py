@@ -93,7 +93,7 @@ def test_fp16_members_share_one_pack_and_keep_their_columns() -> None:
     copied = copy.deepcopy(model)  # tests and the benches copy models
     with torch.no_grad():
         torch.testing.assert_close(copied[2](x), before[2], rtol=1e-6, atol=1e-6)
-    assert fp16_weights.fuse(list(model)) is model[0]._fused[0]  # fusing again reuses the pack
+    assert fp16_weights.fuse(list(model)) is model[0].shared_pack[0]  # fusing again reuses the pack
     y = torch.randn(2, 32, requires_grad=True)  # training through a member still differentiates
     model[1](y).sum().backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
