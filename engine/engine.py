@@ -88,12 +88,12 @@ class Engine:
             self.runtime = FastRuntime(self.loaded.model, self.settings)
             self.runtime.warm_up()
         else:
-            from engine.reference import ReferenceRunner
+            from engine.reference import ReferenceRuntime
 
             if self.settings.kv_cache_dtype != "auto":
                 log.warning("KV_CACHE_DTYPE=%s is ignored: the reference path keeps transformers' cache in the "
                             "compute dtype", self.settings.kv_cache_dtype)
-            self.runtime = ReferenceRunner(self.loaded.model)
+            self.runtime = ReferenceRuntime(self.loaded.model)
             log.info("reference path: transformers + peft, one request at a time (batch size 1; MAX_BATCH_SIZE=%d "
                      "and PREFIX_CACHE_TOKENS do not apply)", self.settings.max_batch_size)
         self.registry = AdapterRegistry(

@@ -40,7 +40,7 @@ def returned_cache(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-class ReferenceRunner:
+class ReferenceRuntime:
     """One row at a time; to the scheduler and the adapter registry it looks like `FastRuntime`."""
 
     slots = 1

@@ -146,7 +146,7 @@ class AdapterRegistry:
     def __init__(
         self,
         store: AdapterStore,
-        runtime: Any,  # engine.serving.runner.FastRuntime or engine.reference.ReferenceRunner
+        runtime: Any,  # engine.serving.runner.FastRuntime or engine.reference.ReferenceRuntime
         model_id: str,
         max_resident: int,
         run_exclusive: Callable[[Callable[[], Any]], Future],

@@ -5,7 +5,7 @@ slot KV cache, the stacked LoRA slots, the batched sampler, the decode state on 
 and, on CUDA, the decode step's CUDA graphs, and it alone writes them. The model thread's
 policy (who is admitted, how prompts are chunked, when rows finish) lives in
 `engine.serving.scheduler`, which talks to this object by cache slot and token ids, as it talks
-to the serial oracle `engine.reference.ReferenceRunner`; so does the adapter registry.
+to the serial oracle `engine.reference.ReferenceRuntime`; so does the adapter registry.
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ class FastRuntime:
         return self.runner.forward(tok_d, pos_d, write_rows, pos_d, slot_d, key_len, mask.unsqueeze(1), lora,
                                    Packing(pad_d, unpad_d, last_d))
 
-    # ---- the adapter registry's side (same face as engine.reference.ReferenceRunner) ---------
+    # ---- the adapter registry's side (same face as engine.reference.ReferenceRuntime) ---------
     def needs_exclusive(self, adapter: Any) -> bool:
         return False  # a load writes into a free slot; nothing the model thread reads changes
 

@@ -2,7 +2,7 @@
 
 It decides on plain data (which request gets which cache slot, which prompt tokens are
 prefilled this turn, when a row ends) and the runtime computes: `engine.serving.runner.FastRuntime`
-(every row at once), or `engine.reference.ReferenceRunner` (one row at a time).
+(every row at once), or `engine.reference.ReferenceRuntime` (one row at a time).
 
 Each loop turn: drop cancelled rows; admit waiting requests into free cache slots (each
 with its adapter and its sampling settings); prefill at most
@@ -67,7 +67,7 @@ class SlotRow:
 class SlotScheduler(threading.Thread):
     """The model thread: the only thread that runs forward passes. Other threads talk to it
     through `submit` and `run_exclusive`; it drives a runtime (`engine.serving.runner.FastRuntime`,
-    or `engine.reference.ReferenceRunner` with room for one row) by cache slot and token ids."""
+    or `engine.reference.ReferenceRuntime` with room for one row) by cache slot and token ids."""
 
     def __init__(self, runtime: Any, tokenizer: Any, settings: EngineSettings, metrics: EngineMetrics,
                  eos_ids: set[int], registry: Any) -> None:

@@ -18,7 +18,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from engine.adapters.store import VersionDir
 from engine.adapters.registry import ValidatedAdapter
-from engine.reference import ReferenceRunner, cache_kwarg, returned_cache
+from engine.reference import ReferenceRuntime, cache_kwarg, returned_cache
 from engine.requests import SamplingSettings
 from engine.types import BASE_ADAPTER
 from tests.engine.serving.conftest import TinyModel, build_tiny
@@ -106,7 +106,7 @@ def peft_greedy(tiny: TinyModel, adapter: str | None, prompt: list[int], n: int)
     return ids[len(prompt):]
 
 
-def oracle_answer(oracle: ReferenceRunner, key: str, prompt: list[int], n: int, chunk: int | None = None) -> list[int]:
+def oracle_answer(oracle: ReferenceRuntime, key: str, prompt: list[int], n: int, chunk: int | None = None) -> list[int]:
     """The scheduler's calls for one row: the prompt in chunks, then decode steps."""
     slot = oracle.add_row(key, GREEDY, prompt)
     chunk = chunk or len(prompt)
@@ -126,7 +126,7 @@ def test_the_oracle_answers_as_peft_alone_with_adapters_coming_and_going(tiny: T
     expected = {m: [peft_greedy(tiny, m, seq, n) for seq in SEQS] for m in (None, "a", "b")}
     assert expected["a"] != expected[None] != expected["b"]  # the adapters change the answers
     with torch.inference_mode():
-        oracle = ReferenceRunner(copy.deepcopy(tiny.model))
+        oracle = ReferenceRuntime(copy.deepcopy(tiny.model))
         assert [oracle_answer(oracle, BASE_ADAPTER, seq, n) for seq in SEQS] == expected[None]
         assert oracle.needs_exclusive(validated(tiny, "a"))  # peft changes the model: between two steps
         assert oracle.load(validated(tiny, "a")) > 0
@@ -150,7 +150,7 @@ def test_a_seeded_row_draws_what_the_fast_paths_sampler_draws() -> None:
                                seed=99)
     prompt = [1, 2, 3, 4]
     with torch.inference_mode():
-        oracle = ReferenceRunner(model)
+        oracle = ReferenceRuntime(model)
         slot = oracle.add_row(BASE_ADAPTER, sampled, prompt)
         got = [oracle.prefill_step([(slot, prompt, 0)])[slot]]
         got += [oracle.decode_step([slot], len(prompt) + i + 1)[0] for i in range(7)]
