@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from engine.adapters.registry import ValidatedAdapter, linear_shapes
+from engine.adapters.validate import ValidatedAdapter
+from engine.model.shapes import linear_shapes
 from engine.requests import SamplingSettings
 from engine.serving.sampler import BatchSampler
 from engine.types import BASE_ADAPTER

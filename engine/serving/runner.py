@@ -52,7 +52,7 @@ class FastRuntime:
         kv_dtype = getattr(torch, settings.resolved_kv_cache_dtype(str(self.device)))
         self.cache = SlotKVCache(layers, slots, kv_heads, head_dim, settings.context_tokens, kv_dtype, self.device)
         targets = serving_targets(model, settings.lora_target_modules)
-        from engine.adapters.registry import linear_shapes
+        from engine.model.shapes import linear_shapes
 
         # every linear layer, so validation names the real problem ("not served" vs "no such module")
         self.linear_shapes = linear_shapes(model)

@@ -21,7 +21,6 @@ no quantization (a replica does not tell what it runs: its flags are the operato
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -40,7 +39,8 @@ from engine.types import (
 from engine.vllm.client import ReplicaClient, Timeouts, open_session
 from engine.vllm.config import VllmSettings, load_vllm_settings
 from engine.vllm.fleet import Fleet, Replica
-from engine.vllm.lora import LoraBook, LoraVersion, replica_path, validate_version
+from engine.adapters.validate import validate
+from engine.vllm.lora import LoraBook, LoraVersion, replica_path
 from engine.vllm.metrics import ReplicaMetrics
 from engine.vllm.stream import VllmStream
 
@@ -48,21 +48,6 @@ if TYPE_CHECKING:
     from engine.prompts import BuiltPrompt
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=4)
-def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
-    """(in, out) features of every linear layer, from the model's config on the meta device:
-    what adapter validation checks shapes against, without loading a single weight."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from engine.adapters import registry as adapters
-
-    config = AutoConfig.from_pretrained(load_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return adapters.linear_shapes(model)
 
 
 def stop_token_ids(tokenizer: Any, load_path: str) -> list[int]:
@@ -150,6 +135,7 @@ class VllmEngine:
     def _load_sync(self) -> None:
         from engine import model as model_loader
         from engine.model.fingerprint import ModelIdentity, fingerprint_model
+        from engine.model.shapes import config_linear_shapes
         from engine.prompts import PromptMaker, load_templates
 
         self.templates = load_templates(self.settings)  # first: a wrong TEMPLATES_DIR fails in a second
@@ -161,7 +147,7 @@ class VllmEngine:
         tokenizer = model_loader.load_tokenizer(source)
         self.stop_token_ids = stop_token_ids(tokenizer, source.load_path)
         self.prompts = PromptMaker(self.templates, tokenizer, self.settings)
-        self._shapes = linear_shapes(source.load_path)
+        self._shapes = config_linear_shapes(source.load_path)
 
     def _validate_serving(self) -> list[LoraVersion]:
         """Each domain's current version, validated; failures go to the book's errors."""
@@ -177,7 +163,7 @@ class VllmEngine:
         return out
 
     def _validated(self, vd: VersionDir) -> LoraVersion:
-        rank = validate_version(vd, self.model_id, self._shapes)
+        rank = validate(vd, self.model_id, self._shapes).rank  # in a worker thread: it reads the weights
         return LoraVersion(vd.domain, vd.version, file_bytes=vd.weights.stat().st_size,
                            path=replica_path(vd, self.store.root, self.vllm.vllm_adapters_dir), rank=rank)
 

@@ -16,15 +16,13 @@ version, so the old and the new one, or the serving one and a candidate, coexist
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from engine.adapters.book import AdapterBook, BookVersion
-from engine.adapters.store import CONFIG_FILE, VersionDir
+from engine.adapters.store import VersionDir
 from engine.errors import AdapterInvalid, AdapterNotFound
 
 log = logging.getLogger(__name__)
@@ -47,18 +45,6 @@ def replica_path(version: VersionDir, store_root: Path, replicas_root: str | Non
         return str(version.path.resolve())
     relative = version.path.relative_to(store_root)  # the store builds it as <root>/<domain>/<version>
     return str(PurePosixPath(replicas_root) / PurePosixPath(*relative.parts))
-
-
-def validate_version(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[int, int]]) -> int:
-    """The checks the local engine makes (files, base model, shapes, finite weights); the rank.
-
-    Runs in a worker thread: it reads the weights.
-    """
-    from engine.adapters.registry import validate
-
-    validate(version, model_id, linear_shapes)
-    config: dict[str, Any] = json.loads((version.path / CONFIG_FILE).read_text(encoding="utf-8"))
-    return int(config["r"])
 
 
 class LoraBook(AdapterBook):

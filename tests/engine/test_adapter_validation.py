@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.adapters.store import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AdapterStore
-from engine.adapters.registry import validate
+from engine.adapters.validate import validate
 from engine.errors import AdapterIncompatible, AdapterInvalid
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.adapters.store import AdapterStore
-from engine.adapters.registry import validate
+from engine.adapters.validate import validate
 from engine.errors import AdapterIncompatible
 from engine.model.fingerprint import META_KEY, ModelIdentity, base_mismatch, fingerprint_folder, stamp
 from engine.model import main

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from engine.adapters.store import VersionDir
-from engine.adapters.registry import ValidatedAdapter
+from engine.adapters.validate import ValidatedAdapter
 from engine.reference import ReferenceRuntime, cache_kwarg, returned_cache
 from engine.requests import SamplingSettings
 from engine.types import BASE_ADAPTER
