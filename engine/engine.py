@@ -98,7 +98,7 @@ class Engine:
                      "and PREFIX_CACHE_TOKENS do not apply)", self.settings.max_batch_size)
         self.registry = AdapterRegistry(
             self.store, self.runtime, self.loaded.identity, self.settings.max_resident_adapters,
-            self._on_model_thread, self.metrics,
+            self._on_model_thread, cpu_threads.BackgroundWorker("adapter-loader"), self.metrics,
         )
         eos = end_token_ids(tok, getattr(self.loaded.model.generation_config, "eos_token_id", None))
         self.scheduler = SlotScheduler(self.runtime, tok, self.settings, self.metrics, set(eos), self.registry)

@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, Callable, Sequence
 
-from engine.serving import threads as cpu_threads
 from engine.adapters.book import AdapterBook, BookVersion
 from engine.adapters.store import AdapterStore, VersionDir, version_name
 from engine.adapters.validate import validate
@@ -39,7 +38,8 @@ log = logging.getLogger(__name__)
 class AdapterRegistry:
     """Serving pointers per domain plus the versions resident in memory.
 
-    `run_exclusive(fn)` must run `fn` on the model thread between steps and return a Future.
+    `run_exclusive(fn)` must run `fn` on the model thread between steps and return a Future;
+    `loader` runs validation, loads and frees, one at a time.
     """
 
     def __init__(
@@ -49,6 +49,7 @@ class AdapterRegistry:
         model_id: str,
         max_resident: int,
         run_exclusive: Callable[[Callable[[], Any]], Future],
+        loader: Executor,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.store = store
@@ -61,9 +62,9 @@ class AdapterRegistry:
         self.book = AdapterBook(store)  # `versions` are the ones in memory
         self._hold_lock = threading.Lock()  # one `hold` at a time: each replaces a domain's set
         self._pending: dict[str, Future] = {}  # peft name -> load in progress
-        # below the model thread's priority, and single-threaded: see engine.serving.threads
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader",
-                                          initializer=cpu_threads.lower_priority)
+        # one thread, below the model thread's priority (engine.serving.threads.BackgroundWorker):
+        # loads and frees run in order, concurrently with decode steps
+        self._loader = loader
 
     # ---- model-thread API ------------------------------------------------------------
     def acquire(self, domain: str | None, version: str | None = None) -> tuple[str, str | None] | None:
@@ -205,15 +206,10 @@ class AdapterRegistry:
                         self._set_serving(version.domain, version.version)
                     return fut
                 self.book.versions[key] = BookVersion(version.domain, version.version)
-            fut = self._loader.submit(self._single_threaded, self._load, version, make_serving)
+            fut = self._loader.submit(self._load, version, make_serving)
             self._pending[key] = fut
             fut.add_done_callback(lambda _f, k=key: self._pending.pop(k, None))
             return fut
-
-    @staticmethod
-    def _single_threaded(fn: Callable[..., Any], *args: Any) -> Any:
-        with cpu_threads.single_threaded():
-            return fn(*args)
 
     def _load(self, version: VersionDir, make_serving: bool) -> str:
         key = version_name(version.domain, version.version)
@@ -295,7 +291,7 @@ class AdapterRegistry:
                 with self._lock:
                     self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
 
-        self._loader.submit(self._single_threaded, free)
+        self._loader.submit(free)
 
     # ---- reporting -----------------------------------------------------------------
     def not_found(self, domain: str) -> str:

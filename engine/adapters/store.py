@@ -34,6 +34,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # of every tensor name in a peft LoRA file
 CURRENT_FILE = "current"
+#: meta.json's record of the base weights a version was trained on (engine.model.fingerprint)
+META_KEY = "base_fingerprint"
 HISTORY_FILE = "history.json"  # {"served": ["v1", "v3"]}: the versions that were current, in order
 
 

@@ -6,12 +6,14 @@ an admin knows what to fix and the serving version is never touched by a bad one
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-from engine.adapters.store import CONFIG_FILE, PEFT_KEY_PREFIX, WEIGHTS_FILE, VersionDir, version_name
+from engine.adapters.store import CONFIG_FILE, META_KEY, PEFT_KEY_PREFIX, WEIGHTS_FILE, VersionDir, version_name
 from engine.errors import AdapterIncompatible, AdapterInvalid
-from engine.model.fingerprint import base_mismatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,4 +101,27 @@ def _first_not_finite(tensors: dict[str, Any]) -> str | None:
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(t.isfinite().all()):
             return key
+    return None
+
+
+def base_mismatch(meta: Mapping[str, Any], model: str, where: str = "this version") -> str | None:
+    """Why a version (its meta.json) cannot serve on `model`, or None when it can.
+
+    The fingerprint decides when both sides have one; otherwise the names must match (a
+    version from before fingerprints: accepted with a warning that says how to record one).
+    """
+    trained_name = meta.get("base_model")
+    trained_fp = meta.get(META_KEY) or None
+    serving_fp = getattr(model, "fingerprint", None)
+    if trained_fp and serving_fp:
+        if trained_fp == serving_fp:
+            return None
+        return (f"was trained on other weights than this engine serves ({trained_name!r}, fingerprint "
+                f"{trained_fp}; serving {str(model)!r}, fingerprint {serving_fp})")
+    if trained_name != str(model):
+        return f"was trained for base model {trained_name!r}, but this engine serves {str(model)!r}"
+    if serving_fp and not trained_fp:
+        log.warning("%s records no %s (made before fingerprints); accepted because its base_model %r matches. "
+                    "Record it with `python -m engine.model --stamp <version folder>`",
+                    where, META_KEY, trained_name)
     return None

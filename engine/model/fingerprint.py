@@ -26,13 +26,14 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from engine.adapters.store import META_KEY, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 #: Bump when the recipe changes, so old and new fingerprints never compare equal by accident.
 SAFETENSORS_FORMAT = "w1"
 RAW_FORMAT = "b1"
 SAMPLES_PER_TENSOR = 16
-META_KEY = "base_fingerprint"
 
 _FLOATS = {"F64": ("<d", 8), "F32": ("<f", 4), "F16": ("<e", 2)}
 _SIZES = {"BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -160,35 +161,10 @@ def fingerprint_model(load_path: str) -> str | None:
 
 # ---- matching -----------------------------------------------------------------------------
 
-def base_mismatch(meta: Mapping[str, Any], model: str, where: str = "this version") -> str | None:
-    """Why a version (its meta.json) cannot serve on `model`, or None when it can.
-
-    The fingerprint decides when both sides have one; otherwise the names must match (a
-    version from before fingerprints: accepted with a warning that says how to record one).
-    """
-    trained_name = meta.get("base_model")
-    trained_fp = meta.get(META_KEY) or None
-    serving_fp = getattr(model, "fingerprint", None)
-    if trained_fp and serving_fp:
-        if trained_fp == serving_fp:
-            return None
-        return (f"was trained on other weights than this engine serves ({trained_name!r}, fingerprint "
-                f"{trained_fp}; serving {str(model)!r}, fingerprint {serving_fp})")
-    if trained_name != str(model):
-        return f"was trained for base model {trained_name!r}, but this engine serves {str(model)!r}"
-    if serving_fp and not trained_fp:
-        log.warning("%s records no %s (made before fingerprints); accepted because its base_model %r matches. "
-                    "Record it with `python -m engine.model --stamp <version folder>`",
-                    where, META_KEY, trained_name)
-    return None
-
-
 # ---- stamping versions made before fingerprints -------------------------------------------
 
 def stamp(version_dirs: Iterable[Path], model: ModelIdentity, force: bool = False) -> list[str]:
     """Record `model.fingerprint` in each version's meta.json that lacks one; returns what it did."""
-    from engine.adapters.store import write_json_atomic
-
     done = []
     for folder in version_dirs:
         meta_path = Path(folder) / "meta.json"

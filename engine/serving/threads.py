@@ -13,9 +13,9 @@ So:
 - the model is loaded in a thread that exits when it is done (`run_in_passing_thread`), and
   its team goes with it;
 - the model thread claims the thread count when it starts (`claim`);
-- the torch work of every other long-lived thread (the adapter loader) runs single-threaded
-  (`single_threaded`), so it never starts a team of its own, and at a lower priority
-  (`lower_priority`), so a hot-load takes less from the running streams.
+- the torch work of every other long-lived thread (the adapter loader, a `BackgroundWorker`)
+  runs single-threaded (`single_threaded`), so it never starts a team of its own, and at a
+  lower priority (`lower_priority`), so a hot-load takes less from the running streams.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,21 @@ def lower_priority(niceness: int = 10) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that refuses
         log.debug("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
+
+
+class BackgroundWorker(ThreadPoolExecutor):
+    """One thread for torch work that can wait (adapter loads and frees): at a lower priority,
+    and each task single-threaded, so it neither starts an OpenMP team nor slows the steps."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(max_workers=1, thread_name_prefix=name, initializer=lower_priority)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
+        def task() -> T:
+            with single_threaded():
+                return fn(*args, **kwargs)
+
+        return super().submit(task)
 
 
 def run_in_passing_thread(fn: Callable[[], T], name: str) -> T:

@@ -9,7 +9,7 @@ import logging
 
 from engine.adapters.store import AdapterStore, utc_now
 from engine.errors import AdapterIncompatible, AdapterNotFound
-from engine.model.fingerprint import base_mismatch
+from engine.adapters.validate import base_mismatch
 
 log = logging.getLogger(__name__)
 

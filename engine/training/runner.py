@@ -22,7 +22,7 @@ from typing import Any, Callable
 from engine.adapters.store import AdapterStore, VersionDir
 from engine.config import EngineSettings
 from engine.errors import TrainingError
-from engine.model.fingerprint import base_mismatch
+from engine.adapters.validate import base_mismatch
 from engine.training.data import DomainData, load_domain_data, load_hub_data
 from engine.training.evaluate import EvalResult, eval_loss, gate
 from engine.training.options import TrainOptions

@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from engine.adapters.store import AdapterStore
 from engine.adapters.validate import validate
 from engine.errors import AdapterIncompatible
-from engine.model.fingerprint import META_KEY, ModelIdentity, base_mismatch, fingerprint_folder, stamp
+from engine.adapters.store import META_KEY
+from engine.adapters.validate import base_mismatch
+from engine.model.fingerprint import ModelIdentity, fingerprint_folder, stamp
 from engine.model import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +112,7 @@ def test_fingerprint_decides_and_the_name_is_the_fallback(meta: dict, model: str
 
 
 def test_a_version_without_fingerprint_is_accepted_with_a_warning(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="engine.model.fingerprint"):
+    with caplog.at_level(logging.WARNING, logger="engine.adapters.validate"):
         assert base_mismatch({"base_model": HUB_ID}, ModelIdentity(HUB_ID, FP), "adapter legal/v1") is None
     assert any("legal/v1" in r.getMessage() and META_KEY in r.getMessage() and "--stamp" in r.getMessage()
                for r in caplog.records)
