@@ -2,7 +2,7 @@
 
 Why: a decode step of a few rows is a sequence of small matrix products whose fixed cost per
 call is a large share of their time, so four products per layer cost less than seven over
-the same weights (docs/engine.md has the measurement); the LoRA delta of a fused group is one product pair instead of one pair per module (see
+the same weights; the LoRA delta of a fused group is one product pair instead of one pair per module (see
 `engine.serving.lora`). vLLM's `QKVParallelLinear`/`MergedColumnParallelLinear` do the same.
 
 Memory stays as it was: the fused weight is the only copy. The member modules keep working

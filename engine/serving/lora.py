@@ -20,8 +20,7 @@ Where the product is one bf16 weight (`QUANTIZATION=bf16` on a CPU), a group's A
 extra rows below that weight (`ride`, `FusedLinear.make_room`): the shrink `x @ A.T` comes
 out of the product's own kernel as extra columns, in bf16 like the product (its inputs are
 rounded to bf16 already), instead of a separate fp32 product per module: one call fewer per
-group and step, and a prefill chunk's shrink runs on the AMX tiles (docs/engine.md has the
-measured step). The expand stays fp32 (the bf16 products of
+group and step, and a prefill chunk's shrink runs on the AMX tiles. The expand stays fp32 (the bf16 products of
 its small shapes cost more than they save). Such a group's `views` A is unused.
 
 Shapes are fixed at start (`MAX_RESIDENT_ADAPTERS`, `MAX_LORA_RANK`, `LORA_TARGET_MODULES`);

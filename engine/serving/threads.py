@@ -4,8 +4,7 @@ Why this module exists: libgomp (torch's OpenMP) keeps a team of worker threads 
 thread that ever ran a parallel region with more than one thread, until that thread exits.
 Once the process holds more libgomp threads than it has cores, libgomp stops spinning at its
 barriers (its "throttled" spin count) and every parallel region of a decode step waits for
-its workers to wake up: a decode step with two threads then takes longer than with one (a
-measured example is in docs/engine.md). An engine that loads the model in a start thread,
+its workers to wake up: a decode step with two threads then takes longer than with one. An engine that loads the model in a start thread,
 decodes in the model thread and loads adapters in a third pays that price unless it keeps a
 single team.
 

@@ -4,7 +4,7 @@ multiplied by the CPU's bf16 matrix units; everything else stays fp32.
 Why: fbgemm's fp16 GEMM (`QUANTIZATION=fp16`) converts its weights to fp32 and multiplies on
 the vector units, so from a few rows on a decode step is compute-bound. A CPU with AMX tiles
 (Intel Sapphire Rapids and later) multiplies bf16 matrices several times faster than that,
-from decode steps of a few rows to prefill chunks (docs/engine.md has the measurements). Up to
+from decode steps of a few rows to prefill chunks (`python -m bench.quantization`). Up to
 `WIDE_ROWS` rows (decode steps) the product is written as `W @ xᵀ` (oneDNN's fast case for a
 few rows), a single row as `torch.mv`, which reads the weight once at memory speed; from
 `WIDE_ROWS` rows on (prefill chunks) as `x @ Wᵀ`, whose result needs no transposing copy.

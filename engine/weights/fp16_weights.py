@@ -3,8 +3,8 @@ packed layout, and multiplied in fp32.
 
 Why: on a CPU a decode step is its matmuls, and each reads its whole fp32 weight from memory
 for a handful of rows. fbgemm's fp16 GEMM (`torch.ops.quantized.linear_dynamic_fp16`) reads
-half the bytes and blocks small batches better than MKL's sgemm (docs/engine.md has the
-measured decode steps). The
+half the bytes and blocks small batches better than MKL's sgemm (`python -m bench.quantization`
+measures the step). The
 rounding is fp16's, at most 2^-11 (4.9e-4) of each weight (of 2^-14 for the tiny ones that fp16
 keeps as subnormals), eight times finer than bf16;
 activations, norms, attention, LoRA and the KV cache stay fp32, and there is no activation
