@@ -15,13 +15,20 @@ So:
 - the model thread claims the thread count when it starts (`claim`);
 - the torch work of every other long-lived thread (the adapter loader) runs single-threaded
   (`single_threaded`), so it never starts a team of its own, and at a lower priority
-  (`lower_priority`), so a hot-load takes less from the running streams.
+  (`lower_priority`), so a hot-load takes less from the running streams;
+- the team's idle threads sleep instead of spinning (`default_wait_policy`): with libgomp's
+  default a thread that reaches a barrier spins for its whole time slice, and when its partner
+  has lost its core to another process (a shared host, the event loop, a training job) a
+  decode step's hundreds of barriers each cost a slice; a single stream then ran 10 to 20
+  times slower on a busy machine and its speed varied from process to process
+  (docs/engine.md has the measurements).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -33,6 +40,41 @@ _lock = threading.Lock()
 _inside = 0  # threads inside `single_threaded` now
 _claimed: int | None = None  # the model thread's count (`claim`)
 _restore = 1  # what the last thread to leave `single_threaded` sets back
+_wait_policy_source = "not set"  # where OMP_WAIT_POLICY came from (`default_wait_policy`), for the start log
+
+#: libgomp's wait policy for the engine's processes unless the operator set one.
+WAIT_POLICY = "PASSIVE"
+#: Settings of libgomp's waiting an operator may give; any of them set means the engine sets none.
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def default_wait_policy() -> None:
+    """OMP_WAIT_POLICY=PASSIVE for this process and its children, unless the operator set
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT (theirs wins).
+
+    libgomp reads it once, when it is loaded, i.e. when torch is first imported: this runs
+    when the `engine` package is imported (which imports no torch). Where torch was imported
+    before, it is too late for this process; `describe` says so in the start log."""
+    global _wait_policy_source
+    given = [name for name in _WAIT_SETTINGS if os.environ.get(name, "").strip()]
+    if given:
+        _wait_policy_source = "set by " + " and ".join(f"{n}={os.environ[n]}" for n in given)
+    elif "torch" in sys.modules:
+        _wait_policy_source = (f"torch was imported before the engine, too early for its OMP_WAIT_POLICY={WAIT_POLICY}; "
+                               "set it in the environment")
+    else:
+        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+        _wait_policy_source = "the engine's default"
+
+
+def describe(forward_threads: int) -> str:
+    """The start log's line on the CPU's threads: who computes with how many."""
+    import torch
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip() or "libgomp's default (spinning)"
+    return (f"CPU threads: forward {forward_threads} (the model thread's OpenMP team, wait policy {policy}, "
+            f"{_wait_policy_source}); adapter loader 1 (single-threaded, nice 10); "
+            f"inter-op pool {torch.get_num_interop_threads()} (idle while decoding)")
 
 
 def claim(threads: int) -> None:
