@@ -59,8 +59,10 @@ class FusedLinear:
         n = self.out_features
         q4 = self._int4_room
         if q4 is not None and x.shape[0] <= cpu_int4.NARROW_ROWS:  # the 4-bit kernel, the shrink beside it
+            # in fp32 over the rows' bf16 values: for a few rows and a few dozen ranks, a bf16
+            # product of this shape costs several times more than the conversion and fp32's
             weight, _bias = self._wide
-            return q4.matmul(x, self._bias), bf16_weights.matmul(x, weight[n + skip:n + extra])
+            return q4.matmul(x, self._bias), torch.mm(x, weight[n + skip:n + extra].float().t())
         top = self._tops.get(extra)
         if top is None:  # a view per row count, made once: a step asks for a few counts, many times
             assert self._wide is not None, "extra rows asked of a product without room for them"
