@@ -8,7 +8,8 @@ the same weights (docs/engine.md has the measurement); the LoRA delta of a fused
 Memory stays as it was: the fused weight is the only copy. The member modules keep working
 for anyone who calls them (the reference path, a test): a plain `nn.Linear` member's weight
 (or a `Bf16Linear` member's bf16 weight) becomes a view into the fused weight, and an
-`Fp16Linear` member computes through the fused pack and keeps its own columns; bitsandbytes
+`Fp16Linear` member computes through the fused pack and keeps its own columns (as does an
+`Int4Linear` member through the fused 4-bit weight, `engine.weights.cpu_int4.fuse`); bitsandbytes
 4-bit members (nf4, fp4) keep views of one packed weight (`engine.serving.fused_4bit`). Layers
 whose weights cannot be concatenated (bitsandbytes `Linear8bitLt`, 4-bit layers repacked for
 bitsandbytes' AVX-512 CPU kernel, hooked or mixed modules) are called one by one and their
