@@ -1,10 +1,10 @@
-"""Which QUANTIZATION is fastest here: none, nf4, int8 and (on CPU) fp16 and bf16, on the fast serving path.
+"""Which QUANTIZATION is fastest here: none, nf4, int8 and (on CPU) fp16, bf16, int4 and int4+bf16, on the fast serving path.
 
     python -m bench.quantization [--tokens 32] [--batch 8] [--device cpu|cuda]
 
 `QUANTIZATION=auto` picks nf4 on CUDA (one quantized model in GPU memory is the product's
-promise) and, on CPU, `bf16` where the CPU has AMX tiles and `fp16` (fbgemm-packed fp16
-weights, fp32 compute) elsewhere, as measured by this benchmark (docs/engine.md). Single stream with an
+promise) and, on CPU, `int4+bf16` where the CPU has AMX tiles and `fp16` (fbgemm-packed fp16
+weights, fp32 compute) elsewhere, as measured by this benchmark and `bench.step` (docs/engine.md). Single stream with an
 adapter, and a batch of rows over the three adapters and the base model; greedy, a fixed number
 of tokens (EOS ignored). All run in one process, one after another, so their ratios are
 comparable.
@@ -73,6 +73,10 @@ async def main_async(args: argparse.Namespace) -> None:
         if fp16_weights.available():
             kinds.append("fp16")  # a CPU-only kind: fbgemm's packed fp16 GEMM
         kinds.append("bf16")  # a CPU-only kind: bf16 products (fast where the CPU has AMX tiles)
+        from engine.weights import cpu_int4
+
+        if cpu_int4.available():
+            kinds += ["int4", "int4+bf16"]  # CPU-only kinds: 4-bit decoder weights (+ the bf16 copy for batches)
     rows = [await measure(q, args.device, args.tokens, args.batch, root) for q in kinds]
     base = rows[0][2]
     for r in rows:

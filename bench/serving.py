@@ -442,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the paths above: the engine beside llama.cpp (node-llama-cpp) in alternating "
                    "processes, median ratios and their range (bench.peers.side_by_side; users 1,16,64 unless "
                    "--users says otherwise; CPU only)")
+    p.add_argument("--versus", choices=get_args(Quantization),
+                   help="with --peer: each alternation also runs the engine with this QUANTIZATION (e.g. bf16), "
+                   "and a table shows the engine over itself in it")
     p.add_argument("--peer-runs", type=_positive(int), default=3,
                    help="processes of each side with --peer, alternating (default 3)")
     p.add_argument("--budget", type=_positive(float),

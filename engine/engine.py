@@ -79,6 +79,8 @@ class Engine:
         from engine.serving.scheduler import SlotScheduler
 
         self.loaded = model_loader.load(self.settings)
+        if self.loaded.device == "cpu":
+            log.info("%s", cpu_threads.describe(self.settings.resolved_cpu_threads()))
         tok = self.loaded.tokenizer
         self.prompts = PromptMaker(self.templates, tok, self.settings)
         self.runtime_kind = self._choose_runtime()

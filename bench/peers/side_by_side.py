@@ -1,6 +1,7 @@
 """The engine beside llama.cpp: alternating processes, the median ratio and its range.
 
     python -m bench.serving --peer llamacpp [--quick] [--tokens N] [--users 1,16,64] [--peer-runs 3]
+                                            [--quantization Q] [--versus bf16]
 
 Runs peer, engine, peer, engine, ... (`--peer-runs` times each, every run a fresh process of its
 own), the same prompt token ids on both sides, greedy, EOS ignored, the same new-token count and
@@ -10,6 +11,8 @@ serving N at once from one context with N sequences), TTFT p50 at 16 users. Each
 quotient engine/llama.cpp counts: the table shows their median and range, the issue's target,
 and each side's spread over its processes. Where Node or the npm package is missing, one line
 says so and how to install it, and the engine's runs still give its figures and its spread.
+`--versus Q` adds a third process to each alternation, the engine with QUANTIZATION=Q, and a
+table of the engine over itself in Q (a weight format against another, minute by minute).
 """
 from __future__ import annotations
 
@@ -144,17 +147,24 @@ class Match:
     peer_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     failures: list[str] = dataclasses.field(default_factory=list)
     skipped: str | None = None  # why the peer was not run
+    versus: list[dict[str, Measured] | None] = dataclasses.field(default_factory=list)  # --versus runs
+    versus_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     prompt_tokens: tuple[int, int] = (0, 0)  # shortest and longest prompt, both sides
 
     def figures(self, side: str, c: Comparison) -> list[float | None]:
-        runs = self.engine if side == "engine" else self.peer
-        key = c.engine_key if side == "engine" else c.peer_key
+        runs = {"engine": self.engine, "peer": self.peer, "versus": self.versus}[side]
+        key = c.peer_key if side == "peer" else c.engine_key
         return [c.value(r.get(key)) if r else None for r in runs]
+
+    def of_versus(self) -> "Match":
+        """The same match with the --versus engine in the engine's place."""
+        return dataclasses.replace(self, engine=self.versus, engine_info=self.versus_info)
 
 
 def play(users: Sequence[int], tokens: int, runs: int, threads: int, settings: dict[str, str],
-         repeat_single: int = 3) -> Match:
-    """peer, engine, peer, engine, ...: `runs` processes of each, in turn."""
+         repeat_single: int = 3, versus: str | None = None) -> Match:
+    """peer, engine, peer, engine, ...: `runs` processes of each, in turn (peer, engine, engine
+    in QUANTIZATION=`versus`, ... with `versus`)."""
     match = Match(skipped=llamacpp.unavailable())
     if match.skipped:
         _say(match.skipped)
@@ -183,6 +193,14 @@ def play(users: Sequence[int], tokens: int, runs: int, threads: int, settings: d
             except (RuntimeError, json.JSONDecodeError, KeyError) as exc:
                 match.engine.append(None)
                 match.failures.append(f"engine run {i + 1}: {exc}")
+            if versus is not None:
+                _say(f"engine run {i + 1}/{runs}, QUANTIZATION={versus}")
+                try:
+                    rows, match.versus_info = engine_run({**engine_job, "quantization": versus}, RUN_TIMEOUT_S)
+                    match.versus.append(rows)
+                except (RuntimeError, json.JSONDecodeError, KeyError) as exc:
+                    match.versus.append(None)
+                    match.failures.append(f"engine run {i + 1} (QUANTIZATION={versus}): {exc}")
 
     previous = signal.signal(signal.SIGTERM, _stop)  # subprocess.run kills its child on the way out
     try:
@@ -216,6 +234,17 @@ def table_rows(match: Match, users: Sequence[int]) -> list[list[str]]:
                 met = "yes" if (ratio.median <= c.target if c.lower_is_better else ratio.median >= c.target) else "no"
         out.append([c.label, _range(e), _range(p), "-" if ratio is None else f"{ratio.median:.2f}x",
                     "-" if ratio is None else f"{ratio.low:.2f}-{ratio.high:.2f}x", _pct(e), _pct(p), target, met])
+    return out
+
+
+def versus_rows(match: Match, users: Sequence[int]) -> list[list[str]]:
+    """The engine in its quantization over itself in --versus's, one quotient per alternation."""
+    out = []
+    for c in comparisons(users):
+        a, b = match.figures("engine", c), match.figures("versus", c)
+        ratio = paired_ratios(a, b)
+        out.append([c.label, _range(spread(a)), _range(spread(b)), "-" if ratio is None else f"{ratio.median:.2f}x",
+                    "-" if ratio is None else f"{ratio.low:.2f}-{ratio.high:.2f}x", _pct(spread(a)), _pct(spread(b))])
     return out
 
 
@@ -269,6 +298,18 @@ def render(match: Match, meta: dict[str, Any], users: Sequence[int]) -> str:
     out.append(spread_verdict(match, users))
     out.append(render_table(f"Each run, tok/s (llama.cpp, then the engine) on {cpu}",
                             ("comparison", "run", "llama.cpp", "engine", "ratio"), per_run_rows(match, users)))
+    if match.versus:
+        vi, theirs = match.versus_info, match.of_versus()
+        q, qv = ei.get("quantization", "?"), vi.get("quantization", "?")
+        out.append(f"versus:       {vi.get('describe', 'not measured').strip()}")
+        out.append(render_table(f"Engine QUANTIZATION={qv} / llama.cpp on {cpu}: median of {runs_of(theirs)} "
+                                "alternating runs each", COLUMNS, table_rows(theirs, users)))
+        out.append(spread_verdict(theirs, users))
+        out.append(render_table(
+            f"Engine QUANTIZATION={q} / QUANTIZATION={qv} on {cpu} (model {(ei.get('model_bytes') or 0) / 2**20:.0f} / "
+            f"{(vi.get('model_bytes') or 0) / 2**20:.0f} MiB)",
+            ("comparison", f"{q}: median (min-max)", f"{qv}: median (min-max)", "ratio: median", "ratio: range",
+             f"{q} spread", f"{qv} spread"), versus_rows(match, users)))
     for f in match.failures:
         out.append(f"!! {f}")
     return "\n".join(out)
@@ -285,7 +326,8 @@ def to_json(match: Match, meta: dict[str, Any], users: Sequence[int]) -> dict[st
                       "engine": match.figures("engine", c), "peer": match.figures("peer", c),
                       "ratio": None if ratio is None else dataclasses.asdict(ratio), "target": c.target})
     return {"meta": meta, "engine_info": match.engine_info, "peer_info": match.peer_info, "skipped": match.skipped,
-            "failures": match.failures, "engine": side(match.engine), "peer": side(match.peer), "comparisons": comps}
+            "failures": match.failures, "engine": side(match.engine), "peer": side(match.peer), "comparisons": comps,
+            "versus_info": match.versus_info, "versus": side(match.versus)}
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -305,7 +347,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                          f"COMPUTE_DTYPE={args.dtype}, each row from an empty prefix cache; llama.cpp: base model, "
                          f"one context per row with one sequence per user; single streams the median of 3 within "
                          f"each process; users {','.join(map(str, users))}")}
-    match = play(users, tokens, args.peer_runs, threads, settings)
+    match = play(users, tokens, args.peer_runs, threads, settings, versus=args.versus)
     text = render(match, meta, users)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -180,8 +180,8 @@ def torch_dtype(settings: EngineSettings, device: str) -> Any:
 
 def quantization_config(quantization: str, dtype: Any) -> Any:
     """The bitsandbytes config for a resolved quantization, or None for `none`, `fp16` and
-    `bf16` (which are ours: `engine.weights.fp16_weights`, `engine.weights.bf16_weights`, applied after loading)."""
-    if quantization in ("none", "fp16", "bf16"):
+    `bf16`, `int4`, `int4+bf16` (which are ours, in `engine.weights`, applied after loading)."""
+    if quantization in ("none", "fp16", "bf16", "int4", "int4+bf16"):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -197,10 +197,11 @@ def quantization_config(quantization: str, dtype: Any) -> Any:
 
 def memory_footprint(model: Any) -> int:
     """The model's bytes in memory: transformers' parameter and buffer count plus the 16-bit
-    weights it does not see (fbgemm's fp16 packs, `engine.weights.bf16_weights`' tensors)."""
-    from engine.weights import bf16_weights, fp16_weights
+    weights it does not see (fbgemm's fp16 packs, bf16 and int4 tensors of `engine.weights`)."""
+    from engine.weights import bf16_weights, cpu_int4, fp16_weights
 
-    return int(model.get_memory_footprint()) + fp16_weights.packed_bytes(model) + bf16_weights.stored_bytes(model)
+    return (int(model.get_memory_footprint()) + fp16_weights.packed_bytes(model) + bf16_weights.stored_bytes(model)
+            + cpu_int4.stored_bytes(model))
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -250,6 +251,12 @@ def load(settings: EngineSettings) -> LoadedModel:
         from engine.weights import bf16_weights
 
         packing = "; " + bf16_weights.convert(model).describe()
+    elif quantization in ("int4", "int4+bf16"):
+        from engine.weights import bf16_weights, cpu_int4
+
+        # the decoder's layers in 4 bits, the rest (the output head) in bf16
+        packing = "; " + cpu_int4.convert(model, wide_copy=quantization == "int4+bf16").describe()
+        packing += "; " + bf16_weights.convert(model).describe()
     from engine.model.fingerprint import fingerprint_model
 
     fingerprint = fingerprint_model(source.load_path)

@@ -8,7 +8,8 @@ the same weights; the LoRA delta of a fused group is one product pair instead of
 Memory stays as it was: the fused weight is the only copy. The member modules keep working
 for anyone who calls them (the reference path, a test): a plain `nn.Linear` member's weight
 (or a `Bf16Linear` member's bf16 weight) becomes a view into the fused weight, and an
-`Fp16Linear` member computes through the fused pack and keeps its own columns; bitsandbytes
+`Fp16Linear` member computes through the fused pack and keeps its own columns (as does an
+`Int4Linear` member through the fused 4-bit weight, `engine.weights.cpu_int4.fuse`); bitsandbytes
 4-bit members (nf4, fp4) keep views of one packed weight (`engine.serving.fused_4bit`). Layers
 whose weights cannot be concatenated (bitsandbytes `Linear8bitLt`, 4-bit layers repacked for
 bitsandbytes' AVX-512 CPU kernel, hooked or mixed modules) are called one by one and their
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.weights import bf16_weights, fp16_weights
+from engine.weights import bf16_weights, cpu_int4, fp16_weights
 from engine.serving import fused_4bit
 
 
@@ -46,6 +47,8 @@ class FusedLinear:
         self.kind, self._call = _fuse(self.modules)
         self._wide: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight and bias with the extra rows
         self._tops: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # extra -> views of their top rows
+        self._int4_room: cpu_int4.Int4Weight | None = None  # a 4-bit product whose bf16 copy has the extra rows
+        self._bias: torch.Tensor | None = None  # its bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._call(x)
@@ -54,6 +57,13 @@ class FusedLinear:
         """The product of `x` [rows, in] and, from the same kernel, x times extra rows
         [skip, extra) (see `make_room`): ([rows, out_features], [rows, extra - skip]) views of
         one result."""
+        n = self.out_features
+        q4 = self._int4_room
+        if q4 is not None and x.shape[0] <= cpu_int4.NARROW_ROWS:  # the 4-bit kernel, the shrink beside it
+            # in fp32 over the rows' bf16 values: for a few rows and a few dozen ranks, a bf16
+            # product of this shape costs several times more than the conversion and fp32's
+            weight, _bias = self._wide
+            return q4.matmul(x, self._bias), torch.mm(x, weight[n + skip:n + extra].float().t())
         top = self._tops.get(extra)
         if top is None:  # a view per row count, made once: a step asks for a few counts, many times
             assert self._wide is not None, "extra rows asked of a product without room for them"
@@ -61,7 +71,6 @@ class FusedLinear:
             end = self.out_features + extra
             top = self._tops[extra] = (weight[:end], None if bias is None else bias[:end])
         y = bf16_weights.matmul(x, *top)
-        n = self.out_features
         return y[:, :n], y[:, n + skip:]
 
     def make_room(self, rows: int) -> torch.Tensor | None:
@@ -72,6 +81,8 @@ class FusedLinear:
         The members' bf16 weights become views of the wider tensor's top, so no byte of
         the model's weights is kept twice."""
         members = self.modules
+        if self.kind in ("int4", "single") and all(type(m) is cpu_int4.Int4Linear for m in members):
+            return self._make_room_int4(rows)
         if not all(type(m) is bf16_weights.Bf16Linear and m._parameters.get("weight") is None for m in members):
             return None
         if self.kind not in ("bf16", "single") or any(_hooked(m) for m in members):
@@ -90,6 +101,22 @@ class FusedLinear:
             self._call = lambda x: bf16_weights.matmul(x, base, fused_bias)
         return wide[self.out_features:]
 
+    def _make_room_int4(self, rows: int) -> torch.Tensor | None:
+        """`make_room` for 4-bit members with a bf16 copy (`QUANTIZATION=int4+bf16`): the
+        rows go below the copy; narrow batches multiply them beside the 4-bit kernel. None
+        without a copy (`QUANTIZATION=int4`: the LoRA shrink stays a separate fp32 product)."""
+        q4 = self.modules[0].q4
+        if q4.w16 is None or any(m.q4 is not q4 or _hooked(m) for m in self.modules):
+            return None
+        with torch.no_grad():
+            wide = q4.w16.new_zeros(self.out_features + rows, q4.w16.shape[1])
+            wide[:self.out_features].copy_(q4.w16)
+        q4.w16 = wide[:self.out_features]
+        self._bias = _bias(self.modules)
+        bias = None if self._bias is None else torch.cat([self._bias, self._bias.new_zeros(rows)])
+        self._wide, self._tops, self._int4_room = (wide, bias), {}, q4
+        return wide[self.out_features:]
+
 
 def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     if len(modules) == 1:
@@ -104,6 +131,11 @@ def _fuse(modules: list[Any]) -> tuple[str, Callable[[torch.Tensor], torch.Tenso
         if w16 is not None:
             bias = _fused_bias(modules)
             return "bf16", lambda x: bf16_weights.matmul(x, w16, bias)
+    if all(type(m) is cpu_int4.Int4Linear for m in modules):
+        q4 = cpu_int4.fuse(modules)
+        if q4 is not None:
+            bias = _fused_bias(modules)
+            return "int4", lambda x: q4.matmul(x, bias)
     dense = _fuse_dense(modules)
     if dense is not None:
         weight, bias = dense

@@ -14,13 +14,21 @@ So:
 - the model thread claims the thread count when it starts (`claim`);
 - the torch work of every other long-lived thread (the adapter loader, a `BackgroundWorker`)
   runs single-threaded (`single_threaded`), so it never starts a team of its own, and at a
-  lower priority (`lower_priority`), so a hot-load takes less from the running streams.
+  lower priority (`lower_priority`), so a hot-load takes less from the running streams;
+- the team's idle threads spin a short while at a barrier, then sleep (`default_wait_policy`):
+  libgomp's default spins for a long time, and when a thread's partner has lost its core to
+  another process (a shared host, a neighbour service) a decode step's hundreds of barriers
+  each cost a time slice, so a single stream collapses; sleeping at once (PASSIVE) is steady
+  under neighbours but wakes the partner at every barrier, which halves an idle host's
+  single stream. A bounded spin keeps the idle host's speed and softens the collapse; an
+  operator's own setting wins (docs/engine.md has the measurements and the choices).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
@@ -33,6 +41,52 @@ _lock = threading.Lock()
 _inside = 0  # threads inside `single_threaded` now
 _claimed: int | None = None  # the model thread's count (`claim`)
 _restore = 1  # what the last thread to leave `single_threaded` sets back
+_wait_policy_source = "not set"  # where the wait setting came from (`default_wait_policy`), for the start log
+
+#: libgomp's spin at a barrier before its thread sleeps, for the engine's processes unless the
+#: operator set a wait policy: a tenth of libgomp's default of 300,000 rounds.
+SPINCOUNT = "30000"
+#: Settings of libgomp's waiting an operator may give; any of them set means the engine sets none.
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def default_wait_policy() -> None:
+    """GOMP_SPINCOUNT=30000 for this process and its children, unless the operator set
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT (theirs wins).
+
+    libgomp reads it once, when it is loaded, i.e. when torch is first imported: this runs
+    when the `engine` package is imported (which imports no torch). Where torch was imported
+    before, it is too late for this process; `describe` says so in the start log."""
+    global _wait_policy_source
+    given = [name for name in _WAIT_SETTINGS if os.environ.get(name, "").strip()]
+    if given:
+        _wait_policy_source = "set by " + " and ".join(f"{n}={os.environ[n]}" for n in given)
+    elif "torch" in sys.modules:
+        _wait_policy_source = (f"torch was imported before the engine, too early for its GOMP_SPINCOUNT={SPINCOUNT}; "
+                               "set it in the environment")
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        _wait_policy_source = "the engine's default"
+
+
+def wait_policy() -> str:
+    """How this process's OpenMP threads wait at a barrier, in words."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip()
+    spin = os.environ.get("GOMP_SPINCOUNT", "").strip()
+    if policy:
+        return f"OMP_WAIT_POLICY={policy}" + (f", GOMP_SPINCOUNT={spin}" if spin else "")
+    if spin:
+        return f"spin {spin} rounds, then sleep (GOMP_SPINCOUNT)"
+    return "libgomp's default (spin 300000 rounds)"
+
+
+def describe(forward_threads: int) -> str:
+    """The start log's line on the CPU's threads: who computes with how many."""
+    import torch
+
+    return (f"CPU threads: forward {forward_threads} (the model thread's OpenMP team, wait policy {wait_policy()}, "
+            f"{_wait_policy_source}); adapter loader 1 (single-threaded, nice 10); "
+            f"inter-op pool {torch.get_num_interop_threads()} (idle while decoding)")
 
 
 def claim(threads: int) -> None:

@@ -200,3 +200,23 @@ def test_an_incomplete_row_and_a_missing_peer_give_no_ratio() -> None:
                                        "workload": "w"}, [16])
     assert "llama.cpp:    llama.cpp peer skipped: Node.js is not installed" in text
     assert "on CPU X" in text
+
+
+def test_versus_divides_the_engine_by_itself_in_the_other_quantization_per_alternation() -> None:
+    """--versus bf16: a third process per alternation; its own table against llama.cpp, and the
+    engine's quotient over it, paired by alternation."""
+    match = side_by_side.Match(
+        engine=[{"single-base": _measured(60)}, {"single-base": _measured(40)}, {"single-base": _measured(50)}],
+        peer=[{"single-base": _measured(100)}, {"single-base": _measured(100)}, {"single-base": _measured(100)}],
+        versus=[{"single-base": _measured(30)}, {"single-base": _measured(40)}, {"single-base": _measured(25)}],
+        engine_info={"quantization": "int4+bf16", "model_bytes": 442 * 2**20},
+        versus_info={"quantization": "bf16", "model_bytes": 378 * 2**20})
+    rows = {r[0]: r for r in side_by_side.versus_rows(match, [1])}
+    base = rows["1 user, base: tok/s"]
+    assert base[3] == "2.00x" and base[4] == "1.00-2.00x"  # 60/30, 40/40, 50/25
+    text = side_by_side.render(match, {"command": "c", "date": "d", "cpu": "CPU X", "load": 0.0, "threads": 2,
+                                       "workload": "w"}, [1])
+    assert "Engine QUANTIZATION=bf16 / llama.cpp on CPU X" in text
+    assert "Engine QUANTIZATION=int4+bf16 / QUANTIZATION=bf16 on CPU X (model 442 / 378 MiB)" in text
+    theirs = {r[0]: r for r in side_by_side.table_rows(match.of_versus(), [1])}
+    assert theirs["1 user, base: tok/s"][3] == "0.30x"

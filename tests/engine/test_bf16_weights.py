@@ -97,13 +97,8 @@ def test_fused_members_share_one_weight_and_keep_their_outputs() -> None:
 def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> None:
     """Teacher-forced over three prompts in one mixed batch with two adapters: the fast path's
     logits against transformers + peft over the same bf16 layers, and bf16 against fp32."""
-    from peft import PeftModel
-
     from engine import model as engine_model
     from engine.config import load_settings
-    from engine.serving.runner import FastRuntime
-    from tests.engine.serving.test_runner import adapter_modules
-    from tests.engine.test_fast_path import ROOT as REPO
 
     s = load_settings(quantization="bf16", max_batch_size=4, context_tokens=512, max_new_tokens=64,
                        max_resident_adapters=2)
@@ -114,16 +109,6 @@ def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> N
              "Is it wise to put all my savings into one stock?"]
     seqs = [tok(t)["input_ids"] for t in texts]
     domains = [None, "legal", "medical"]
-    rt = FastRuntime(loaded.model, s)
-    slot_of = {None: 0}
-    for d in domains[1:]:
-        folder = REPO / "adapters" / d / "v1"
-        slot_of[d] = rt.lora.load(d, folder, folder / "adapter_model.safetensors", adapter_modules(folder), d)
-
-    def peft_model(model, domain):
-        m = copy.deepcopy(model)
-        return m if domain is None else PeftModel.from_pretrained(m, str(REPO / "adapters" / domain / "v1")).eval()
-
     steps = 8  # teacher-forced decode steps after the prefill, along the bf16 reference's greedy tokens
     refs, refs32, conts = [], [], []
     with torch.inference_mode():
@@ -135,18 +120,7 @@ def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> N
             refs.append(m(input_ids=torch.tensor([seq])).logits[0, len(q) - 1:].float())
             refs32.append(m32(input_ids=torch.tensor([seq])).logits[0, len(q) - 1:].float())
             conts.append(seq[len(q):])
-        kv = [rt.cache.allocate() for _ in seqs]
-        fast = [rt.prefill([(k, slot_of[d], q, 0) for k, d, q in zip(kv, domains, seqs)])]
-        for k, d, q in zip(kv, domains, seqs):
-            rt.lora_idx[k], rt.pos[k], rt.active[k] = slot_of[d], len(q), True
-        for step in range(steps):
-            for k, c in zip(kv, conts):
-                rt.tok[k] = c[step]
-            logits, _ = rt.decode(rt.cache.high(), max(len(q) for q in seqs) + step + 1, set(slot_of.values()))
-            fast.append(logits[kv])
-            for k in kv:
-                rt.pos[k] += 1
-    fast_rows = [torch.stack([f[i] for f in fast]) for i in range(len(seqs))]
+    fast_rows = fast_logits(loaded.model, s, domains, seqs, conts)
     flips = flips32 = 0
     for d, got, ref, ref32 in zip(domains, fast_rows, refs, refs32):
         spread = float(ref32.std())
@@ -158,6 +132,45 @@ def test_the_fast_path_serves_the_real_model_in_bf16_as_transformers_does() -> N
         flips32 += int((ref.argmax(-1) != ref32.argmax(-1)).sum())
     positions = len(seqs) * (steps + 1)
     assert flips <= positions // 10 and flips32 <= positions // 10, (flips, flips32, positions)
+
+
+def peft_model(model: nn.Module, domain: str | None) -> nn.Module:
+    """A copy of `model`, with the shipped v1 of `domain` on it (None: the base model)."""
+    from peft import PeftModel
+
+    from tests.engine.test_fast_path import ROOT as REPO
+
+    m = copy.deepcopy(model)
+    return m if domain is None else PeftModel.from_pretrained(m, str(REPO / "adapters" / domain / "v1")).eval()
+
+
+def fast_logits(model: nn.Module, s, domains: list[str | None], seqs: list[list[int]],
+                conts: list[list[int]]) -> list[torch.Tensor]:
+    """The fast path's logits for each prompt in `seqs` (one mixed batch, adapters `domains`):
+    the prefill's last position, then one decode step per token of `conts` (teacher-forced)."""
+    from engine.serving.runner import FastRuntime
+    from tests.engine.serving.test_runner import adapter_modules
+    from tests.engine.test_fast_path import ROOT as REPO
+
+    rt = FastRuntime(model, s)
+    slot_of: dict[str | None, int] = {None: 0}
+    for d in domains:
+        if d is not None and d not in slot_of:
+            folder = REPO / "adapters" / d / "v1"
+            slot_of[d] = rt.lora.load(d, folder, folder / "adapter_model.safetensors", adapter_modules(folder), d)
+    with torch.inference_mode():
+        kv = [rt.cache.allocate() for _ in seqs]
+        fast = [rt.prefill([(k, slot_of[d], q, 0) for k, d, q in zip(kv, domains, seqs)])]
+        for k, d, q in zip(kv, domains, seqs):
+            rt.lora_idx[k], rt.pos[k], rt.active[k] = slot_of[d], len(q), True
+        for step in range(len(conts[0])):
+            for k, c in zip(kv, conts):
+                rt.tok[k] = c[step]
+            logits, _ = rt.decode(rt.cache.high(), max(len(q) for q in seqs) + step + 1, set(slot_of.values()))
+            fast.append(logits[kv])
+            for k in kv:
+                rt.pos[k] += 1
+    return [torch.stack([f[i] for f in fast]) for i in range(len(seqs))]
 
 
 def test_room_below_a_bf16_product_gives_extra_columns_from_the_same_kernel() -> None:

@@ -1,6 +1,7 @@
 """Engine settings: read from the environment and `.env`, validated once, named in errors."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,9 +132,10 @@ def test_defaults_are_cpu_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.model == "smollm2"
     assert s.device == "auto" and s.compute_dtype == "auto"
     assert s.quantization == "auto"
-    from engine.weights import bf16_weights, fp16_weights
+    from engine.weights import bf16_weights, cpu_int4, fp16_weights
 
-    cpu_default = "bf16" if bf16_weights.available() else "fp16" if fp16_weights.available() else "none"
+    amx = "int4+bf16" if cpu_int4.available() else "bf16"
+    cpu_default = amx if bf16_weights.available() else "fp16" if fp16_weights.available() else "none"
     assert (s.resolved_quantization("cpu"), s.resolved_quantization("cuda:0")) == (cpu_default, "nf4")
     assert load_settings(compute_dtype="bfloat16").resolved_quantization("cpu") == "none"  # fp16/bf16 keep fp32 activations
     assert load_settings(quantization="int8").resolved_quantization("cuda") == "int8"  # explicit wins
@@ -263,26 +265,40 @@ def test_check_folders_names_the_setting_and_notes_an_empty_adapters_folder(clea
         load_settings(adapters_dir=clean_env / "templates" / "assistant.en.j2").check_folders()
 
 
-@pytest.mark.parametrize("quantization", ["fp16", "bf16"])
+@pytest.mark.parametrize("quantization", ["fp16", "bf16", "int4", "int4+bf16"])
 @pytest.mark.parametrize("device, dtype, words", [
-    ("cuda:0", "auto", ["QUANTIZATION={q}", "DEVICE=cuda:0", "COMPUTE_DTYPE"]),
+    ("cuda:0", "auto", ["QUANTIZATION={q}", "DEVICE=cuda:0", "{alt}"]),
     ("cpu", "bfloat16", ["QUANTIZATION={q}", "COMPUTE_DTYPE=bfloat16", "float32"]),
 ])
-def test_16_bit_cpu_weights_where_they_cannot_run_say_what_to_set(quantization: str, device: str, dtype: str,
+def test_cpu_weight_formats_where_they_cannot_run_say_what_to_set(quantization: str, device: str, dtype: str,
                                                                    words: list[str]) -> None:
     s = load_settings(quantization=quantization, compute_dtype=dtype)
     with pytest.raises(ConfigError) as err:
         s.resolved_quantization(device)
-    assert all(w.format(q=quantization) in str(err.value) for w in words), str(err.value)
+    alt = "QUANTIZATION=nf4" if quantization.startswith("int4") else "COMPUTE_DTYPE"  # a GPU's counterpart
+    assert all(w.format(q=quantization, alt=alt) in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int4+bf16"])
+def test_int4_without_the_kernel_says_what_to_set(monkeypatch: pytest.MonkeyPatch, quantization: str) -> None:
+    from engine.weights import cpu_int4
+
+    monkeypatch.setattr(cpu_int4, "available", lambda: False)
+    with pytest.raises(ConfigError, match=rf"QUANTIZATION={re.escape(quantization)}: .*no CPU int4 kernel.*set QUANTIZATION=bf16, fp16 or auto"):
+        load_settings(quantization=quantization).resolved_quantization("cpu")
 
 
 def test_auto_takes_bf16_only_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 runs on emulation without AMX tiles (slower than fp16 there), so auto asks the CPU."""
+    """bf16 runs on emulation without AMX tiles (slower than fp16 there), so auto asks the CPU;
+    with AMX it takes the 4-bit kernel for narrow steps beside the bf16 copy, where torch has it."""
     import torch
 
-    from engine.weights import fp16_weights
+    from engine.weights import cpu_int4, fp16_weights
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(cpu_int4, "available", lambda: True)
+    assert load_settings().resolved_quantization("cpu") == "int4+bf16"
+    monkeypatch.setattr(cpu_int4, "available", lambda: False)
     assert load_settings().resolved_quantization("cpu") == "bf16"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert load_settings().resolved_quantization("cpu") == ("fp16" if fp16_weights.available() else "none")

@@ -94,3 +94,37 @@ def test_a_lowered_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own(
 
     assert _in_thread(lowered) == min(19, mine + 10)  # nice values add up to 19 at most
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+PROBE = """
+import os, sys
+{first}
+import engine, torch
+from engine.serving import threads
+print(os.environ.get("OMP_WAIT_POLICY", "-"), os.environ.get("GOMP_SPINCOUNT", "-"))
+print(threads.describe(2))
+"""
+
+
+@pytest.mark.parametrize("env, torch_first, policy, words", [
+    ({}, False, "- 30000", ["spin 30000 rounds, then sleep", "the engine's default", "forward 2", "adapter loader 1"]),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, False, "PASSIVE -", ["wait policy OMP_WAIT_POLICY=PASSIVE",
+                                                          "set by OMP_WAIT_POLICY=PASSIVE"]),
+    ({"GOMP_SPINCOUNT": "10000"}, False, "- 10000", ["spin 10000 rounds", "set by GOMP_SPINCOUNT=10000"]),
+    ({}, True, "- -", ["libgomp's default (spin 300000 rounds)", "torch was imported before the engine",
+                       "set it in the environment"]),
+])
+def test_importing_the_engine_bounds_openmp_spinning_unless_the_operator_said_otherwise(
+        env: dict[str, str], torch_first: bool, policy: str, words: list[str]) -> None:
+    """libgomp reads its wait settings when torch loads it: `import engine` sets a bounded spin
+    (GOMP_SPINCOUNT=30000) before that, an operator's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins,
+    and a process that imported torch first is told in the start log line that it is too late."""
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = PROBE.format(first="import torch" if torch_first else "")
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == policy
+    assert all(w in out[1] for w in words), out[1]

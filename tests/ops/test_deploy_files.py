@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 SETTINGS = (EngineSettings, BotSettings, VllmSettings)
 #: Variables .env.example may document that are not our settings (read by libraries, or Compose).
-NOT_SETTINGS = {"HF_TOKEN", "COMPOSE_PROFILES"}
+NOT_SETTINGS = {"HF_TOKEN", "COMPOSE_PROFILES", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}  # the last two: libgomp
 #: Variables the Dockerfile may set that are not our settings.
 RUNTIME_ENV = {
     "PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK",
