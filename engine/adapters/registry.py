@@ -64,7 +64,7 @@ class AdapterRegistry:
         self._pending: dict[str, Future] = {}  # peft name -> load in progress
         # one thread, below the model thread's priority (engine.serving.threads.BackgroundWorker):
         # loads and frees run in order, concurrently with decode steps
-        self._loader = loader
+        self.loader = loader
 
     # ---- model-thread API ------------------------------------------------------------
     def acquire(self, domain: str | None, version: str | None = None) -> tuple[str, str | None] | None:
@@ -206,7 +206,7 @@ class AdapterRegistry:
                         self._set_serving(version.domain, version.version)
                     return fut
                 self.book.versions[key] = BookVersion(version.domain, version.version)
-            fut = self._loader.submit(self._load, version, make_serving)
+            fut = self.loader.submit(self._load, version, make_serving)
             self._pending[key] = fut
             fut.add_done_callback(lambda _f, k=key: self._pending.pop(k, None))
             return fut
@@ -291,7 +291,7 @@ class AdapterRegistry:
                 with self._lock:
                     self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
 
-        self._loader.submit(free)
+        self.loader.submit(free)
 
     # ---- reporting -----------------------------------------------------------------
     def not_found(self, domain: str) -> str:
@@ -311,7 +311,7 @@ class AdapterRegistry:
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Block until queued loads and frees have run (tests and shutdown)."""
-        self._loader.submit(lambda: None).result(timeout=timeout)
+        self.loader.submit(lambda: None).result(timeout=timeout)
 
     def close(self) -> None:
-        self._loader.shutdown(wait=True, cancel_futures=True)
+        self.loader.shutdown(wait=True, cancel_futures=True)

@@ -263,7 +263,7 @@ async def test_the_model_thread_computes_with_cpu_threads_and_the_loader_runs_lo
 
     base = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
     fast = engines[0]
-    threads, lowered = await asyncio.wrap_future(fast.registry._loader.submit(fast.registry._single_threaded, loader_view))
+    threads, lowered = await asyncio.wrap_future(fast.registry.loader.submit(loader_view))
     assert threads == 1 and lowered
 
 
