@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import DEFAULT_MODEL, EngineSettings, load_settings
+from engine.config import CPU_KINDS, DEFAULT_MODEL, EngineSettings, load_settings
 from engine.errors import ConfigError, ModelLoadError
 from engine.logs import adopt_library_logging
 
@@ -181,7 +181,7 @@ def torch_dtype(settings: EngineSettings, device: str) -> Any:
 def quantization_config(quantization: str, dtype: Any) -> Any:
     """The bitsandbytes config for a resolved quantization, or None for `none`, `fp16` and
     `bf16`, `int4`, `int4+bf16` (which are ours, in `engine.weights`, applied after loading)."""
-    if quantization in ("none", "fp16", "bf16", "int4", "int4+bf16"):
+    if quantization == "none" or quantization in CPU_KINDS:
         return None
     from transformers import BitsAndBytesConfig
 

@@ -48,7 +48,7 @@ class FusedLinear:
         self._wide: tuple[torch.Tensor, torch.Tensor | None] | None = None  # weight and bias with the extra rows
         self._tops: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # extra -> views of their top rows
         self._int4_room: cpu_int4.Int4Weight | None = None  # a 4-bit product whose bf16 copy has the extra rows
-        self._bias: torch.Tensor | None = None  # its bias
+        self._int4_bias: torch.Tensor | None = None  # that product's bias (without the extra rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._call(x)
@@ -62,8 +62,8 @@ class FusedLinear:
         if q4 is not None and x.shape[0] <= cpu_int4.NARROW_ROWS:  # the 4-bit kernel, the shrink beside it
             # in fp32 over the rows' bf16 values: for a few rows and a few dozen ranks, a bf16
             # product of this shape costs several times more than the conversion and fp32's
-            weight, _bias = self._wide
-            return q4.matmul(x, self._bias), torch.mm(x, weight[n + skip:n + extra].float().t())
+            weight = self._wide[0]
+            return q4.matmul(x, self._int4_bias), torch.mm(x, weight[n + skip:n + extra].float().t())
         top = self._tops.get(extra)
         if top is None:  # a view per row count, made once: a step asks for a few counts, many times
             assert self._wide is not None, "extra rows asked of a product without room for them"
@@ -112,8 +112,8 @@ class FusedLinear:
             wide = q4.w16.new_zeros(self.out_features + rows, q4.w16.shape[1])
             wide[:self.out_features].copy_(q4.w16)
         q4.w16 = wide[:self.out_features]
-        self._bias = _bias(self.modules)
-        bias = None if self._bias is None else torch.cat([self._bias, self._bias.new_zeros(rows)])
+        self._int4_bias = _bias(self.modules)
+        bias = None if self._int4_bias is None else torch.cat([self._int4_bias, self._int4_bias.new_zeros(rows)])
         self._wide, self._tops, self._int4_room = (wide, bias), {}, q4
         return wide[self.out_features:]
 

@@ -177,16 +177,16 @@ def fuse(modules: list[Any]) -> Int4Weight | None:
     """One `Int4Weight` for `Int4Linear`s reading the same input (q/k/v, gate/up), their
     outputs side by side; the members then compute through their columns of it and hold no
     weight of their own, so no byte is added. None when they cannot be fused."""
-    if not modules or any(type(m) is not Int4Linear or m.cols != (0, m.q4.out_features) for m in modules):
-        shared = {id(m.q4) for m in modules if type(m) is Int4Linear}
-        if len(shared) == 1 and all(type(m) is Int4Linear for m in modules):  # fused before: the same weight
-            q4 = modules[0].q4
-            lo = 0
-            for m in modules:
-                if m.cols[0] != lo:
-                    return None
-                lo = m.cols[1]
-            return q4 if lo == q4.out_features else None
+    if not modules or any(type(m) is not Int4Linear for m in modules):
+        return None
+    if len({id(m.q4) for m in modules}) == 1:  # fused before: their weight, if they cover it in order
+        q4, lo = modules[0].q4, 0
+        for m in modules:
+            if m.cols[0] != lo:
+                return None
+            lo = m.cols[1]
+        return q4 if lo == q4.out_features else None
+    if any(m.cols != (0, m.q4.out_features) for m in modules):
         return None
     if len({m.in_features for m in modules}) != 1 or len({m.q4.sz.dtype for m in modules}) != 1:
         return None
