@@ -365,14 +365,21 @@ async def run(plan: Plan, argv: Sequence[str]) -> int:
 
 # ---- command line --------------------------------------------------------------------------
 
-def _users(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--users {text!r}: expected numbers separated by commas, like 1,4,16,64")
-    if not values or any(not 1 <= v <= 512 for v in values):
-        raise argparse.ArgumentTypeError(f"--users {text!r}: each count must be between 1 and 512")
-    return sorted(set(values))
+def _counts(option: str, example: str, high: int) -> Callable[[str], list[int]]:
+    """A parser of comma-separated counts 1..high for `option`."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: expected numbers separated by commas, like {example}")
+        if not values or any(not 1 <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"{option} {text!r}: each count must be between 1 and {high}")
+        return sorted(set(values))
+    return parse
+
+
+_users = _counts("--users", "1,4,16,64", 512)
+_peer_threads = _counts("--peer-threads", "1,2", 256)
 
 
 def _paths(text: str) -> list[str]:
@@ -445,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--versus", choices=get_args(Quantization),
                    help="with --peer: each alternation also runs the engine with this QUANTIZATION (e.g. bf16), "
                    "and a table shows the engine over itself in it")
+    p.add_argument("--peer-threads", type=_peer_threads,
+                   help="with --peer: llama.cpp's thread counts, each run in every alternation; its figure is its "
+                   "best of them (default: 1 and the engine's thread count)")
     p.add_argument("--peer-runs", type=_positive(int), default=3,
                    help="processes of each side with --peer, alternating (default 3)")
     p.add_argument("--budget", type=_positive(float),

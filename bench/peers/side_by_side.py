@@ -1,7 +1,7 @@
 """The engine beside llama.cpp: alternating processes, the median ratio and its range.
 
     python -m bench.serving --peer llamacpp [--quick] [--tokens N] [--users 1,16,64] [--peer-runs 3]
-                                            [--quantization Q] [--versus bf16]
+                                            [--peer-threads 1,2] [--quantization Q] [--versus bf16]
 
 Runs peer, engine, peer, engine, ... (`--peer-runs` times each, every run a fresh process of its
 own), the same prompt token ids on both sides, greedy, EOS ignored, the same new-token count and
@@ -11,6 +11,11 @@ serving N at once from one context with N sequences), TTFT p50 at 16 users. Each
 quotient engine/llama.cpp counts: the table shows their median and range, the issue's target,
 and each side's spread over its processes. Where Node or the npm package is missing, one line
 says so and how to install it, and the engine's runs still give its figures and its spread.
+`--peer-threads` runs llama.cpp at each of these thread counts in every alternation (default:
+1 and the engine's count), and each workload's llama.cpp figure is its best of them in that
+alternation: on a small shared machine its threads can stall each other (two threads ran at half
+the speed of one in some runs here), and the engine is measured against the peer's best setting,
+not its worst; a table shows each thread count's own figures.
 `--versus Q` adds a third process to each alternation, the engine with QUANTIZATION=Q, and a
 table of the engine over itself in Q (a weight format against another, minute by minute).
 """
@@ -149,6 +154,8 @@ class Match:
     skipped: str | None = None  # why the peer was not run
     versus: list[dict[str, Measured] | None] = dataclasses.field(default_factory=list)  # --versus runs
     versus_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: llama.cpp's runs at each thread count (`peer` holds each alternation's best of them)
+    peer_by_threads: dict[int, list[dict[str, Measured] | None]] = dataclasses.field(default_factory=dict)
     prompt_tokens: tuple[int, int] = (0, 0)  # shortest and longest prompt, both sides
 
     def figures(self, side: str, c: Comparison) -> list[float | None]:
@@ -161,31 +168,50 @@ class Match:
         return dataclasses.replace(self, engine=self.versus, engine_info=self.versus_info)
 
 
+def best_of(runs: Sequence[dict[str, Measured] | None]) -> dict[str, Measured] | None:
+    """Per workload, the run with the most tokens a second among complete ones (one alternation's
+    llama.cpp processes at several thread counts); None when none was measured."""
+    measured = [r for r in runs if r is not None]
+    if not measured:
+        return None
+    out: dict[str, Measured] = {}
+    for key in dict.fromkeys(k for r in measured for k in r):
+        rows = [r[key] for r in measured if key in r]
+        complete = [m for m in rows if not m.row.cut and m.row.tokens == m.row.expected_tokens]
+        out[key] = max(complete, key=lambda m: m.row.tokens_per_s) if complete else rows[0]
+    return out
+
+
 def play(users: Sequence[int], tokens: int, runs: int, threads: int, settings: dict[str, str],
-         repeat_single: int = 3, versus: str | None = None) -> Match:
+         repeat_single: int = 3, versus: str | None = None, peer_threads: Sequence[int] = ()) -> Match:
     """peer, engine, peer, engine, ...: `runs` processes of each, in turn (peer, engine, engine
-    in QUANTIZATION=`versus`, ... with `versus`)."""
+    in QUANTIZATION=`versus`, ... with `versus`). The peer runs once per count in `peer_threads`
+    (default: `threads`) each time, and its figure is the best of those."""
     match = Match(skipped=llamacpp.unavailable())
     if match.skipped:
         _say(match.skipped)
     prompts = prompt_ids(tokens)
     match.prompt_tokens = (min(map(len, prompts)), max(map(len, prompts)))
     labels = {w.key: w.label for w in workloads(users)}
+    counts = list(dict.fromkeys(peer_threads or (threads,)))
+    match.peer_by_threads = {t: [] for t in counts}
     engine_job = {"tokens": tokens, "users": list(users), "repeat_single": repeat_single, "deadline_s": 180.0,
                   **settings}
 
     def alternate() -> None:
         for i in range(runs):
             if match.skipped is None:
-                _say(f"llama.cpp run {i + 1}/{runs}")
-                try:
-                    got = llamacpp.measure(prompts, peer_rows(users, repeat_single), labels, tokens, threads,
-                                           RUN_TIMEOUT_S)
-                    match.peer.append(got.rows)
-                    match.peer_info = got.info
-                except llamacpp.PeerError as exc:
-                    match.peer.append(None)
-                    match.failures.append(f"llama.cpp run {i + 1}: {exc}")
+                for t in counts:
+                    _say(f"llama.cpp run {i + 1}/{runs}, {t} thread{'s' if t > 1 else ''}")
+                    try:
+                        got = llamacpp.measure(prompts, peer_rows(users, repeat_single), labels, tokens, t,
+                                               RUN_TIMEOUT_S)
+                        match.peer_by_threads[t].append(got.rows)
+                        match.peer_info = {**got.info, "threads": ",".join(map(str, counts))}
+                    except llamacpp.PeerError as exc:
+                        match.peer_by_threads[t].append(None)
+                        match.failures.append(f"llama.cpp run {i + 1} ({t} threads): {exc}")
+                match.peer.append(best_of([match.peer_by_threads[t][-1] for t in counts]))
             _say(f"engine run {i + 1}/{runs}")
             try:
                 rows, match.engine_info = engine_run(engine_job, RUN_TIMEOUT_S)
@@ -259,6 +285,22 @@ def per_run_rows(match: Match, users: Sequence[int]) -> list[list[str]]:
     return out
 
 
+def peer_thread_rows(match: Match, users: Sequence[int]) -> list[list[str]]:
+    """llama.cpp's tok/s rows at each thread count: median (min-max) over the alternations, and
+    in how many of them that count was the best."""
+    out = []
+    counts = sorted(match.peer_by_threads)
+    for c in (c for c in comparisons(users) if c.figure == "tok/s" and c.engine_key == c.peer_key):
+        cells = [c.label]
+        for t in counts:
+            own = [c.value(r.get(c.peer_key)) if r else None for r in match.peer_by_threads[t]]
+            wins = sum(1 for r, b in zip(match.peer_by_threads[t], match.peer) if r and b and
+                       r.get(c.peer_key) is not None and r.get(c.peer_key) is b.get(c.peer_key))
+            cells.append(f"{_range(spread(own))}; best in {wins}")
+        out.append(cells)
+    return out
+
+
 def runs_of(match: Match) -> int:
     return len(match.engine)
 
@@ -284,11 +326,11 @@ def render(match: Match, meta: dict[str, Any], users: Sequence[int]) -> str:
     out = ["# Serving benchmark: the engine beside llama.cpp (alternating processes)",
            f"command:      {meta['command']}",
            f"date:         {meta['date']}",
-           f"machine:      {cpu}; load average {meta['load']:.1f} at start; {meta['threads']} threads each side",
+           f"machine:      {cpu}; load average {meta['load']:.1f} at start; the engine on {meta['threads']} threads",
            f"engine:       {ei.get('describe', 'not measured').strip()}",
            ("llama.cpp:    " + (match.skipped or f"node-llama-cpp {pi.get('node_llama_cpp')} (binaries "
                                  f"{pi.get('llama_cpp')}, {pi.get('build')}, gpu {pi.get('gpu')}), node {pi.get('node')}, "
-                                 f"{pi.get('threads')} threads, {llamacpp.GGUF_NAME} "
+                                 f"threads {pi.get('threads')} (each workload's best), {llamacpp.GGUF_NAME} "
                                  f"{(pi.get('model_bytes') or 0) / 2**20:.0f} MiB; {pi.get('system_info', '').strip()}")),
            f"workload:     {meta['workload']}; prompts {match.prompt_tokens[0]}-{match.prompt_tokens[1]} tokens"]
     out.append(render_table(f"Engine / llama.cpp on {cpu}: median of {runs_of(match)} alternating runs each",
@@ -298,6 +340,11 @@ def render(match: Match, meta: dict[str, Any], users: Sequence[int]) -> str:
     out.append(spread_verdict(match, users))
     out.append(render_table(f"Each run, tok/s (llama.cpp, then the engine) on {cpu}",
                             ("comparison", "run", "llama.cpp", "engine", "ratio"), per_run_rows(match, users)))
+    if len(match.peer_by_threads) > 1:
+        out.append(render_table(f"llama.cpp by thread count on {cpu}: tok/s median (min-max), and in how many "
+                                "alternations it was the best (the figure above)",
+                                ("workload", *(f"{t} thread{'s' if t > 1 else ''}" for t in sorted(match.peer_by_threads))),
+                                peer_thread_rows(match, users)))
     if match.versus:
         vi, theirs = match.versus_info, match.of_versus()
         q, qv = ei.get("quantization", "?"), vi.get("quantization", "?")
@@ -327,6 +374,7 @@ def to_json(match: Match, meta: dict[str, Any], users: Sequence[int]) -> dict[st
                       "ratio": None if ratio is None else dataclasses.asdict(ratio), "target": c.target})
     return {"meta": meta, "engine_info": match.engine_info, "peer_info": match.peer_info, "skipped": match.skipped,
             "failures": match.failures, "engine": side(match.engine), "peer": side(match.peer), "comparisons": comps,
+            "peer_by_threads": {str(t): side(r) for t, r in match.peer_by_threads.items()},
             "versus_info": match.versus_info, "versus": side(match.versus)}
 
 
@@ -347,7 +395,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                          f"COMPUTE_DTYPE={args.dtype}, each row from an empty prefix cache; llama.cpp: base model, "
                          f"one context per row with one sequence per user; single streams the median of 3 within "
                          f"each process; users {','.join(map(str, users))}")}
-    match = play(users, tokens, args.peer_runs, threads, settings, versus=args.versus)
+    peer_threads = args.peer_threads or sorted({1, threads})
+    meta["peer_threads"] = peer_threads
+    match = play(users, tokens, args.peer_runs, threads, settings, versus=args.versus, peer_threads=peer_threads)
     text = render(match, meta, users)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

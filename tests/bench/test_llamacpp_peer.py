@@ -220,3 +220,37 @@ def test_versus_divides_the_engine_by_itself_in_the_other_quantization_per_alter
     assert "Engine QUANTIZATION=int4+bf16 / QUANTIZATION=bf16 on CPU X (model 442 / 378 MiB)" in text
     theirs = {r[0]: r for r in side_by_side.table_rows(match.of_versus(), [1])}
     assert theirs["1 user, base: tok/s"][3] == "0.30x"
+
+
+def test_the_peer_counts_at_its_best_thread_count_per_workload_and_alternation() -> None:
+    """--peer-threads 1,2: llama.cpp runs at each count; per alternation and workload its figure is
+    the complete run with the most tok/s, and a table shows each count's own figures."""
+    one = [{"single-base": _measured(120), "mixed-16": _measured(150)},
+           {"single-base": _measured(110), "mixed-16": _measured(900, complete=False)}]
+    two = [{"single-base": _measured(70), "mixed-16": _measured(200)},
+           {"single-base": _measured(140), "mixed-16": _measured(190)}]
+    best = [side_by_side.best_of([a, b]) for a, b in zip(one, two)]
+    assert [b["single-base"].row.tokens_per_s for b in best] == [120, 140]
+    assert [b["mixed-16"].row.tokens_per_s for b in best] == [200, 190]  # the cut 900 never counts
+    assert side_by_side.best_of([None, None]) is None
+    match = side_by_side.Match(
+        engine=[{"single-base": _measured(60), "mixed-16": _measured(400)}] * 2, peer=best,
+        peer_by_threads={1: one, 2: two})
+    rows = {r[0]: r for r in side_by_side.table_rows(match, [1, 16])}
+    assert rows["1 user, base: tok/s"][3] == "0.46x"  # median of 60/120 and 60/140
+    by_threads = {r[0]: r for r in side_by_side.peer_thread_rows(match, [1, 16])}
+    assert by_threads["1 user, base: tok/s"][1:] == ["115 (110-120); best in 1", "105 (70.0-140); best in 1"]
+    assert by_threads["16 users over 4 modes vs 16 concurrent: aggregate tok/s"][1:] == [
+        "150 (150-150); best in 0", "195 (190-200); best in 2"]
+    text = side_by_side.render(match, {"command": "c", "date": "d", "cpu": "CPU X", "load": 0.0, "threads": 2,
+                                       "workload": "w"}, [1, 16])
+    assert "llama.cpp by thread count on CPU X" in text
+
+
+def test_peer_threads_option_takes_counts_and_refuses_a_bad_one() -> None:
+    from bench.serving import build_parser
+
+    assert build_parser().parse_args(["--peer", "llamacpp", "--peer-threads", "2,1,2"]).peer_threads == [1, 2]
+    proc = subprocess.run([sys.executable, "-m", "bench.serving", "--peer", "llamacpp", "--peer-threads", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--peer-threads '0': each count must be between 1 and 256" in proc.stderr
