@@ -130,7 +130,8 @@ def single_threaded() -> Iterator[None]:
 
 
 def lower_priority(niceness: int = 10) -> None:
-    """Lower the calling thread's CPU priority (Linux: a thread's nice value is its own).
+    """Lower the calling thread's CPU priority by `niceness` below its own (Linux: a thread's
+    nice value is its own; 19 at most), so a process started under `nice` keeps the gap.
 
     For a background thread whose work can wait (an adapter load) while decode steps cannot:
     the forward's team uses every core it was given, so CPU time a loader takes stalls a
@@ -139,7 +140,8 @@ def lower_priority(niceness: int = 10) -> None:
     would starve a load behind a busy model thread for as long as it stays busy. Raising a nice
     value needs no privilege; where it is refused the thread keeps its priority."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
     except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that refuses
         log.debug("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
 

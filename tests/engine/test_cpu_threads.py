@@ -96,6 +96,21 @@ def test_a_lowered_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own(
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are POSIX")
+def test_a_thread_already_niced_is_lowered_from_where_it_stands() -> None:
+    """A process started under `nice` (a shared host, a test run) keeps its loader below its
+    model thread: the niceness adds to the thread's own."""
+    def niced_then_lowered() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        start = min(19, os.getpriority(os.PRIO_PROCESS, tid) + 2)
+        os.setpriority(os.PRIO_PROCESS, tid, start)
+        cpu_threads.lower_priority(5)
+        return start, os.getpriority(os.PRIO_PROCESS, tid)
+
+    start, lowered = _in_thread(niced_then_lowered)
+    assert lowered == min(19, start + 5)
+
+
 PROBE = """
 import os, sys
 {first}
