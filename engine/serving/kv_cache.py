@@ -53,6 +53,3 @@ class SlotKVCache:
     def high(self) -> int:
         """One past the highest slot in use (0 when empty)."""
         return max(self._used) + 1 if self._used else 0
-
-    def in_use(self) -> int:
-        return len(self._used)
