@@ -18,9 +18,10 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
+from engine.adapters.store import AdapterStore, utc_now
 from engine.errors import AdapterNotFound, ConfigError, EngineError, NoTrainingData, TrainingBusy
 from engine.types import TrainingEvent
 
@@ -171,20 +172,20 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.logs import setup_logging
+    from engine.logs import disable_progress_bars, setup_logging
 
     # one line per event; library records through it; no library progress bars off a terminal
     setup_logging("text", False, "INFO", stream=sys.stderr)
     emit = json_sink() if args.events_json else ProgressBar()
-    if args.events_json:
-        _quiet_progress_bars()  # nobody watches the child's stderr live; keep its log readable
+    if args.events_json:  # nobody watches the child's stderr live; keep its log readable
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        disable_progress_bars()
     signal.signal(signal.SIGTERM, _raise_cancelled)
     if args.parent_pid:
         _watch_parent(args.parent_pid)
     if args.nice:
         os.nice(args.nice)
 
-    from engine.adapters.store import AdapterStore
     from engine.config import load_settings
     from engine.training import lock
     from engine.training.jobs import JobLog, JobRecord, new_job_id
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     store = AdapterStore(settings.adapters_dir)
     standalone = not args.events_json  # the service keeps its own job log
     job_log = JobLog(lock.runs_dir(settings.adapters_dir) / "jobs.jsonl")
-    record = JobRecord(job_id, args.domain, "running", _now(), args.requested_by or "cli",
+    record = JobRecord(job_id, args.domain, "running", utc_now(), args.requested_by or "cli",
                        options=options.to_dict(), pid=os.getpid(), origin="cli")
     try:
         with lock.hold(settings.adapters_dir, domain=args.domain, job_id=job_id):
@@ -271,33 +272,13 @@ def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
                        metrics=version.meta.get("metrics", {}), message=version.meta.get("gate", {}).get("reason", ""))
 
 
-def _quiet_progress_bars() -> None:
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1]}" if text else type(exc).__name__
 
 
 def _replace(record: Any, **changes: Any) -> Any:
-    from dataclasses import replace
-
-    return replace(record, at=_now(), **changes)
-
-
-def _now() -> str:
-    from engine.adapters.store import utc_now
-
-    return utc_now()
+    return replace(record, at=utc_now(), **changes)
 
 
 if __name__ == "__main__":

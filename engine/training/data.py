@@ -362,17 +362,13 @@ def question_of(row: Row) -> str | None:
     return None
 
 
-def existing_keys(rows: Iterable[Row]) -> set[str]:
-    return {_row_key(r) for r in rows}
-
-
 def feedback_rows(pairs: Iterable[tuple[str, str]], train: Iterable[Row], eval_rows: Iterable[Row]) -> list[Row]:
     """(question, answer) pairs -> new chat rows: not already in train, not an eval question.
 
     An eval question is refused so exported feedback never leaks the held-out split into
     training (which would make the evaluation gate meaningless).
     """
-    seen = existing_keys(train)
+    seen = {_row_key(r) for r in train}
     eval_questions = {q for q in map(question_of, eval_rows) if q}
     out = []
     for question, answer in pairs:

@@ -340,7 +340,6 @@ class TrainingService:
                              version=finished.version, promoted=promoted)
 
     def _close_job(self, job: TrainingJob, final: TrainingEvent, outcome: str) -> None:
-        job.outcome = outcome
         if self._metrics is not None:
             self._metrics.training_jobs.labels(domain=job.domain, outcome=outcome).inc()
         try:
