@@ -4,7 +4,7 @@ turned into text, a character only when it is whole (`IncrementalDecoder`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Self, Sequence
 
 from engine.types import GenerationParams, GenerationResult, Message, Mode, UserContext
 
@@ -34,7 +34,23 @@ class IncrementalDecoder:
         return ""
 
 
-class GenerationStream:
+class StreamProtocols:
+    """`async for` and `async with` over a stream: leaving the block closes it (`aclose`)."""
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class GenerationStream(StreamProtocols):
     """Async iterator of text pieces; `result` is complete once iteration ends.
 
     Submission happens on the first `__anext__`, so errors (busy, unknown adapter, bad
@@ -49,15 +65,6 @@ class GenerationStream:
         self._request: Any = None
         self._done = False
         self.result = GenerationResult(adapter=mode.adapter, role=mode.role)
-
-    def __aiter__(self) -> "GenerationStream":
-        return self
-
-    async def __aenter__(self) -> "GenerationStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def __anext__(self) -> str:
         from engine.requests import StreamEnd

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Sequence
 
 import aiohttp
 
+from engine.adapters.book import reload_report
 from engine.adapters.store import AdapterStore, VersionDir, version_name
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineError
-from engine.metrics import EngineMetrics
+from engine.metrics import EngineMetrics, process_rss_bytes
 from engine.types import (
     EngineStatus, GenerationParams, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter, UserContext,
 )
@@ -332,19 +332,8 @@ class VllmEngine:
     async def reload(self, name: str | None = None) -> ReloadReport:
         """Register the disk's current version of one domain (or all, plus templates) on every
         replica, then switch new requests to it; on failure the previous version keeps serving."""
-        report = ReloadReport()
-        if name is None:
-            report.templates.update(await asyncio.to_thread(self.templates.refresh, True))
-        domains = [name] if name else self.store.domains()
-        for domain in domains:
-            before = self.book.serving_entry(domain)
-            try:
-                version = await self._reload_domain(domain)
-            except (AdapterNotFound, AdapterInvalid) as exc:
-                report.failed[domain] = str(exc)
-                continue
-            (report.unchanged if before is not None and before.version == version else report.loaded)[domain] = version
-        return report
+        return await reload_report(name, self.store, self.templates, self._reload_domain,
+                                   lambda domain: getattr(self.book.serving_entry(domain), "version", None))
 
     async def _reload_domain(self, domain: str) -> str:
         self.store.domain_dir(domain)  # validates the name
@@ -365,12 +354,6 @@ class VllmEngine:
         return current
 
     def status(self) -> EngineStatus:
-        rss = 0
-        try:
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
         replicas = tuple(r.status() for r in self.fleet.replicas) if self.fleet else ()
         ready = sum(r.state == "ready" for r in replicas)
         return EngineStatus(
@@ -379,7 +362,7 @@ class VllmEngine:
             device=f"vLLM, {ready} of {len(self.vllm.vllm_urls)} replicas ready",
             dtype="set on the replicas",
             model_bytes=0,
-            process_rss_bytes=rss,
+            process_rss_bytes=process_rss_bytes(),
             gpu_allocated_bytes=None,
             adapters=tuple(self.book.resident()),
             queue_depth=0,

@@ -64,6 +64,11 @@ def _lora_disabled(r: "Replica", exc: LoraDisabled) -> str:
             "least the adapters' rank)")
 
 
+def _ours(cards: list[dict]) -> set[str]:
+    """Our adapters' names among a replica's /v1/models cards."""
+    return {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
+
+
 def _hint(message: str, v: LoraVersion) -> str:
     """What to change, for the refusals an operator can fix on the replicas."""
     if "max_lora_rank" in message:
@@ -162,7 +167,7 @@ class Fleet:
         if not await r.client.runtime_lora_updating():
             raise Incompatible(f"{r.url} cannot load adapters at run time: start vLLM with --enable-lora and the "
                                "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
-        return {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
+        return _ours(cards)
 
     async def bring_in(self, r: Replica) -> None:
         """Probe `r`, give it the wanted adapters (serving, held, pinned), drop ours it should not hold; then ready.
@@ -196,27 +201,20 @@ class Fleet:
         """Put `v` on `r`. A refusal is the replica's fault when another replica holds `v`
         (or the message says so); otherwise `v` is refused everywhere."""
         try:
-            await r.client.load_adapter(v.key, v.path)
+            await self._load(r, v)
         except AdapterLoadFailed as exc:  # not the adapter's fault as far as anyone can tell: try again later
-            self.metrics.adapter_loads.labels(r.url, "failed").inc()
             log.error("replica %s: adapter %s not registered for now, tried again at the next check: %s",
                       r.url, v.key, exc)
             return
         except LoraDisabled as exc:
-            self.metrics.adapter_loads.labels(r.url, "refused").inc()
             raise Incompatible(_lora_disabled(r, exc)) from exc
         except ReplicaRejected as exc:
-            self.metrics.adapter_loads.labels(r.url, "refused").inc()
             if any(o is not r and o.state == "ready" and v.key in o.registered for o in self.replicas):
                 raise Incompatible(f"{r.url} refused adapter {v.key}, which other replicas serve: {exc.detail}") \
                     from exc
             reason = f"adapter {v.domain}/{v.version} was refused by {r.url}: {exc.detail}{_hint(exc.detail, v)}"
             log.error("%s", reason)
             self.book.refuse(v, reason)
-            return
-        self.metrics.adapter_loads.labels(r.url, "ok").inc()
-        r.registered.add(v.key)
-        log.info("replica %s: registered %s from %s", r.url, v.key, v.path)
 
     async def check(self, r: Replica) -> None:
         """One health round for `r` (the health loop runs it for every replica)."""
@@ -233,7 +231,7 @@ class Fleet:
         except (ReplicaUnavailable, ReplicaRejected) as exc:
             self.take_out(r, str(exc))
             return
-        held = {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
+        held = _ours(cards)
         missing = {v.key for v in self.book.wanted() if v.state == "ready"} - held
         stale = held - self.book.keep()
         if missing:

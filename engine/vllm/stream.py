@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
 from engine.audit import audit_stamp, effective_sampling
+from engine.stream import StreamProtocols
 from engine.types import (
     EffectiveSampling, FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext,
 )
@@ -101,7 +102,7 @@ def completion_body(engine: StreamHost, model: str, prompt_ids: list[int], param
     return body
 
 
-class VllmStream:
+class VllmStream(StreamProtocols):
     """See the module docstring; the face's TextStream."""
 
     def __init__(self, engine: StreamHost, messages: Sequence[Message], mode: Mode, params: GenerationParams,
@@ -124,15 +125,6 @@ class VllmStream:
         self._t0 = time.monotonic()
         self.replica_url: str | None = None  # who answered (tests and logs)
         self.replicas_used: list[str] = []  # more than one when another replica continued the answer
-
-    def __aiter__(self) -> "VllmStream":
-        return self
-
-    async def __aenter__(self) -> "VllmStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def __anext__(self) -> str:
         if self._done:
