@@ -88,10 +88,9 @@ class ProgressBar:
     """A tqdm bar on a terminal, messages above it; elsewhere (a pipe, a log file) no bar but a
     log line about every tenth of the steps, so a captured log stays readable."""
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self) -> None:
         self.bar: Any = None
-        stream = stream or sys.stderr
-        self.live = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TQDM_DISABLE") != "1"
+        self.live = bool(getattr(sys.stderr, "isatty", lambda: False)()) and os.environ.get("TQDM_DISABLE") != "1"
 
     def __call__(self, event: TrainingEvent) -> None:
         from tqdm import tqdm

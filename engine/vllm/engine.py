@@ -7,16 +7,12 @@ builds them (engine.prompts: the same limits, HISTORY_TOKENS and CONTEXT_TOKENS;
 tokenizer loaded, no weights), the adapters folder with its versions, validation and `current` pointers,
 training, and the metrics. See docs/deployment.md for when to use it.
 
-At start every replica is checked (reachable, the configured base model, a context of at
-least CONTEXT_TOKENS, LoRA loadable at run time) and each domain's serving version is
-validated as the local engine does and registered on every replica as `<domain>__<version>`.
-A health loop then watches the replicas (see fleet.py). `hold` keeps more versions of a domain
-(an A/B's candidate) registered beside the serving one; a request may pin any version on disk.
+At start every replica is checked and each domain's serving version validated as the local
+engine does and registered on every replica; a health loop then watches them (fleet.py).
 
-Each answer's audit stamp names the replica that wrote it (the last one, when another replica
-continued an answer after a failure), the base weights' fingerprint (of the model files this
-process reads its tokenizer from, which the replicas must serve: computed once at start) and
-no quantization (a replica does not tell what it runs: its flags are the operator's).
+Each answer's audit stamp names the base weights' fingerprint of the model files this process
+reads its tokenizer from (which the replicas must serve) and no quantization: a replica does
+not tell what it runs, its flags are the operator's.
 """
 from __future__ import annotations
 
@@ -226,7 +222,6 @@ class VllmEngine:
         self.metrics.ttft.observe(seconds)
 
     def stream_ended(self, stream: VllmStream, answered: bool) -> None:
-        """Count `stream`'s answer (if a replica started one), give back its lease, forget it."""
         res = stream.result
         if answered:
             label = res.adapter or "base"

@@ -5,13 +5,11 @@ put on it, `ready` when it takes requests, `down` after a failure (left out for 
 then checked again) and `incompatible` when it cannot serve this bot (another base model, a
 context shorter than CONTEXT_TOKENS, runtime LoRA loading off, a bad API key).
 
-Adapters: a switch (start, /reload, promotion, rollback) registers the new version on every
-ready replica before anything routes to it, as does holding a version (an A/B's candidate) or
-pinning one on a request; a replica that comes back, or that restarted and lost its adapters
-(seen in its /v1/models, or as "model does not exist" on a request), gets the serving and held
-set (and versions pinned by requests in flight) before it takes requests again. Switches, registrations and unloads are
-serialised by one lock, so a replica never misses a version switched in while it was coming
-back.
+Adapters: a switch (start, /reload, promotion, rollback), a hold or a pin registers the version
+on every ready replica before anything routes to it; a replica that comes back, or restarted
+and lost its adapters, gets the wanted set (`LoraBook.wanted`) before it takes requests again.
+Switches, registrations and unloads are serialised by one lock, so a replica never misses a
+version switched in while it was coming back.
 
 Routing: the ready replica holding the request's adapter with the fewest requests in flight
 (ties: the one that has had fewest requests).
@@ -170,12 +168,11 @@ class Fleet:
         return _ours(cards)
 
     async def bring_in(self, r: Replica) -> None:
-        """Probe `r`, give it the wanted adapters (serving, held, pinned), drop ours it should not hold; then ready.
+        """Probe `r`, give it the wanted adapters, drop ours it should not hold; then ready.
 
         A version it could not load for an engine error of no known cause is left off it (its
         requests go to replicas that have it) and tried again at the next health check.
-        Hold `self.lock`.
-        """
+        Hold `self.lock`."""
         try:
             held = await self.probe(r)
             if r.state == "ready" and r.registered - held:

@@ -41,9 +41,7 @@ if TYPE_CHECKING:
 
 
 class StreamHost(Protocol):
-    """What a stream needs of the engine that opened it (engine.vllm.engine.VllmEngine): its
-    settings, the fleet, the prompt builder and the adapter leases, and where it reports its
-    first token and its end (the engine keeps the figures)."""
+    """What a stream needs of the engine that opened it (engine.vllm.engine.VllmEngine)."""
 
     settings: "EngineSettings"
     vllm: "VllmSettings"
