@@ -51,12 +51,8 @@ class StreamProtocols:
 
 
 class GenerationStream(StreamProtocols):
-    """Async iterator of text pieces; `result` is complete once iteration ends.
-
-    Submission happens on the first `__anext__`, so errors (busy, unknown adapter, bad
-    template, too long) surface there. Leaving early (`aclose`, `cancel`, `async with`) frees
-    the batch row at the next step.
-    """
+    """The local engine's TextStream (engine/face.py): submitted on the first `__anext__`;
+    leaving early frees the batch row at the next step."""
 
     def __init__(self, submit: Submit, messages: Sequence[Message], mode: Mode,
                  params: GenerationParams, user: UserContext | None) -> None:

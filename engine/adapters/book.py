@@ -19,6 +19,7 @@ Plain data: the owner serialises access (the registry's lock, the vLLM engine's 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
@@ -26,6 +27,8 @@ from typing import Any, Awaitable, Callable, Iterable
 from engine.adapters.store import AdapterStore, catalog, version_name
 from engine.errors import AdapterInvalid, AdapterNotFound
 from engine.types import AdapterInfo, AdapterState, ReloadReport, ResidentAdapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -90,6 +93,7 @@ class AdapterBook:
         self.errors.pop(domain, None)
         if old is None or old == version:
             return None
+        log.info("adapter %s now serves %s (was %s)", domain, version, old)
         prev = self.get(domain, old)
         if prev is None or prev.state != "ready" or self.needed(prev):
             return None

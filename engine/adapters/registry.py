@@ -111,11 +111,8 @@ class AdapterRegistry:
         return failures
 
     def reload(self, domain: str) -> Future:
-        """Load the disk's `current` version of a domain and make it serve new requests.
-
-        The Future resolves to the version now serving, or raises; on failure the previous
-        version keeps serving.
-        """
+        """Load the disk's `current` version of a domain and make it serve new requests; the
+        Future resolves to the version now serving, or raises (the previous one keeps serving)."""
         self.store.domain_dir(domain)  # validates the name
         current = self.store.current(domain)
         if current is None:
@@ -239,12 +236,9 @@ class AdapterRegistry:
         return version.version
 
     def _set_serving(self, domain: str, version: str) -> None:
-        old = self.book.serving.get(domain)
         prev = self.book.make_serving(domain, version)
         if prev is not None and prev.in_flight <= 0:  # requests on it finish; freed when the last one does
             self._free_async(prev)
-        if old and old != version:
-            log.info("adapter %s now serves %s (was %s)", domain, version, old)
 
     def _evict_over_limit(self) -> None:
         ready = sorted((r for r in self.book.versions.values() if r.state == "ready"), key=lambda r: r.last_used)

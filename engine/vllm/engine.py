@@ -262,9 +262,8 @@ class VllmEngine:
         return lv
 
     async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
-        """Keep these versions of `name` registered on every replica beside its serving one (and
-        on a replica that comes back); `()` lets them go (unloaded once no request uses them).
-        AdapterNotFound / AdapterInvalid leave the previous set held; see engine/face.py."""
+        """`EngineFace.hold`: these versions of `name` registered on every replica (and on one
+        that comes back) beside its serving one."""
         assert self.fleet is not None, "start() first"
         wanted = tuple(dict.fromkeys(versions))
         async with self._hold_lock:

@@ -92,11 +92,8 @@ class LoraBook(AdapterBook):
         """`v`, registered everywhere, now serves its domain (and is no longer held: it is kept
         as the serving one); returns the version it replaced if that one is now retired."""
         v.state = "ready"
-        before = self.serving.get(v.domain)
         old = self.make_serving(v.domain, v.version)
         self.hold(v.domain, self.held.get(v.domain, frozenset()) - {v.version})
-        if before is not None and before != v.version:
-            log.info("adapter %s now serves %s (was %s)", v.domain, v.version, before)
         return old
 
     def refuse(self, v: LoraVersion, reason: str) -> None:

@@ -155,9 +155,6 @@ class VllmStream(StreamProtocols):
         except ReplicaRejected as exc:  # inside the stream, after the first piece
             self._end("error")
             raise EngineError(f"the vLLM replica refused the request: {exc.detail}") from exc
-        except EngineError:
-            self._end("error")
-            raise
         except BaseException:
             self._end("error")
             raise
