@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from engine.adapters.book import reload_report
 from engine.adapters.store import AdapterStore
 from engine.config import EngineSettings, load_settings
-from engine.errors import AdapterNotFound, EngineClosed, EngineError
+from engine.errors import AdapterNotFound, ConfigError, EngineClosed, EngineError
 from engine.metrics import EngineMetrics, process_rss_bytes
 from engine.model import memory_footprint
 from engine.serving import threads as cpu_threads
@@ -108,7 +108,6 @@ class Engine:
 
     def _choose_runtime(self) -> str:
         """`fast` (engine.serving) where it serves the model, else the transformers + peft path."""
-        from engine.errors import ConfigError
         from engine.serving.llama import unsupported_reason
 
         wanted = self.settings.serving_runtime
