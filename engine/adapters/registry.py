@@ -113,8 +113,7 @@ class AdapterRegistry:
     def reload(self, domain: str) -> Future:
         """Load the disk's `current` version of a domain and make it serve new requests; the
         Future resolves to the version now serving, or raises (the previous one keeps serving)."""
-        self.store.domain_dir(domain)  # validates the name
-        current = self.store.current(domain)
+        current = self.store.current(domain)  # AdapterNotFound: a bad name
         if current is None:
             return _settled(error=AdapterNotFound(self.not_found(domain)))
         with self._lock:

@@ -267,8 +267,7 @@ class VllmEngine:
         assert self.fleet is not None, "start() first"
         wanted = tuple(dict.fromkeys(versions))
         async with self._hold_lock:
-            self.store.domain_dir(name)  # validates the name
-            if not self.store.versions(name) and name not in self.book.serving:
+            if not self.store.versions(name) and name not in self.book.serving:  # AdapterNotFound: a bad name
                 raise AdapterNotFound(self.book.not_found(name))
             dirs = [self.store.version(name, v) for v in wanted]  # AdapterNotFound before anything changes
             fresh = {}
@@ -330,8 +329,7 @@ class VllmEngine:
                                    lambda domain: getattr(self.book.serving_entry(domain), "version", None))
 
     async def _reload_domain(self, domain: str) -> str:
-        self.store.domain_dir(domain)  # validates the name
-        current = self.store.current(domain)
+        current = self.store.current(domain)  # AdapterNotFound: a bad name
         if current is None:
             raise AdapterNotFound(self.book.not_found(domain))
         serving = self.book.serving_entry(domain)
