@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             if standalone:
                 job_log.append(record)
             try:
-                code, record = _run(settings, store, args, options, emit, job_id, record)
+                record = _run(settings, store, args, options, emit, job_id, record)
             except BaseException as exc:
                 if standalone:
                     status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             if standalone:
                 job_log.append(record)
-            return code
+            return 0
     except TrainingBusy as exc:
         return fail("failed", str(exc), EXIT_BUSY)
     except (NoTrainingData, AdapterNotFound, ConfigError) as exc:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
-         emit: Callable[[TrainingEvent], None], job_id: str, record: Any) -> tuple[int, Any]:
+         emit: Callable[[TrainingEvent], None], job_id: str, record: Any) -> Any:
     from engine.training.promotion import mark_promoted
     from engine.training.runner import run_job
 
@@ -256,7 +256,7 @@ def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
     version = run_job(settings, args.domain, options, emit=emit, job_id=job_id, requested_by=args.requested_by)
     promoted = False
     if args.events_json:
-        return 0, record  # the service decides promotion, because it can hot-load
+        return record  # the service decides promotion, because it can hot-load
     if version.meta.get("gate", {}).get("passed") and not args.no_promote:
         mark_promoted(store, args.domain, version.version, version.meta["base_model"])
         promoted = True
@@ -267,7 +267,7 @@ def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
         print(f"  {args.domain}/current = {version.version}; a running engine serves it after "
               f"`engine.reload('{args.domain}')` (or a restart)")
     status = "promoted" if promoted else "candidate"
-    return 0, _replace(record, status=status, version=version.version,
+    return _replace(record, status=status, version=version.version,
                        metrics=version.meta.get("metrics", {}), message=version.meta.get("gate", {}).get("reason", ""))
 
 

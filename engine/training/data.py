@@ -356,10 +356,7 @@ def _row_key(row: Row) -> str:
 
 def question_of(row: Row) -> str | None:
     """The first user turn, normalised; None for plain text."""
-    for m in row.get("messages") or ():
-        if m["role"] == "user":
-            return _norm(m["content"])
-    return None
+    return next((_norm(m["content"]) for m in row.get("messages") or () if m["role"] == "user"), None)
 
 
 def feedback_rows(pairs: Iterable[tuple[str, str]], train: Iterable[Row], eval_rows: Iterable[Row]) -> list[Row]:
