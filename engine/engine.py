@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import Future
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from engine.adapters.book import reload_report
 from engine.adapters.store import AdapterStore
 from engine.config import EngineSettings, load_settings
-from engine.errors import AdapterInvalid, AdapterNotFound, EngineClosed, EngineError
-from engine.metrics import EngineMetrics
+from engine.errors import AdapterNotFound, ConfigError, EngineClosed, EngineError
+from engine.metrics import EngineMetrics, process_rss_bytes
 from engine.model import memory_footprint
 from engine.serving import threads as cpu_threads
 from engine.stream import GenerationStream
@@ -108,7 +108,6 @@ class Engine:
 
     def _choose_runtime(self) -> str:
         """`fast` (engine.serving) where it serves the model, else the transformers + peft path."""
-        from engine.errors import ConfigError
         from engine.serving.llama import unsupported_reason
 
         wanted = self.settings.serving_runtime
@@ -212,19 +211,9 @@ class Engine:
 
     async def reload(self, name: str | None = None) -> ReloadReport:
         """Hot-load the disk's current version of one adapter (or all, plus templates)."""
-        report = ReloadReport()
-        if name is None:
-            report.templates.update(await asyncio.to_thread(self.templates.refresh, True))
-        domains = [name] if name else self.store.domains()
-        before = self.registry.serving()
-        for domain in domains:
-            try:
-                version = await asyncio.wrap_future(self.registry.reload(domain))
-            except (AdapterNotFound, AdapterInvalid) as exc:
-                report.failed[domain] = str(exc)
-                continue
-            (report.unchanged if before.get(domain) == version else report.loaded)[domain] = version
-        return report
+        return await reload_report(name, self.store, self.templates,
+                                   lambda domain: asyncio.wrap_future(self.registry.reload(domain)),
+                                   lambda domain: self.registry.serving().get(domain))
 
     async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
         """Keep these versions of `name` resident beside its serving one (see engine/face.py).
@@ -237,12 +226,6 @@ class Engine:
         return tuple(await asyncio.to_thread(self.registry.hold, name, tuple(versions)))
 
     def status(self) -> EngineStatus:
-        rss = 0
-        try:
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
         gpu = None
         problems = self._problems()
         loaded = self.loaded
@@ -256,7 +239,7 @@ class Engine:
             device=loaded.device if loaded else self.settings.device,
             dtype=loaded.dtype if loaded else self.settings.compute_dtype,
             model_bytes=memory_footprint(loaded.model) if loaded else 0,
-            process_rss_bytes=rss,
+            process_rss_bytes=process_rss_bytes(),
             gpu_allocated_bytes=gpu,
             adapters=tuple(self.registry.resident()) if loaded else (),
             queue_depth=self.scheduler.queue_depth() if loaded else 0,

@@ -134,7 +134,8 @@ def setup_logging(
     if not isinstance(level, int):
         raise ValueError(f"LOG_LEVEL={requested_level!r}: expected DEBUG, INFO, WARNING or ERROR")
 
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    stream = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContentFilter(log_content))
     setattr(handler, _HANDLER_MARK, True)
@@ -149,9 +150,7 @@ def setup_logging(
     for name in _CONTENT_LEAKING_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if log_content else max(logging.INFO, level))
     logging.captureWarnings(True)
-    target = stream if stream is not None else sys.stderr
-    interactive = fmt == "text" and bool(getattr(target, "isatty", lambda: False)())
-    if not interactive:
+    if fmt != "text" or not getattr(stream, "isatty", lambda: False)():
         disable_progress_bars()
     adopt_library_logging()
     return handler

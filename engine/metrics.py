@@ -5,6 +5,8 @@ process and so the ops endpoint exports exactly what this process serves.
 """
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
@@ -46,3 +48,12 @@ class EngineMetrics:
         self.training_jobs = Counter(
             "llm_training_jobs", "Training jobs by outcome", ["domain", "outcome"], registry=r
         )
+
+
+def process_rss_bytes() -> int:
+    """This process's resident memory (Linux's /proc), for /status; 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

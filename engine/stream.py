@@ -4,7 +4,7 @@ turned into text, a character only when it is whole (`IncrementalDecoder`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Self, Sequence
 
 from engine.types import GenerationParams, GenerationResult, Message, Mode, UserContext
 
@@ -34,13 +34,25 @@ class IncrementalDecoder:
         return ""
 
 
-class GenerationStream:
-    """Async iterator of text pieces; `result` is complete once iteration ends.
+class StreamProtocols:
+    """`async for` and `async with` over a stream: leaving the block closes it (`aclose`)."""
 
-    Submission happens on the first `__anext__`, so errors (busy, unknown adapter, bad
-    template, too long) surface there. Leaving early (`aclose`, `cancel`, `async with`) frees
-    the batch row at the next step.
-    """
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class GenerationStream(StreamProtocols):
+    """The local engine's TextStream (engine/face.py): submitted on the first `__anext__`;
+    leaving early frees the batch row at the next step."""
 
     def __init__(self, submit: Submit, messages: Sequence[Message], mode: Mode,
                  params: GenerationParams, user: UserContext | None) -> None:
@@ -49,15 +61,6 @@ class GenerationStream:
         self._request: Any = None
         self._done = False
         self.result = GenerationResult(adapter=mode.adapter, role=mode.role)
-
-    def __aiter__(self) -> "GenerationStream":
-        return self
-
-    async def __aenter__(self) -> "GenerationStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def __anext__(self) -> str:
         from engine.requests import StreamEnd

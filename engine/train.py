@@ -18,9 +18,10 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
+from engine.adapters.store import AdapterStore, utc_now
 from engine.errors import AdapterNotFound, ConfigError, EngineError, NoTrainingData, TrainingBusy
 from engine.types import TrainingEvent
 
@@ -87,10 +88,9 @@ class ProgressBar:
     """A tqdm bar on a terminal, messages above it; elsewhere (a pipe, a log file) no bar but a
     log line about every tenth of the steps, so a captured log stays readable."""
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self) -> None:
         self.bar: Any = None
-        stream = stream or sys.stderr
-        self.live = bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TQDM_DISABLE") != "1"
+        self.live = bool(getattr(sys.stderr, "isatty", lambda: False)()) and os.environ.get("TQDM_DISABLE") != "1"
 
     def __call__(self, event: TrainingEvent) -> None:
         from tqdm import tqdm
@@ -171,20 +171,20 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.logs import setup_logging
+    from engine.logs import disable_progress_bars, setup_logging
 
     # one line per event; library records through it; no library progress bars off a terminal
     setup_logging("text", False, "INFO", stream=sys.stderr)
     emit = json_sink() if args.events_json else ProgressBar()
-    if args.events_json:
-        _quiet_progress_bars()  # nobody watches the child's stderr live; keep its log readable
+    if args.events_json:  # nobody watches the child's stderr live; keep its log readable
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        disable_progress_bars()
     signal.signal(signal.SIGTERM, _raise_cancelled)
     if args.parent_pid:
         _watch_parent(args.parent_pid)
     if args.nice:
         os.nice(args.nice)
 
-    from engine.adapters.store import AdapterStore
     from engine.config import load_settings
     from engine.training import lock
     from engine.training.jobs import JobLog, JobRecord, new_job_id
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     store = AdapterStore(settings.adapters_dir)
     standalone = not args.events_json  # the service keeps its own job log
     job_log = JobLog(lock.runs_dir(settings.adapters_dir) / "jobs.jsonl")
-    record = JobRecord(job_id, args.domain, "running", _now(), args.requested_by or "cli",
+    record = JobRecord(job_id, args.domain, "running", utc_now(), args.requested_by or "cli",
                        options=options.to_dict(), pid=os.getpid(), origin="cli")
     try:
         with lock.hold(settings.adapters_dir, domain=args.domain, job_id=job_id):
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             if standalone:
                 job_log.append(record)
             try:
-                code, record = _run(settings, store, args, options, emit, job_id, record)
+                record = _run(settings, store, args, options, emit, job_id, record)
             except BaseException as exc:
                 if standalone:
                     status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             if standalone:
                 job_log.append(record)
-            return code
+            return 0
     except TrainingBusy as exc:
         return fail("failed", str(exc), EXIT_BUSY)
     except (NoTrainingData, AdapterNotFound, ConfigError) as exc:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
-         emit: Callable[[TrainingEvent], None], job_id: str, record: Any) -> tuple[int, Any]:
+         emit: Callable[[TrainingEvent], None], job_id: str, record: Any) -> Any:
     from engine.training.promotion import mark_promoted
     from engine.training.runner import run_job
 
@@ -256,7 +256,7 @@ def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
     version = run_job(settings, args.domain, options, emit=emit, job_id=job_id, requested_by=args.requested_by)
     promoted = False
     if args.events_json:
-        return 0, record  # the service decides promotion, because it can hot-load
+        return record  # the service decides promotion, because it can hot-load
     if version.meta.get("gate", {}).get("passed") and not args.no_promote:
         mark_promoted(store, args.domain, version.version, version.meta["base_model"])
         promoted = True
@@ -267,20 +267,8 @@ def _run(settings: Any, store: Any, args: argparse.Namespace, options: Any,
         print(f"  {args.domain}/current = {version.version}; a running engine serves it after "
               f"`engine.reload('{args.domain}')` (or a restart)")
     status = "promoted" if promoted else "candidate"
-    return 0, _replace(record, status=status, version=version.version,
+    return _replace(record, status=status, version=version.version,
                        metrics=version.meta.get("metrics", {}), message=version.meta.get("gate", {}).get("reason", ""))
-
-
-def _quiet_progress_bars() -> None:
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _reason(exc: BaseException) -> str:
@@ -289,15 +277,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _replace(record: Any, **changes: Any) -> Any:
-    from dataclasses import replace
-
-    return replace(record, at=_now(), **changes)
-
-
-def _now() -> str:
-    from engine.adapters.store import utc_now
-
-    return utc_now()
+    return replace(record, at=utc_now(), **changes)
 
 
 if __name__ == "__main__":

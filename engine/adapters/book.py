@@ -18,12 +18,17 @@ Plain data: the owner serialises access (the registry's lock, the vLLM engine's 
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from engine.adapters.store import AdapterStore, catalog, version_name
-from engine.types import AdapterInfo, AdapterState, ResidentAdapter
+from engine.errors import AdapterInvalid, AdapterNotFound
+from engine.types import AdapterInfo, AdapterState, ReloadReport, ResidentAdapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -88,6 +93,7 @@ class AdapterBook:
         self.errors.pop(domain, None)
         if old is None or old == version:
             return None
+        log.info("adapter %s now serves %s (was %s)", domain, version, old)
         prev = self.get(domain, old)
         if prev is None or prev.state != "ready" or self.needed(prev):
             return None
@@ -126,3 +132,22 @@ class AdapterBook:
         states: dict[str, AdapterState] = {k: "failed" for k in self.failed}
         states.update((k, v.state) for k, v in self.versions.items())
         return catalog(self.store, dict(self.serving), states, dict(self.errors))
+
+
+async def reload_report(name: str | None, store: AdapterStore, templates: Any,
+                        reload_one: Callable[[str], Awaitable[str]],
+                        serving: Callable[[str], str | None]) -> ReloadReport:
+    """Either engine's `reload`: `reload_one` each domain (`name`, or every one plus the
+    templates); a refusal goes into the report and the domain keeps serving what it served."""
+    report = ReloadReport()
+    if name is None:
+        report.templates.update(await asyncio.to_thread(templates.refresh, True))
+    for domain in [name] if name else store.domains():
+        before = serving(domain)
+        try:
+            version = await reload_one(domain)
+        except (AdapterNotFound, AdapterInvalid) as exc:
+            report.failed[domain] = str(exc)
+            continue
+        (report.unchanged if before == version else report.loaded)[domain] = version
+    return report

@@ -1,14 +1,8 @@
-"""The adapter registry: which LoRA versions are in memory and which one serves each domain.
+"""The adapter registry: the adapter book (engine.adapters.book) of the versions in memory.
 
-Lifecycle of a version in memory: `loading` -> `ready` -> (`retired` when a newer version
-took over, it was evicted or let go) -> freed once no request uses it. Requests pick their
-adapter per row at admission (`acquire`), so two users of different modes never race over a
-global `set_adapter`, and a request keeps the version it started with until it finishes.
-
-Besides its serving version, a domain can have versions held (`hold`: an A/B's candidate)
-and requests can ask for one version by name (`GenerationParams.adapter_version`). Held
-versions are never evicted and stay through reloads; a version that fails to load is
-remembered as failed (the catalog says so) without touching the domain's serving version.
+Requests pick their adapter per row at admission (`acquire`), so two users of different modes
+never race over a global `set_adapter`. Least recently used versions are evicted past
+MAX_RESIDENT_ADAPTERS, held ones never.
 
 Threads: validation and loading run on one loader thread, concurrently with the model
 thread's decode steps, so a hot-load does not pause anyone: the fast path copies a version
@@ -32,7 +26,6 @@ from engine.metrics import EngineMetrics
 from engine.types import BASE_ADAPTER, AdapterInfo, ResidentAdapter
 
 log = logging.getLogger(__name__)
-
 
 
 class AdapterRegistry:
@@ -118,40 +111,25 @@ class AdapterRegistry:
         return failures
 
     def reload(self, domain: str) -> Future:
-        """Load the disk's `current` version of a domain and make it serve new requests.
-
-        The Future resolves to the version now serving, or raises; on failure the previous
-        version keeps serving.
-        """
-        self.store.domain_dir(domain)  # validates the name
-        current = self.store.current(domain)
+        """Load the disk's `current` version of a domain and make it serve new requests; the
+        Future resolves to the version now serving, or raises (the previous one keeps serving)."""
+        current = self.store.current(domain)  # AdapterNotFound: a bad name
         if current is None:
-            fut: Future = Future()
-            fut.set_exception(AdapterNotFound(self.not_found(domain)))
-            return fut
+            return _settled(error=AdapterNotFound(self.not_found(domain)))
         with self._lock:
             res = self.book.versions.get(version_name(domain, current))
             if self.book.serving.get(domain) == current and res is not None and res.state == "ready":
-                fut = Future()
-                fut.set_result(current)
-                return fut
+                return _settled(current)
         try:
             version = self.store.version(domain, current)
         except AdapterNotFound as exc:
-            fut = Future()
-            fut.set_exception(exc)
-            return fut
+            return _settled(error=exc)
         return self._load_async(version, make_serving=True)
 
     def hold(self, domain: str, versions: Sequence[str]) -> list[ResidentAdapter]:
-        """Keep `versions` of `domain` resident beside its serving one; blocks until they are.
-
-        Replaces the set held before (`()` lets every one go: a version neither serving nor in
-        use is freed). AdapterNotFound (not on disk) or AdapterInvalid (failed to load) leaves
-        the previous set held and the serving version as it was. Held versions count toward
-        MAX_RESIDENT_ADAPTERS and must leave room there for one more, or the serving versions
-        would push each other out on every load.
-        """
+        """`EngineFace.hold`, blocking. Held versions count toward MAX_RESIDENT_ADAPTERS and must
+        leave room there for one more, or the serving versions would push each other out on
+        every load."""
         with self._hold_lock:
             wanted = tuple(dict.fromkeys(versions))
             dirs = [self.store.version(domain, v) for v in wanted]  # AdapterNotFound, checked names
@@ -200,11 +178,9 @@ class AdapterRegistry:
             if res is None or res.state in ("retired", "failed"):
                 if res is not None and res.state == "retired" and res.in_flight > 0:
                     res.state = "ready"  # still in memory: revive instead of reloading
-                    fut: Future = Future()
-                    fut.set_result(version.version)
                     if make_serving:
                         self._set_serving(version.domain, version.version)
-                    return fut
+                    return _settled(version.version)
                 self.book.versions[key] = BookVersion(version.domain, version.version)
             fut = self.loader.submit(self._load, version, make_serving)
             self._pending[key] = fut
@@ -255,17 +231,13 @@ class AdapterRegistry:
             if make_serving:
                 self._set_serving(version.domain, version.version)
             self._evict_over_limit()
-            if self.metrics:
-                self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
+            self._count_resident()
         return version.version
 
     def _set_serving(self, domain: str, version: str) -> None:
-        old = self.book.serving.get(domain)
         prev = self.book.make_serving(domain, version)
         if prev is not None and prev.in_flight <= 0:  # requests on it finish; freed when the last one does
             self._free_async(prev)
-        if old and old != version:
-            log.info("adapter %s now serves %s (was %s)", domain, version, old)
 
     def _evict_over_limit(self) -> None:
         ready = sorted((r for r in self.book.versions.values() if r.state == "ready"), key=lambda r: r.last_used)
@@ -287,11 +259,14 @@ class AdapterRegistry:
                 del self.book.versions[res.key]
             self.runtime.delete(res.key)
             log.info("adapter %s freed", res.key)
-            if self.metrics:
-                with self._lock:
-                    self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
+            with self._lock:
+                self._count_resident()
 
         self.loader.submit(free)
+
+    def _count_resident(self) -> None:
+        if self.metrics:
+            self.metrics.resident_adapters.set(sum(r.state == "ready" for r in self.book.versions.values()))
 
     # ---- reporting -----------------------------------------------------------------
     def not_found(self, domain: str) -> str:
@@ -315,3 +290,13 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self.loader.shutdown(wait=True, cancel_futures=True)
+
+
+def _settled(result: Any = None, error: BaseException | None = None) -> Future:
+    """A Future already done, for a request that has nothing to wait for."""
+    fut: Future = Future()
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+    return fut

@@ -120,13 +120,9 @@ class AdapterStore:
     def versions(self, domain: str) -> list[VersionDir]:
         """All versions on disk, oldest first. Folders without meta.json still count."""
         d = self.domain_dir(domain)
-        if not d.is_dir():
-            return []
-        out = []
-        for p in d.iterdir():
-            if p.is_dir() and VERSION_RE.match(p.name):
-                out.append(VersionDir(domain, p.name, p, self._read_meta(p)))
-        return sorted(out, key=lambda v: v.number)
+        found = [VersionDir(domain, p.name, p, self._read_meta(p))
+                 for p in (d.iterdir() if d.is_dir() else ()) if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda v: v.number)
 
     def version(self, domain: str, version: str) -> VersionDir:
         p = self.domain_dir(domain) / version
@@ -196,7 +192,7 @@ class AdapterStore:
     def set_current(self, domain: str, version: str) -> None:
         """Point `current` at a version and remember it served (for rollback)."""
         self.version(domain, version)  # raises if missing
-        history = self._stack(domain)
+        history = self.history(domain)
         if not history or history[-1] != version:
             history.append(version)
             self._write_history(domain, history)
@@ -209,10 +205,6 @@ class AdapterStore:
         os.replace(tmp, d / CURRENT_FILE)
 
     # ---- pointer history: rollback returns to the version that served before ---------
-    def history(self, domain: str) -> list[str]:
-        """Versions that were made current, oldest first; rollback pops the newest."""
-        return self._stack(domain)
-
     def rollback(self, domain: str) -> str:
         """Move `current` back to the version that served before it; returns that version.
 
@@ -223,7 +215,7 @@ class AdapterStore:
         cur = self.current(domain)
         if cur is None:
             raise AdapterNotFound(f"adapter {domain} has no current version to roll back from")
-        stack = self._stack(domain)
+        stack = self.history(domain)
         if not stack or stack[-1] != cur:
             stack.append(cur)
         stack.pop()
@@ -241,7 +233,8 @@ class AdapterStore:
         self._write_current(domain, target)
         return target
 
-    def _stack(self, domain: str) -> list[str]:
+    def history(self, domain: str) -> list[str]:
+        """Versions that were made current, oldest first; rollback pops the newest."""
         f = self.domain_dir(domain) / HISTORY_FILE
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
@@ -261,14 +254,10 @@ class AdapterStore:
 
     def clean_staging(self, domain: str) -> int:
         """Remove leftovers of interrupted writes (a killed trainer); returns how many."""
-        d = self.domain_dir(domain)
-        if not d.is_dir():
-            return 0
-        n = 0
-        for p in d.glob(".staging-*"):
+        leftovers = list(self.domain_dir(domain).glob(".staging-*"))
+        for p in leftovers:
             shutil.rmtree(p, ignore_errors=True)
-            n += 1
-        return n
+        return len(leftovers)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

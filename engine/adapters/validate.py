@@ -98,10 +98,7 @@ def validate(version: VersionDir, model_id: str, linear_shapes: dict[str, tuple[
 def _first_not_finite(tensors: dict[str, Any]) -> str | None:
     """The first tensor holding NaN or inf, or None. Tensor by tensor: one check over all of
     them at once needs a copy of them all, whose fresh pages cost more than the checks."""
-    for key, t in tensors.items():
-        if t.is_floating_point() and not bool(t.isfinite().all()):
-            return key
-    return None
+    return next((key for key, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
 
 
 def base_mismatch(meta: Mapping[str, Any], model: str, where: str = "this version") -> str | None:

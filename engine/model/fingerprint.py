@@ -12,15 +12,13 @@ header (tensor names and shapes) and a few values per tensor are read through mm
 costs milliseconds whatever the model's size. The values are rounded to bfloat16 precision
 and the storage dtype is left out, so the same weights saved as float32 or bfloat16 match,
 while any other weights do not.
-
-`python -m engine.model --fingerprint` prints the configured model's fingerprint; `--stamp DIR...`
-records it in versions that lack one (after checking their base_model name).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -75,22 +73,16 @@ def _sample_positions(numel: int) -> list[int]:
 def _tensor_line(name: str, info: Mapping[str, Any], data: Any, base: int) -> str:
     dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
     start, _end = (int(x) for x in info["data_offsets"])
-    numel = 1
-    for d in shape:
-        numel *= d
+    size = _FLOATS[dtype][1] if dtype in _FLOATS else _SIZES.get(dtype, 1)
     samples = []
-    for pos in _sample_positions(numel):
+    for pos in _sample_positions(math.prod(shape)):
+        raw = data[base + start + pos * size:base + start + (pos + 1) * size]
         if dtype in _FLOATS:
-            fmt, size = _FLOATS[dtype]
-            off = base + start + pos * size
-            samples.append(f"{_bf16(struct.unpack(fmt, data[off:off + size])[0]):04x}")
+            samples.append(f"{_bf16(struct.unpack(_FLOATS[dtype][0], raw)[0]):04x}")
         elif dtype == "BF16":
-            off = base + start + pos * 2
-            samples.append(f"{struct.unpack('<H', data[off:off + 2])[0]:04x}")
+            samples.append(f"{struct.unpack('<H', raw)[0]:04x}")
         else:  # integer / fp8 / packed quantized tensors: the raw bytes
-            size = _SIZES.get(dtype, 1)
-            off = base + start + pos * size
-            samples.append(data[off:off + size].hex())
+            samples.append(raw.hex())
     float_like = dtype in _FLOATS or dtype == "BF16"
     return f"{name}|{','.join(map(str, shape))}|{'f' if float_like else dtype}|{''.join(samples)}\n"
 
@@ -158,8 +150,6 @@ def fingerprint_model(load_path: str) -> str | None:
         log.warning("cannot fingerprint the weights in %s (%s): adapters are matched by name only", folder, exc)
         return None
 
-
-# ---- matching -----------------------------------------------------------------------------
 
 # ---- stamping versions made before fingerprints -------------------------------------------
 

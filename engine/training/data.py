@@ -356,14 +356,7 @@ def _row_key(row: Row) -> str:
 
 def question_of(row: Row) -> str | None:
     """The first user turn, normalised; None for plain text."""
-    for m in row.get("messages") or ():
-        if m["role"] == "user":
-            return _norm(m["content"])
-    return None
-
-
-def existing_keys(rows: Iterable[Row]) -> set[str]:
-    return {_row_key(r) for r in rows}
+    return next((_norm(m["content"]) for m in row.get("messages") or () if m["role"] == "user"), None)
 
 
 def feedback_rows(pairs: Iterable[tuple[str, str]], train: Iterable[Row], eval_rows: Iterable[Row]) -> list[Row]:
@@ -372,7 +365,7 @@ def feedback_rows(pairs: Iterable[tuple[str, str]], train: Iterable[Row], eval_r
     An eval question is refused so exported feedback never leaks the held-out split into
     training (which would make the evaluation gate meaningless).
     """
-    seen = existing_keys(train)
+    seen = {_row_key(r) for r in train}
     eval_questions = {q for q in map(question_of, eval_rows) if q}
     out = []
     for question, answer in pairs:

@@ -20,10 +20,6 @@ from engine.types import TrainingEvent
 
 log = logging.getLogger(__name__)
 
-#: How a job ended, as counted in metrics.training_jobs{outcome=...} and kept in the log.
-Outcome = str  # "promoted" | "candidate" | "failed" | "cancelled"
-
-
 def new_job_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
@@ -36,20 +32,14 @@ class TrainingJob:
         self.domain = domain
         self.options = options
         self.requested_by = requested_by
-        self.created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         self.pid: int | None = None
         self.last_event: TrainingEvent | None = None
-        self.outcome: Outcome | None = None
         self._subscribers: list[asyncio.Queue[TrainingEvent]] = []
         self._done = asyncio.Event()
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
-
-    @property
-    def version(self) -> str | None:
-        return self.last_event.version if self.last_event else None
 
     def describe(self) -> str:
         """'legal (step 12/40, loss 1.23, ~1 min left)' — for "what is running" answers."""
@@ -103,7 +93,7 @@ class JobRecord:
 
     job_id: str
     domain: str
-    status: str  # "running" or an Outcome
+    status: str  # "running", or how it ended: "promoted" | "candidate" | "failed" | "cancelled"
     at: str
     requested_by: str | None = None
     version: str | None = None

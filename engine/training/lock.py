@@ -12,7 +12,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from engine.errors import TrainingBusy
 
@@ -25,16 +25,23 @@ def runs_dir(adapters_dir: Path | str) -> Path:
     return Path(adapters_dir) / RUNS_DIR
 
 
-def _lock_path(adapters_dir: Path | str) -> Path:
-    d = runs_dir(adapters_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    return d / LOCK_FILE
-
-
 def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another training job"
     return f"training job {holder.get('job_id', '?')} for {holder.get('domain', '?')} (pid {holder.get('pid', '?')})"
+
+
+def _locked_by(fh: IO[str]) -> dict[str, Any] | None:
+    """Who holds the lock on `fh`, or None after taking it ourselves (exclusive, not waiting)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        try:
+            return json.loads(fh.read() or "{}")
+        except ValueError:
+            return {}
+    return None
 
 
 def holder(adapters_dir: Path | str) -> dict[str, Any] | None:
@@ -43,33 +50,21 @@ def holder(adapters_dir: Path | str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     with path.open("a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            try:
-                return json.loads(fh.read() or "{}")
-            except ValueError:
-                return {}
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return None
+        running = _locked_by(fh)
+        if running is None:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return running
 
 
 @contextmanager
 def hold(adapters_dir: Path | str, **info: Any) -> Iterator[None]:
     """Hold the training lock; TrainingBusy naming the running job if it is taken."""
-    path = _lock_path(adapters_dir)
-    fh = path.open("a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            try:
-                running = json.loads(fh.read() or "{}")
-            except ValueError:
-                running = {}
-            raise TrainingBusy(f"{describe(running)} is running; wait for it or cancel it") from None
+    folder = runs_dir(adapters_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a+", encoding="utf-8") as fh:
+        running = _locked_by(fh)
+        if running is not None:
+            raise TrainingBusy(f"{describe(running)} is running; wait for it or cancel it")
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({**info, "pid": os.getpid()}))
@@ -81,5 +76,3 @@ def hold(adapters_dir: Path | str, **info: Any) -> Iterator[None]:
             fh.truncate()
             fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
-    finally:
-        fh.close()

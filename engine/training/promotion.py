@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import logging
 
-from engine.adapters.store import AdapterStore, utc_now
+from engine.adapters.store import AdapterStore, VersionDir, utc_now
 from engine.errors import AdapterIncompatible, AdapterNotFound
 from engine.adapters.validate import base_mismatch
 
 log = logging.getLogger(__name__)
 
 
-def check_compatible(store: AdapterStore, domain: str, version: str, model_id: str) -> None:
-    """AdapterNotFound if the version is missing; AdapterIncompatible if made for another model."""
+def check_compatible(store: AdapterStore, domain: str, version: str, model_id: str) -> VersionDir:
+    """The version's folder; AdapterNotFound if it is missing, AdapterIncompatible if made for
+    another model or without weights."""
     v = store.version(domain, version)
     mismatch = base_mismatch(v.meta, model_id, f"{domain}/{version}")
     if mismatch:
         raise AdapterIncompatible(f"{domain}/{version} {mismatch}")
     if not v.weights.is_file():
         raise AdapterIncompatible(f"{v.path} has no adapter weights")
+    return v
 
 
 def mark_promoted(store: AdapterStore, domain: str, version: str, model_id: str) -> str | None:

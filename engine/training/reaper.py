@@ -4,9 +4,7 @@ A trainer holds the training lock (`engine.training.lock`) for its whole life an
 drops the lock when the process dies, however it dies; a job log entry still "running" whose
 job no longer holds the lock is therefore a dead job. It is recorded as failed with what is
 known (its pid, where it was started from) and its half-written `.staging-*` folders are
-removed at once, if no other trainer is writing. The bot's training service runs this at
-start and whenever the log or the lock changes; `python -m engine.train` runs it when it
-takes the lock.
+removed at once, if no other trainer is writing.
 """
 from __future__ import annotations
 

@@ -22,10 +22,10 @@ from typing import Any, Callable
 from engine.adapters.store import AdapterStore, VersionDir
 from engine.config import EngineSettings
 from engine.errors import TrainingError
-from engine.adapters.validate import base_mismatch
 from engine.training.data import DomainData, load_domain_data, load_hub_data
 from engine.training.evaluate import EvalResult, eval_loss, gate
 from engine.training.options import TrainOptions
+from engine.training.promotion import check_compatible
 from engine.types import TrainingEvent
 
 log = logging.getLogger(__name__)
@@ -50,33 +50,25 @@ def lora_config(settings: EngineSettings) -> Any:
     )
 
 
-class _Progress:
-    """Trainer callback -> progress events with loss and an ETA from the mean step time."""
+def _progress_callback(emit: Emit, job_id: str, domain: str, message: str) -> Any:
+    """A Trainer callback that emits progress events with the loss and an ETA from the mean step time."""
+    from transformers import TrainerCallback
 
-    def __init__(self, emit: Emit, job_id: str, domain: str, message: str = "") -> None:
-        from transformers import TrainerCallback
+    class Progress(TrainerCallback):
+        started = time.monotonic()
 
-        outer = self
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.started = time.monotonic()
+            emit(TrainingEvent(job_id, domain, "progress", step=0, total_steps=state.max_steps, message=message))
 
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-                outer.started = time.monotonic()
-                outer.emit(TrainingEvent(outer.job_id, outer.domain, "progress", step=0,
-                                         total_steps=state.max_steps, message=outer.message))
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs and "loss" in logs:
+                step, total = state.global_step, state.max_steps
+                eta = (time.monotonic() - self.started) / step * (total - step) if step else None
+                emit(TrainingEvent(job_id, domain, "progress", step=step, total_steps=total,
+                                   loss=float(logs["loss"]), eta_s=eta))
 
-            def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-                if logs and "loss" in logs:
-                    outer.report(state.global_step, state.max_steps, float(logs["loss"]))
-
-        self.callback = Callback()
-        self.emit, self.job_id, self.domain, self.message = emit, job_id, domain, message
-        self.started = time.monotonic()
-
-    def report(self, step: int, total: int, loss: float) -> None:
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / step * (total - step) if step else None
-        self.emit(TrainingEvent(self.job_id, self.domain, "progress", step=step, total_steps=total,
-                                loss=loss, eta_s=eta))
+    return Progress()
 
 
 def run_job(
@@ -135,10 +127,10 @@ def run_job(
     total_steps = planned_steps(options, len(train_enc))
     with store.staging(domain) as staged:
         scratch = staged / ".trainer"
-        progress = _Progress(emit, job_id, domain, f"training on {len(train_enc)} rows")
+        progress = _progress_callback(emit, job_id, domain, f"training on {len(train_enc)} rows")
         args = training_arguments(options, loaded, scratch, total_steps)
         trainer = Trainer(model=peft_model, args=args, train_dataset=train_enc,
-                          data_collator=collator(tokenizer), callbacks=[progress.callback])
+                          data_collator=collator(tokenizer), callbacks=[progress])
         trainer.remove_callback(PrinterCallback)  # progress goes through our events, not print()
         started = time.monotonic()
         output = trainer.train()
@@ -187,18 +179,10 @@ def _compatible(store: AdapterStore, domain: str, current: str | None, model_id:
     if current is None:
         return None
     try:
-        vdir = store.version(domain, current)
-    except Exception as exc:  # a dangling pointer: train as if there were no current version
+        return check_compatible(store, domain, current, model_id)
+    except Exception as exc:  # a dangling pointer, another base model, no weights
         log.warning("current version %s of %s is unusable (%s); gating against the base model", current, domain, exc)
         return None
-    mismatch = base_mismatch(vdir.meta, model_id, f"{domain}/{current}")
-    if mismatch:
-        log.warning("%s/%s %s; gating against the base model", domain, current, mismatch)
-        return None
-    if not vdir.weights.is_file():
-        log.warning("%s has no adapter weights; gating against the base model", vdir.path)
-        return None
-    return vdir
 
 
 def training_arguments(options: TrainOptions, loaded: Any, scratch: Path, total_steps: int) -> Any:

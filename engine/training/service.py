@@ -306,10 +306,9 @@ class TrainingService:
             final = TrainingEvent(job.id, job.domain, "failed", message=f"supervisor error: {exc}")
             await asyncio.to_thread(self._clean_staging, job.domain)
             if not isinstance(exc, Exception):
-                self._close_job(job, final, "failed")
+                self._close_job(job, final)
                 raise
-        self._close_job(job, final, final.kind if final.kind != "finished" else
-                        ("promoted" if final.promoted else "candidate"))
+        self._close_job(job, final)
 
     async def _finish(self, job: TrainingJob, code: int, child: dict[str, TrainingEvent],
                       tail: list[str]) -> TrainingEvent:
@@ -339,8 +338,8 @@ class TrainingService:
                              loss=finished.loss, message=message, metrics=dict(finished.metrics),
                              version=finished.version, promoted=promoted)
 
-    def _close_job(self, job: TrainingJob, final: TrainingEvent, outcome: str) -> None:
-        job.outcome = outcome
+    def _close_job(self, job: TrainingJob, final: TrainingEvent) -> None:
+        outcome = final.kind if final.kind != "finished" else ("promoted" if final.promoted else "candidate")
         if self._metrics is not None:
             self._metrics.training_jobs.labels(domain=job.domain, outcome=outcome).inc()
         try:

@@ -37,13 +37,15 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Seconds an idle pooled connection is reused: well below vLLM's 5 s keep-alive, so the server
 #: never closes one under a request the client is writing.
@@ -236,16 +238,14 @@ class ReplicaClient:
     def _timeout(self, total: float | None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=total, connect=self._timeouts.connect_s)
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
+    async def _sent(self, path: str, send: Callable[[], Awaitable[T]], timed_out: str) -> T:
+        """`send()`, once more on a new connection if the pooled one was closed under it (nothing
+        was answered: vLLM never saw it); ReplicaUnavailable saying `timed_out` on a timeout."""
         for attempt in (1, 2):
             try:
-                async with self._session.request(
-                    method, self.url + path, json=body, headers=self._headers,
-                    timeout=self._timeout(self._timeouts.admin_s),
-                ) as resp:
-                    return resp.status, await resp.text()
+                return await send()
             except asyncio.TimeoutError:
-                raise ReplicaUnavailable(f"{self.url}{path}: no answer within {self._timeouts.admin_s:g} s") from None
+                raise ReplicaUnavailable(f"{self.url}{timed_out}") from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 if attempt == 1 and _stale_connection(exc):
                     log.info("%s%s: the connection was closed under the request (%s); sending it again",
@@ -253,6 +253,14 @@ class ReplicaClient:
                     continue
                 raise ReplicaUnavailable(f"{self.url}{path}: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
+        async def send() -> tuple[int, str]:
+            async with self._session.request(method, self.url + path, json=body, headers=self._headers,
+                                             timeout=self._timeout(self._timeouts.admin_s)) as resp:
+                return resp.status, await resp.text()
+
+        return await self._sent(path, send, f"{path}: no answer within {self._timeouts.admin_s:g} s")
 
     def _rejected(self, status: int, text: str) -> EngineError:
         """The exception for an error answer: a 5xx means the replica is unwell (try another)."""
@@ -327,21 +335,9 @@ class ReplicaClient:
 
     async def complete(self, body: dict[str, Any], first_token_timeout_s: float) -> CompletionStream:
         """Send a streaming completion; returns once the replica accepted it (HTTP 200)."""
-        for attempt in (1, 2):
-            try:
-                resp = await asyncio.wait_for(self._session.post(
-                    self.url + "/v1/completions", json=body, headers=self._headers, timeout=self._timeout(None),
-                ), first_token_timeout_s)
-                break
-            except asyncio.TimeoutError:
-                raise ReplicaUnavailable(f"{self.url} did not accept the request within {first_token_timeout_s:g} s") \
-                    from None
-            except (aiohttp.ClientError, ConnectionError) as exc:
-                if attempt == 1 and _stale_connection(exc):  # nothing was answered: vLLM never saw it
-                    log.info("%s/v1/completions: the connection was closed under the request (%s); sending it "
-                             "again", self.url, exc)
-                    continue
-                raise ReplicaUnavailable(f"{self.url}/v1/completions: {type(exc).__name__}: {exc}") from exc
+        resp = await self._sent("/v1/completions", lambda: asyncio.wait_for(self._session.post(
+            self.url + "/v1/completions", json=body, headers=self._headers, timeout=self._timeout(None),
+        ), first_token_timeout_s), f" did not accept the request within {first_token_timeout_s:g} s")
         if resp.status != 200:
             try:
                 text = await asyncio.wait_for(resp.text(), self._timeouts.admin_s)

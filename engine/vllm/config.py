@@ -67,9 +67,7 @@ class VllmSettings(BaseSettings):
         if isinstance(v, (list, tuple)):
             out = []
             for raw in v:
-                url = str(raw).strip().rstrip("/")
-                if url.endswith("/v1"):
-                    url = url[:-3]  # the OpenAI clients' spelling; we add /v1 ourselves
+                url = str(raw).strip().rstrip("/").removesuffix("/v1")  # the OpenAI clients' spelling; we add /v1
                 parsed = urlparse(url)
                 if parsed.scheme not in ("http", "https") or not parsed.netloc:
                     raise ValueError(f"expected http(s)://host:port base URLs, got {raw!r}")

@@ -7,32 +7,28 @@ builds them (engine.prompts: the same limits, HISTORY_TOKENS and CONTEXT_TOKENS;
 tokenizer loaded, no weights), the adapters folder with its versions, validation and `current` pointers,
 training, and the metrics. See docs/deployment.md for when to use it.
 
-At start every replica is checked (reachable, the configured base model, a context of at
-least CONTEXT_TOKENS, LoRA loadable at run time) and each domain's serving version is
-validated as the local engine does and registered on every replica as `<domain>__<version>`.
-A health loop then watches the replicas (see fleet.py). `hold` keeps more versions of a domain
-(an A/B's candidate) registered beside the serving one; a request may pin any version on disk.
+At start every replica is checked and each domain's serving version validated as the local
+engine does and registered on every replica; a health loop then watches them (fleet.py).
 
-Each answer's audit stamp names the replica that wrote it (the last one, when another replica
-continued an answer after a failure), the base weights' fingerprint (of the model files this
-process reads its tokenizer from, which the replicas must serve: computed once at start) and
-no quantization (a replica does not tell what it runs: its flags are the operator's).
+Each answer's audit stamp names the base weights' fingerprint of the model files this process
+reads its tokenizer from (which the replicas must serve) and no quantization: a replica does
+not tell what it runs, its flags are the operator's.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Sequence
 
 import aiohttp
 
+from engine.adapters.book import reload_report
 from engine.adapters.store import AdapterStore, VersionDir, version_name
 from engine.config import EngineSettings, load_settings
 from engine.errors import AdapterInvalid, AdapterNotFound, ConfigError, EngineError
-from engine.metrics import EngineMetrics
+from engine.metrics import EngineMetrics, process_rss_bytes
 from engine.types import (
     EngineStatus, GenerationParams, Message, Mode, ModeCatalog, ReloadReport, ResidentAdapter, UserContext,
 )
@@ -226,7 +222,6 @@ class VllmEngine:
         self.metrics.ttft.observe(seconds)
 
     def stream_ended(self, stream: VllmStream, answered: bool) -> None:
-        """Count `stream`'s answer (if a replica started one), give back its lease, forget it."""
         res = stream.result
         if answered:
             label = res.adapter or "base"
@@ -267,14 +262,12 @@ class VllmEngine:
         return lv
 
     async def hold(self, name: str, versions: Sequence[str] = ()) -> tuple[ResidentAdapter, ...]:
-        """Keep these versions of `name` registered on every replica beside its serving one (and
-        on a replica that comes back); `()` lets them go (unloaded once no request uses them).
-        AdapterNotFound / AdapterInvalid leave the previous set held; see engine/face.py."""
+        """`EngineFace.hold`: these versions of `name` registered on every replica (and on one
+        that comes back) beside its serving one."""
         assert self.fleet is not None, "start() first"
         wanted = tuple(dict.fromkeys(versions))
         async with self._hold_lock:
-            self.store.domain_dir(name)  # validates the name
-            if not self.store.versions(name) and name not in self.book.serving:
+            if not self.store.versions(name) and name not in self.book.serving:  # AdapterNotFound: a bad name
                 raise AdapterNotFound(self.book.not_found(name))
             dirs = [self.store.version(name, v) for v in wanted]  # AdapterNotFound before anything changes
             fresh = {}
@@ -332,23 +325,11 @@ class VllmEngine:
     async def reload(self, name: str | None = None) -> ReloadReport:
         """Register the disk's current version of one domain (or all, plus templates) on every
         replica, then switch new requests to it; on failure the previous version keeps serving."""
-        report = ReloadReport()
-        if name is None:
-            report.templates.update(await asyncio.to_thread(self.templates.refresh, True))
-        domains = [name] if name else self.store.domains()
-        for domain in domains:
-            before = self.book.serving_entry(domain)
-            try:
-                version = await self._reload_domain(domain)
-            except (AdapterNotFound, AdapterInvalid) as exc:
-                report.failed[domain] = str(exc)
-                continue
-            (report.unchanged if before is not None and before.version == version else report.loaded)[domain] = version
-        return report
+        return await reload_report(name, self.store, self.templates, self._reload_domain,
+                                   lambda domain: getattr(self.book.serving_entry(domain), "version", None))
 
     async def _reload_domain(self, domain: str) -> str:
-        self.store.domain_dir(domain)  # validates the name
-        current = self.store.current(domain)
+        current = self.store.current(domain)  # AdapterNotFound: a bad name
         if current is None:
             raise AdapterNotFound(self.book.not_found(domain))
         serving = self.book.serving_entry(domain)
@@ -365,12 +346,6 @@ class VllmEngine:
         return current
 
     def status(self) -> EngineStatus:
-        rss = 0
-        try:
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
         replicas = tuple(r.status() for r in self.fleet.replicas) if self.fleet else ()
         ready = sum(r.state == "ready" for r in replicas)
         return EngineStatus(
@@ -379,7 +354,7 @@ class VllmEngine:
             device=f"vLLM, {ready} of {len(self.vllm.vllm_urls)} replicas ready",
             dtype="set on the replicas",
             model_bytes=0,
-            process_rss_bytes=rss,
+            process_rss_bytes=process_rss_bytes(),
             gpu_allocated_bytes=None,
             adapters=tuple(self.book.resident()),
             queue_depth=0,

@@ -5,13 +5,11 @@ put on it, `ready` when it takes requests, `down` after a failure (left out for 
 then checked again) and `incompatible` when it cannot serve this bot (another base model, a
 context shorter than CONTEXT_TOKENS, runtime LoRA loading off, a bad API key).
 
-Adapters: a switch (start, /reload, promotion, rollback) registers the new version on every
-ready replica before anything routes to it, as does holding a version (an A/B's candidate) or
-pinning one on a request; a replica that comes back, or that restarted and lost its adapters
-(seen in its /v1/models, or as "model does not exist" on a request), gets the serving and held
-set (and versions pinned by requests in flight) before it takes requests again. Switches, registrations and unloads are
-serialised by one lock, so a replica never misses a version switched in while it was coming
-back.
+Adapters: a switch (start, /reload, promotion, rollback), a hold or a pin registers the version
+on every ready replica before anything routes to it; a replica that comes back, or restarted
+and lost its adapters, gets the wanted set (`LoraBook.wanted`) before it takes requests again.
+Switches, registrations and unloads are serialised by one lock, so a replica never misses a
+version switched in while it was coming back.
 
 Routing: the ready replica holding the request's adapter with the fewest requests in flight
 (ties: the one that has had fewest requests).
@@ -62,6 +60,11 @@ class Replica:
 def _lora_disabled(r: "Replica", exc: LoraDisabled) -> str:
     return (f"{r.url} cannot load adapters: {exc.detail} (start vLLM with --enable-lora and --max-lora-rank at "
             "least the adapters' rank)")
+
+
+def _ours(cards: list[dict]) -> set[str]:
+    """Our adapters' names among a replica's /v1/models cards."""
+    return {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
 
 
 def _hint(message: str, v: LoraVersion) -> str:
@@ -162,15 +165,14 @@ class Fleet:
         if not await r.client.runtime_lora_updating():
             raise Incompatible(f"{r.url} cannot load adapters at run time: start vLLM with --enable-lora and the "
                                "environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
-        return {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
+        return _ours(cards)
 
     async def bring_in(self, r: Replica) -> None:
-        """Probe `r`, give it the wanted adapters (serving, held, pinned), drop ours it should not hold; then ready.
+        """Probe `r`, give it the wanted adapters, drop ours it should not hold; then ready.
 
         A version it could not load for an engine error of no known cause is left off it (its
         requests go to replicas that have it) and tried again at the next health check.
-        Hold `self.lock`.
-        """
+        Hold `self.lock`."""
         try:
             held = await self.probe(r)
             if r.state == "ready" and r.registered - held:
@@ -196,27 +198,20 @@ class Fleet:
         """Put `v` on `r`. A refusal is the replica's fault when another replica holds `v`
         (or the message says so); otherwise `v` is refused everywhere."""
         try:
-            await r.client.load_adapter(v.key, v.path)
+            await self._load(r, v)
         except AdapterLoadFailed as exc:  # not the adapter's fault as far as anyone can tell: try again later
-            self.metrics.adapter_loads.labels(r.url, "failed").inc()
             log.error("replica %s: adapter %s not registered for now, tried again at the next check: %s",
                       r.url, v.key, exc)
             return
         except LoraDisabled as exc:
-            self.metrics.adapter_loads.labels(r.url, "refused").inc()
             raise Incompatible(_lora_disabled(r, exc)) from exc
         except ReplicaRejected as exc:
-            self.metrics.adapter_loads.labels(r.url, "refused").inc()
             if any(o is not r and o.state == "ready" and v.key in o.registered for o in self.replicas):
                 raise Incompatible(f"{r.url} refused adapter {v.key}, which other replicas serve: {exc.detail}") \
                     from exc
             reason = f"adapter {v.domain}/{v.version} was refused by {r.url}: {exc.detail}{_hint(exc.detail, v)}"
             log.error("%s", reason)
             self.book.refuse(v, reason)
-            return
-        self.metrics.adapter_loads.labels(r.url, "ok").inc()
-        r.registered.add(v.key)
-        log.info("replica %s: registered %s from %s", r.url, v.key, v.path)
 
     async def check(self, r: Replica) -> None:
         """One health round for `r` (the health loop runs it for every replica)."""
@@ -233,7 +228,7 @@ class Fleet:
         except (ReplicaUnavailable, ReplicaRejected) as exc:
             self.take_out(r, str(exc))
             return
-        held = {str(c["id"]) for c in cards if c.get("parent") and LORA_NAME_RE.match(str(c["id"]))}
+        held = _ours(cards)
         missing = {v.key for v in self.book.wanted() if v.state == "ready"} - held
         stale = held - self.book.keep()
         if missing:

@@ -1,18 +1,10 @@
 """Which adapter versions the replicas hold: the adapter book (engine.adapters.book) as vLLM uses it.
 
 Bookkeeping only (no HTTP): the fleet registers and unregisters, the engine leases a version
-per request. A version is `loading` while it is validated here and registered on the
-replicas, `ready` once every replica that is up has it, and unloaded from them once it is
-retired and its last request ended.
-
-Besides its serving version a domain may have versions *held* (`VllmEngine.hold`: an A/B's
-candidate): they are on every replica like the serving one (and put back on a replica that
-restarted), stay when the serving version changes, and go once no longer held and unused. A
-request may pin any version on disk (`GenerationParams.adapter_version`); one neither serving
-nor held is registered for it and unloaded after its last request.
-
-The name a version has on a replica is `<domain>__<version>` (e.g. `legal__v3`): one per
-version, so the old and the new one, or the serving one and a candidate, coexist.
+per request. A version is `ready` once every replica that is up has it, and unloaded from them
+once it is retired and its last request ended. Held versions (an A/B's candidate) are on every
+replica like the serving one; a version pinned by a request and neither serving nor held is
+registered for it and unloaded after its last request.
 """
 from __future__ import annotations
 
@@ -100,11 +92,8 @@ class LoraBook(AdapterBook):
         """`v`, registered everywhere, now serves its domain (and is no longer held: it is kept
         as the serving one); returns the version it replaced if that one is now retired."""
         v.state = "ready"
-        before = self.serving.get(v.domain)
         old = self.make_serving(v.domain, v.version)
         self.hold(v.domain, self.held.get(v.domain, frozenset()) - {v.version})
-        if before is not None and before != v.version:
-            log.info("adapter %s now serves %s (was %s)", v.domain, v.version, before)
         return old
 
     def refuse(self, v: LoraVersion, reason: str) -> None:

@@ -4,11 +4,13 @@ The request, token and latency metrics stay `EngineMetrics`' own: both backends 
 """
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from engine.types import ReplicaState
 
-STATES: tuple[ReplicaState, ...] = ("starting", "registering", "ready", "down", "incompatible")
+STATES: tuple[ReplicaState, ...] = get_args(ReplicaState)
 
 
 class ReplicaMetrics:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from engine.errors import EngineBusy, EngineClosed, EngineError, InputTooLong
 from engine.audit import audit_stamp, effective_sampling
+from engine.stream import StreamProtocols
 from engine.types import (
     EffectiveSampling, FinishReason, GenerationParams, GenerationResult, Message, Mode, UserContext,
 )
@@ -40,9 +41,7 @@ if TYPE_CHECKING:
 
 
 class StreamHost(Protocol):
-    """What a stream needs of the engine that opened it (engine.vllm.engine.VllmEngine): its
-    settings, the fleet, the prompt builder and the adapter leases, and where it reports its
-    first token and its end (the engine keeps the figures)."""
+    """What a stream needs of the engine that opened it (engine.vllm.engine.VllmEngine)."""
 
     settings: "EngineSettings"
     vllm: "VllmSettings"
@@ -101,7 +100,7 @@ def completion_body(engine: StreamHost, model: str, prompt_ids: list[int], param
     return body
 
 
-class VllmStream:
+class VllmStream(StreamProtocols):
     """See the module docstring; the face's TextStream."""
 
     def __init__(self, engine: StreamHost, messages: Sequence[Message], mode: Mode, params: GenerationParams,
@@ -124,15 +123,6 @@ class VllmStream:
         self._t0 = time.monotonic()
         self.replica_url: str | None = None  # who answered (tests and logs)
         self.replicas_used: list[str] = []  # more than one when another replica continued the answer
-
-    def __aiter__(self) -> "VllmStream":
-        return self
-
-    async def __aenter__(self) -> "VllmStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def __anext__(self) -> str:
         if self._done:
@@ -165,9 +155,6 @@ class VllmStream:
         except ReplicaRejected as exc:  # inside the stream, after the first piece
             self._end("error")
             raise EngineError(f"the vLLM replica refused the request: {exc.detail}") from exc
-        except EngineError:
-            self._end("error")
-            raise
         except BaseException:
             self._end("error")
             raise
