@@ -5,7 +5,7 @@ engine's eager step. docs/research/cpu-speed.md §5.
 """
 import pathlib
 import os, sys, time, statistics, torch
-import torch.nn.functional as F
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[4]))
 from bench.step import runtime
 from engine.serving import threads as cpu_threads

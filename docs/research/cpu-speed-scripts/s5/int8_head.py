@@ -3,7 +3,7 @@ forced over four texts (greedy flips, largest log-prob error), and their time at
 docs/research/cpu-speed.md §5.
 """
 import pathlib
-import sys, torch, time, statistics, glob
+import torch, time, glob
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 d = glob.glob(str(pathlib.Path(__file__).resolve().parents[4] / "models" / "*SmolLM2*"))[0]

@@ -5,7 +5,7 @@
 docs/research/cpu-speed.md §5.
 """
 import pathlib
-import sys, time, statistics, torch, logging
+import sys, time, statistics, torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[4]))
 from bench.step import runtime
 from engine.serving import threads as cpu_threads

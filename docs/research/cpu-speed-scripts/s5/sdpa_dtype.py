@@ -1,7 +1,6 @@
 """SDPA over an fp32 and a bf16 KV cache at the engine's decode shapes (3 KV heads, 3 query heads
 each, head dim 64), 1 thread. docs/research/cpu-speed.md §5.
 """
-import pathlib
 import time, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 def bench(f, n=30):
