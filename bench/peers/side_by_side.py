@@ -57,6 +57,11 @@ def _stop(signum: int, frame: Any) -> None:
     raise Stopped()
 
 
+def complete(m: Measured) -> bool:
+    """Whether a row ran to its end: every stream got all its tokens before the deadline."""
+    return not m.row.cut and m.row.tokens == m.row.expected_tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """One line of the table: an engine row's figure over a llama.cpp row's figure."""
@@ -69,7 +74,7 @@ class Comparison:
     lower_is_better: bool = False
 
     def value(self, m: Measured | None) -> float | None:
-        if m is None or m.row.cut or m.row.tokens != m.row.expected_tokens:
+        if m is None or not complete(m):
             return None  # an incomplete run is shown nowhere as a figure
         return {"tok/s": m.row.tokens_per_s, "per-user tok/s": m.per_user_tok_s,
                 "TTFT p50 ms": m.row.ttft_p50_ms}[self.figure]
@@ -177,8 +182,8 @@ def best_of(runs: Sequence[dict[str, Measured] | None]) -> dict[str, Measured] |
     out: dict[str, Measured] = {}
     for key in dict.fromkeys(k for r in measured for k in r):
         rows = [r[key] for r in measured if key in r]
-        complete = [m for m in rows if not m.row.cut and m.row.tokens == m.row.expected_tokens]
-        out[key] = max(complete, key=lambda m: m.row.tokens_per_s) if complete else rows[0]
+        done = [m for m in rows if complete(m)]
+        out[key] = max(done, key=lambda m: m.row.tokens_per_s) if done else rows[0]
     return out
 
 
