@@ -1,7 +1,9 @@
-"""torch.compile of the engine's own 1-row decode step (`FastRuntime._decode_logits`, keys 256,
-base model, QUANTIZATION=int4+bf16, 1 thread) against the eager step, interleaved.
+"""torch.compile of the engine's own decode step (`FastRuntime._decode_logits`, QUANTIZATION=int4+bf16)
+against the eager step, interleaved: by default 1 row on the base model, keys 256, 1 thread (§5);
+ROWS=16 or 64: that many rows over every LoRA slot, keys 128 (§6; the runtime's own thread count,
+2 here, whatever THREADS says: loading the model sets it).
 
-    [FIX=1] python compile_engine_step.py default|cpp
+    [FIX=1] [ROWS=N] [THREADS=T] python compile_engine_step.py default|cpp
 
 `cpp`: inductor's C++ wrapper; FIX=1 writes the KV cache with one `index_put_` on the whole
 cache tensor. torch.inference_mode is replaced by no_grad (under inference mode AOT autograd
@@ -13,7 +15,7 @@ torch.inference_mode = lambda *a, **k: torch.no_grad()
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[4]))
 from bench.step import runtime
 from engine.serving import threads as cpu_threads, llama
-cpu_threads.claim(1)
+cpu_threads.claim(int(os.environ.get("THREADS", "1")))
 src = textwrap.dedent(inspect.getsource(llama.LlamaRunner._forward))
 old = """            kc, vc = self.cache.k[li], self.cache.v[li]
             kc[write_rows, :, write_pos] = k
@@ -34,11 +36,13 @@ if os.environ.get("FIX"):
     llama.LlamaRunner._forward = ns["_forward"]
 mode = sys.argv[1]
 llama.LlamaRunner._lt = [torch.tensor(i) for i in range(64)]; llama.LlamaRunner._z = torch.tensor(0); llama.LlamaRunner._o = torch.tensor(1)
-rt, slot_of, nbytes = runtime("int4+bf16", 1, 128)
+N = int(os.environ.get("ROWS", "1"))
+rt, slot_of, nbytes = runtime("int4+bf16", N, 128)
+USED, KEYS = ({0}, 256) if N == 1 else (set(slot_of.values()), 128)
 r = rt.runner
 import torch._inductor.config as ic
 if mode == "cpp": ic.cpp_wrapper = True
-def eager(): return rt._decode_logits(1, 256, {0})
+def eager(): return rt._decode_logits(N, KEYS, USED)
 comp = torch.compile(eager, dynamic=False)
 with torch.no_grad():
     ref = eager(); t0 = time.perf_counter(); out = comp()
